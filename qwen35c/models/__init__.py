@@ -1,0 +1,52 @@
+"""The checkpoints bundled with qwen35c, and how a command finds the model it should use.
+
+Two small Qwen3.5-architecture models, really trained (by `reference/train_tiny.py`) on the Python
+standard library, ship inside the package so that every command that takes a model works on a
+fresh install without downloading anything:
+
+* `qwen35-tiny`      dense: 8 layers (6 Gated DeltaNet + 2 gated attention), hidden 256
+* `qwen35-tiny-moe`  same trunk, 8 routed experts (top-2) plus the gated shared expert
+
+Each directory holds config.json (official nested schema), model.safetensors (bf16, official
+names), tokenizer.json and a README.md model card.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from qwen35c.errors import QwenError
+
+DEFAULT_MODEL = "qwen35-tiny"
+BUNDLED = ("qwen35-tiny", "qwen35-tiny-moe")
+
+__all__ = ["BUNDLED", "DEFAULT_MODEL", "bundled", "default_model_path", "resolve_model"]
+
+
+def bundled(name: str) -> Path:
+    """Directory of the bundled checkpoint `name` (one of `BUNDLED`)."""
+    if name not in BUNDLED:
+        raise QwenError(f"{name}: not a bundled model (bundled: {', '.join(BUNDLED)})")
+    ref = resources.files(__name__) / name
+    path = Path(str(ref))
+    if not (path / "config.json").is_file():
+        raise QwenError(f"{path}: bundled model '{name}' is missing from this install "
+                        f"(no config.json); reinstall qwen35c")
+    return path
+
+
+def default_model_path() -> Path:
+    """Directory of the model every command uses when none is given (the dense tiny model)."""
+    return bundled(DEFAULT_MODEL)
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """A command's MODEL argument as a path: None -> the default bundled model; a bundled name
+    (that is not also an existing path) -> that bundled model; anything else -> the path itself."""
+    if model is None or str(model) == "":
+        return default_model_path()
+    path = Path(model)
+    if not path.exists() and str(model) in BUNDLED:
+        return bundled(str(model))
+    return path

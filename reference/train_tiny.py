@@ -1,0 +1,383 @@
+"""Train the two bundled tiny Qwen3.5-architecture checkpoints on the Python standard library.
+
+The checkpoints that ship in `qwen35c/models/` (`qwen35-tiny`, dense; `qwen35-tiny-moe`, 8 experts
+top-2 plus the gated shared expert) are produced by this script, on CPU, from data that exists
+offline on every machine: the `.py` files of the running interpreter's standard library.
+
+    python reference/train_tiny.py tokenizer --out build/tiny/tokenizer.json
+    python reference/train_tiny.py train --variant dense --tokenizer build/tiny/tokenizer.json \
+        --out qwen35c/models/qwen35-tiny
+    python reference/train_tiny.py train --variant moe --tokenizer build/tiny/tokenizer.json \
+        --out qwen35c/models/qwen35-tiny-moe
+    python reference/train_tiny.py card --variant dense --out qwen35c/models/qwen35-tiny
+
+Everything that decides the result is recorded: the seed, the Python version and the sha256 of the
+corpus file list and contents, the tokenizer settings and every hyper-parameter (written to
+`training.json` in the build dir and summarised in the model card README.md).
+
+Data: every `*.py` under `sysconfig.get_paths()['stdlib']`, sorted by relative path, minus
+test suites, `site-packages`, generated tables (`encodings/`, `pydoc_data/`) and the held-out
+files in `HELD_OUT`, which are used only for evaluation. Training runs single-threaded
+(`torch.set_num_threads(1)`) so it is deterministic for a given torch build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+# Runnable as `python reference/train_tiny.py` from the repo root.
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 4096  # BPE merges + 256 byte symbols + the 3 special tokens (appended last, as in Qwen)
+# Qwen2/3 pre-tokenizer split: contractions, letter runs, single digits, punctuation runs,
+# newline runs, whitespace runs (so Python indentation becomes its own tokens).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data"}
+# Held out for evaluation (relative to the stdlib dir; present in every CPython >= 3.9).
+HELD_OUT = ["bisect.py", "colorsys.py", "fractions.py", "graphlib.py", "heapq.py", "json/encoder.py",
+            "queue.py", "shlex.py", "statistics.py", "textwrap.py"]
+
+SEED = 1234
+
+
+# ---- corpus -------------------------------------------------------------------------------------
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_files(split: str) -> list[Path]:
+    """The sorted training ('train') or held-out ('heldout') files of this interpreter's stdlib."""
+    root = stdlib_dir()
+    if split == "heldout":
+        return [root / name for name in HELD_OUT if (root / name).exists()]
+    held = {root / name for name in HELD_OUT}
+    files = []
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        rel = path.relative_to(root)
+        if set(rel.parts[:-1]) & EXCLUDED_DIRS or path in held or not path.is_file():
+            continue
+        files.append(path)
+    return files
+
+
+def read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def corpus_digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    root = stdlib_dir()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def corpus_facts() -> dict:
+    root = stdlib_dir()
+    train, held = corpus_files("train"), corpus_files("heldout")
+    return {
+        "source": "Python standard library *.py files of the training interpreter",
+        "python": platform.python_version(),
+        "stdlib_dir": str(root),
+        "excluded_dirs": sorted(EXCLUDED_DIRS),
+        "train_files": len(train),
+        "train_bytes": sum(f.stat().st_size for f in train),
+        "train_sha256": corpus_digest(train),
+        "heldout_files": [f.relative_to(root).as_posix() for f in held],
+        "heldout_bytes": sum(f.stat().st_size for f in held),
+        "heldout_sha256": corpus_digest(held),
+    }
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+def train_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> None:
+    """Byte-level BPE (GPT-2 byte alphabet, Qwen split regex), special tokens appended last."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    files = corpus_files("train")
+    tok.train_from_iterator((read_text(f) for f in files), trainer=trainer, length=len(files))
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out))
+
+
+def write_tokenizer_files(tokenizer_json: Path, out_dir: Path) -> None:
+    """tokenizer.json plus a tokenizer_config.json so HF AutoTokenizer can read the directory too."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
+                                      "rstrip": False, "single_word": False, "special": True}
+             for t in SPECIAL_TOKENS}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096,
+           "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+           "unk_token": None, "add_bos_token": False, "clean_up_tokenization_spaces": False,
+           "added_tokens_decoder": added}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def tokenize_corpus(tok, files: list[Path]):
+    """One stream: file, <|endoftext|>, file, <|endoftext|>, ... (uint16 numpy array)."""
+    import numpy as np
+
+    eos = tok.token_to_id("<|endoftext|>")
+    texts = [read_text(f) for f in files]
+    parts = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        parts.append(np.asarray(enc.ids, dtype=np.uint16))
+        parts.append(np.asarray([eos], dtype=np.uint16))
+    return np.concatenate(parts)
+
+
+# ---- models -------------------------------------------------------------------------------------
+def model_config(variant: str, vocab_size: int, eos_id: int):
+    """The architecture of the two bundled models (see the module docstring)."""
+    from reference.config import Qwen35Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=256, num_hidden_layers=8,
+        layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + ["full_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+        linear_conv_kernel_dim=4, rms_norm_eps=1e-6, rope_theta=10_000_000.0, partial_rotary_factor=0.25,
+        mrope_section=[3, 3, 2],  # rotary dim 16 = 8 frequency pairs (text-only: all sections equal)
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        eos_token_id=eos_id, bos_token_id=None, pad_token_id=eos_id,
+    )
+    if variant == "dense":
+        return Qwen35Config(model_type="qwen3_5", intermediate_size=512, **common)
+    if variant == "moe":
+        return Qwen35Config(model_type="qwen3_5_moe", num_experts=8, num_experts_per_tok=2,
+                            moe_intermediate_size=64, shared_expert_intermediate_size=128, **common)
+    raise SystemExit(f"unknown variant {variant!r} (dense or moe)")
+
+
+HPARAMS = {
+    "dense": dict(seq_len=256, batch_size=8, steps=450, lr=2e-3, min_lr_ratio=0.1, warmup=40,
+                  weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, router_aux_loss_coef=0.0),
+    "moe": dict(seq_len=256, batch_size=8, steps=450, lr=2e-3, min_lr_ratio=0.1, warmup=40,
+                weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, router_aux_loss_coef=0.01),
+}
+
+
+def moe_blocks(model) -> list:
+    """The reference model's SparseMoeBlocks (each layer's `mlp` when the model is MoE)."""
+    from reference.model import SparseMoeBlock
+
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+
+
+def router_logits(model) -> list:
+    """Router logits [N, E] of every MoE block from the last training-mode forward."""
+    return [block.router_logits for block in moe_blocks(model)]
+
+
+def load_balancing_loss(router_logits: list, num_experts: int, top_k: int):
+    """Switch/Mixtral auxiliary loss, as HF's `load_balancing_loss_func` (all layers pooled):
+    E * sum_e (fraction of top-k assignments to e) * (mean router probability of e)."""
+    import torch
+
+    logits = torch.cat(router_logits, dim=0)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    mask = torch.nn.functional.one_hot(selected, num_experts).float()  # [N, k, E]
+    tokens_per_expert = mask.mean(dim=0)  # [k, E]
+    prob_per_expert = probs.mean(dim=0)  # [E]
+    return num_experts * (tokens_per_expert * prob_per_expert[None]).sum()
+
+
+def lr_at(step: int, hp: dict) -> float:
+    if step < hp["warmup"]:
+        return hp["lr"] * (step + 1) / hp["warmup"]
+    progress = (step - hp["warmup"]) / max(1, hp["steps"] - hp["warmup"])
+    floor = hp["lr"] * hp["min_lr_ratio"]
+    return floor + (hp["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(variant: str, tokenizer_json: Path, out_dir: Path, steps: int | None = None,
+          log_every: int = 25, threads: int = 1) -> None:
+    import numpy as np
+    import torch
+
+    from reference.model import Qwen35ForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(SEED)
+    hp = dict(HPARAMS[variant])
+    if steps is not None:
+        hp["steps"] = steps
+    tok = load_tokenizer(tokenizer_json)
+    eos = tok.token_to_id("<|endoftext|>")
+    cfg = model_config(variant, tok.get_vocab_size(), eos)
+    model = Qwen35ForCausalLM(cfg)
+    model.init_weights(SEED)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[{variant}] {n_params / 1e6:.2f} M parameters", flush=True)
+
+    t0 = time.time()
+    stream = torch.from_numpy(tokenize_corpus(tok, corpus_files("train")).astype(np.int64))
+    print(f"[{variant}] corpus: {len(stream)} tokens ({time.time() - t0:.1f}s)", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=1e-8)
+    gen = torch.Generator().manual_seed(SEED)
+    T, B = hp["seq_len"], hp["batch_size"]
+    log = []
+    t_start = time.time()
+    ema = None
+    for step in range(hp["steps"]):
+        starts = torch.randint(0, len(stream) - T - 1, (B,), generator=gen)
+        batch = torch.stack([stream[s:s + T + 1] for s in starts.tolist()])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, hp)
+        logits = model(batch[:, :-1])
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                               batch[:, 1:].reshape(-1))
+        loss = ce
+        aux = None
+        if cfg.is_moe:
+            aux = load_balancing_loss(router_logits(model), cfg.num_experts, cfg.num_experts_per_tok)
+            loss = ce + hp["router_aux_loss_coef"] * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+        opt.step()
+        ema = float(ce) if ema is None else 0.95 * ema + 0.05 * float(ce)
+        if step % log_every == 0 or step == hp["steps"] - 1:
+            el = time.time() - t_start
+            rec = {"step": step, "ce": round(float(ce), 4), "ce_ema": round(ema, 4),
+                   "lr": lr_at(step, hp), "grad_norm": round(float(gnorm), 3), "elapsed_s": round(el, 1)}
+            if aux is not None:
+                rec["aux"] = round(float(aux), 4)
+            log.append(rec)
+            eta = el / (step + 1) * (hp["steps"] - step - 1)
+            print(f"[{variant}] " + " ".join(f"{k}={v}" for k, v in rec.items()) + f" eta={eta:.0f}s",
+                  flush=True)
+    wall = time.time() - t_start
+    model.eval()
+    record = {
+        "variant": variant, "seed": SEED, "parameters": n_params,
+        "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": tok.get_vocab_size(),
+                      "special_tokens": SPECIAL_TOKENS, "split_regex": QWEN_SPLIT, "min_frequency": 2,
+                      "trained_on": "the training files"},
+        "data": {**corpus_facts(), "train_tokens": len(stream),
+                 "layout": "files in sorted order, each followed by <|endoftext|>; windows of "
+                           "seq_len+1 tokens at uniformly random offsets (torch.Generator seeded)"},
+        "hyperparameters": {**hp, "optimizer": "AdamW (decay on >=2-D weights except norms)",
+                            "schedule": "linear warmup, cosine to min_lr_ratio * lr",
+                            "threads": threads, "dtype": "float32 training, bfloat16 checkpoint"},
+        "software": {"python": platform.python_version(), "torch": torch.__version__},
+        "train_wall_s": round(wall, 1), "train_tokens_seen": hp["steps"] * B * T,
+        "final_train_ce_ema": round(ema, 4), "log": log,
+    }
+    # The raw fp32 weights and the record go to the work dir first, so a failed export loses nothing.
+    work = work_dir(variant)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), work / "state.pt")
+    (work / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"[{variant}] trained in {wall:.0f}s; weights in {work}", flush=True)
+    export(variant, tokenizer_json, out_dir)
+
+
+def work_dir(variant: str) -> Path:
+    return _ROOT / "build" / "tiny" / variant
+
+
+def export(variant: str, tokenizer_json: Path, out_dir: Path) -> None:
+    """Write the shipped checkpoint dir from the work dir: bf16 official-layout checkpoint,
+    tokenizer files, training.json."""
+    import torch
+
+    from reference.checkpoint import save_checkpoint
+    from reference.model import Qwen35ForCausalLM
+
+    tok = load_tokenizer(tokenizer_json)
+    cfg = model_config(variant, tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"))
+    model = Qwen35ForCausalLM(cfg)
+    model.load_state_dict(torch.load(work_dir(variant) / "state.pt", weights_only=True))
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, out_dir, dtype=torch.bfloat16, layout="vlm", experts="fused")
+    write_tokenizer_files(tokenizer_json, out_dir)
+    (out_dir / "training.json").write_text((work_dir(variant) / "training.json").read_text())
+    print(f"[{variant}] wrote {out_dir}", flush=True)
+
+
+# ---- command line -------------------------------------------------------------------------------
+def card(variant, out_dir):
+    raise NotImplementedError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("tokenizer", help="train the byte-level BPE on the training files")
+    p.add_argument("--out", type=Path, default=_ROOT / "build" / "tiny" / "tokenizer.json")
+    for name, text in (("train", "train a model, then export it"),
+                       ("export", "re-export a trained model from build/tiny/VARIANT/state.pt"),
+                       ("card", "evaluate a shipped checkpoint and write its README.md")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--variant", choices=sorted(HPARAMS), required=True)
+        p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+        if name != "card":
+            p.add_argument("--tokenizer", type=Path, default=_ROOT / "build" / "tiny" / "tokenizer.json")
+        if name == "train":
+            p.add_argument("--steps", type=int, default=None, help="override the recorded step count")
+            p.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.cmd == "tokenizer":
+        train_tokenizer(args.out)
+        print(f"wrote {args.out}")
+    elif args.cmd == "train":
+        if not args.tokenizer.exists():
+            train_tokenizer(args.tokenizer)
+        train(args.variant, args.tokenizer, args.out, steps=args.steps, threads=args.threads)
+    elif args.cmd == "export":
+        export(args.variant, args.tokenizer, args.out)
+    elif args.cmd == "card":
+        card(args.variant, args.out)
+
+
+if __name__ == "__main__":
+    main()
