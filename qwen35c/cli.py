@@ -2,7 +2,7 @@
 
 Every subcommand lives in its own module under `qwen35c/commands/` and exposes a click command
 named `command`; this file only collects them, so adding a command never touches a shared file.
-Errors the user can fix (bad checkpoint, bad option) are `QwenError`s: one line, exit code 2,
+Errors the user can fix (bad checkpoint, bad option) are `QwenError`s or `CheckpointError`s: one line, exit code 2,
 no traceback unless `--debug`.
 """
 
@@ -15,13 +15,14 @@ import sys
 import click
 
 from qwen35c.errors import QwenError
+from reference.errors import CheckpointError
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except QwenError as err:
+        except (QwenError, CheckpointError) as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"qwen35c: error: {err}", err=True)

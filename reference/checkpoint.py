@@ -286,7 +286,7 @@ def save_checkpoint(model: Qwen35ForCausalLM, out_dir: str | Path, dtype: torch.
     """Write config.json and safetensors with official names (atomically: temp dir, then rename)."""
     model_specs = list(checkpoint_tensor_specs(model, layout, experts))
     produce = lambda key: _derived_tensor(model, key).detach().to(dtype)  # noqa: E731
-    return _write_checkpoint(model.config, out_dir, model_specs, produce, dtype, layout)
+    return _write_checkpoint(model.config, out_dir, model_specs, produce, dtype, layout, shard_bytes)
 
 
 def _write_checkpoint(config: Qwen35Config, out_dir: str | Path, specs, produce, dtype, layout,

@@ -190,9 +190,9 @@ def model_config(variant: str, vocab_size: int, eos_id: int):
 
 
 HPARAMS = {
-    "dense": dict(seq_len=256, batch_size=8, steps=450, lr=2e-3, min_lr_ratio=0.1, warmup=40,
+    "dense": dict(seq_len=256, batch_size=8, steps=300, lr=3e-3, min_lr_ratio=0.1, warmup=30,
                   weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, router_aux_loss_coef=0.0),
-    "moe": dict(seq_len=256, batch_size=8, steps=450, lr=2e-3, min_lr_ratio=0.1, warmup=40,
+    "moe": dict(seq_len=256, batch_size=8, steps=300, lr=3e-3, min_lr_ratio=0.1, warmup=30,
                 weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, router_aux_loss_coef=0.01),
 }
 
@@ -232,7 +232,7 @@ def lr_at(step: int, hp: dict) -> float:
 
 
 def train(variant: str, tokenizer_json: Path, out_dir: Path, steps: int | None = None,
-          log_every: int = 25, threads: int = 1) -> None:
+          log_every: int = 10, threads: int = 1) -> None:
     import numpy as np
     import torch
 
@@ -283,7 +283,8 @@ def train(variant: str, tokenizer_json: Path, out_dir: Path, steps: int | None =
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
         opt.step()
-        ema = float(ce) if ema is None else 0.95 * ema + 0.05 * float(ce)
+        ce_val = float(ce.detach())
+        ema = ce_val if ema is None else 0.95 * ema + 0.05 * ce_val
         if step % log_every == 0 or step == hp["steps"] - 1:
             el = time.time() - t_start
             rec = {"step": step, "ce": round(float(ce), 4), "ce_ema": round(ema, 4),
@@ -344,11 +345,214 @@ def export(variant: str, tokenizer_json: Path, out_dir: Path) -> None:
     print(f"[{variant}] wrote {out_dir}", flush=True)
 
 
+# ---- evaluation and model card ------------------------------------------------------------------
+EVAL_CONTEXT = 256  # the `qwen35c perplexity` default: windows of 256 tokens, stride 256
+PROMPT = "def fibonacci(n):"
+
+
+def order0_bits_per_byte() -> dict:
+    """Order-0 byte model: the byte distribution of the training files (add-one smoothed), scored
+    on the held-out bytes. Also the held-out files' own byte entropy (an optimistic order-0)."""
+    import numpy as np
+
+    counts = np.ones(256, dtype=np.float64)
+    for f in corpus_files("train"):
+        counts += np.bincount(np.frombuffer(f.read_bytes(), dtype=np.uint8), minlength=256)
+    logp = np.log2(counts / counts.sum())
+    held = np.concatenate([np.frombuffer(f.read_bytes(), dtype=np.uint8) for f in corpus_files("heldout")])
+    own = np.bincount(held, minlength=256).astype(np.float64)
+    own_p = own[own > 0] / own.sum()
+    return {"train_distribution_on_heldout": float(-logp[held].mean()),
+            "heldout_own_entropy": float(-(own_p * np.log2(own_p)).sum())}
+
+
+def evaluate_checkpoint(out_dir: Path) -> dict:
+    """Held-out perplexity / bits per byte (through qwen35c's evaluator, so `qwen35c perplexity`
+    reproduces the numbers), MoE routing histogram on the same text, greedy sample."""
+    import torch
+
+    from qwen35c.eval import perplexity as ppl
+    from reference import ops
+    from reference.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(out_dir, dtype=torch.float32)
+    tok = ppl.load_tokenizer(out_dir)
+    blocks = moe_blocks(model)
+    counts = torch.zeros(len(blocks), model.config.num_experts or 1, dtype=torch.long)
+    handles = []
+    for i, block in enumerate(blocks):
+        def hook(module, args, i=i):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            _, experts = ops.moe_route(x, module.gate.weight, module.top_k, module.norm_topk_prob)
+            counts[i] += torch.bincount(experts.reshape(-1), minlength=counts.shape[1])
+        handles.append(block.register_forward_pre_hook(hook))
+    fn = ppl.checkpoint_logits_fn(model)
+    root = stdlib_dir()
+    per_file, nll, n_tok, n_bytes = {}, 0.0, 0, 0
+    for f in corpus_files("heldout"):
+        text = f.read_bytes().decode("utf-8")
+        r = ppl.evaluate(fn, ppl.encode_text(tok, text), n_bytes=len(text.encode()), context=EVAL_CONTEXT)
+        per_file[f.relative_to(root).as_posix()] = round(r["bits_per_byte"], 4)
+        nll += r["nll_mean"] * r["tokens"]
+        n_tok += r["tokens"]
+        n_bytes += r["bytes"]
+    for h in handles:
+        h.remove()
+    out = {"context": EVAL_CONTEXT, "stride": EVAL_CONTEXT, "tokens": n_tok, "bytes": n_bytes,
+           "nll_mean": nll / n_tok, "perplexity": math.exp(nll / n_tok),
+           "bits_per_byte": nll / math.log(2) / n_bytes, "bits_per_byte_per_file": per_file,
+           "order0": order0_bits_per_byte()}
+    if blocks:
+        frac = counts.double() / counts.sum(dim=1, keepdim=True)
+        out["routing"] = {"per_layer": [[round(float(v), 4) for v in row] for row in frac],
+                          "overall": [round(float(v), 4) for v in counts.sum(0).double() / counts.sum()],
+                          "assignments": int(counts.sum())}
+    ids = tok.encode(PROMPT, add_special_tokens=False).ids
+    eos = tok.token_to_id("<|endoftext|>")
+    ids = [eos] + ids
+    with torch.no_grad():
+        for _ in range(48):
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            if nxt == eos:
+                break
+            ids.append(nxt)
+    out["greedy_prompt"] = PROMPT
+    out["greedy_completion"] = tok.decode(ids[1:], skip_special_tokens=False)
+    return out
+
+
+def card(variant: str, out_dir: Path) -> None:
+    """Evaluate the shipped checkpoint in `out_dir`, add the metrics to its training.json and
+    write its README.md model card."""
+    record = json.loads((out_dir / "training.json").read_text())
+    t0 = time.time()
+    metrics = evaluate_checkpoint(out_dir)
+    metrics["eval_wall_s"] = round(time.time() - t0, 1)
+    record["heldout"] = metrics
+    (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out_dir / "README.md").write_text(render_card(variant, out_dir, record))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "bits_per_byte_per_file"}, indent=1))
+
+
+def render_card(variant: str, out_dir: Path, rec: dict) -> str:
+    cfg = json.loads((out_dir / "config.json").read_text())["text_config"]
+    hp, data, m = rec["hyperparameters"], rec["data"], rec["heldout"]
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file() and f.name != "README.md")
+    name = out_dir.name
+    moe = variant == "moe"
+    lines = [
+        f"# {name}",
+        "",
+        f"A tiny {'mixture-of-experts ' if moe else ''}model with the Qwen3.5 architecture "
+        f"({cfg['model_type']}), trained from scratch on CPU on the Python standard library so "
+        "that qwen35c has a real, small model to compile, quantize and measure on a fresh install. "
+        "It writes Python-looking code; it is not a useful assistant.",
+        "",
+        "Bundled with qwen35c (`qwen35c.models.bundled(\"" + name + "\")`)"
+        + ("; the default model of every command." if not moe else "."),
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {rec['parameters'] / 1e6:.2f} M ({rec['parameters']:,}; embeddings tied) |",
+        f"| layers | {cfg['num_hidden_layers']}: {', '.join(cfg['layer_types'])} |",
+        f"| hidden | {cfg['hidden_size']} |",
+        f"| Gated DeltaNet | {cfg['linear_num_key_heads']} key heads x {cfg['linear_key_head_dim']}, "
+        f"{cfg['linear_num_value_heads']} value heads x {cfg['linear_value_head_dim']}, conv kernel "
+        f"{cfg['linear_conv_kernel_dim']} |",
+        f"| gated attention | {cfg['num_attention_heads']} query heads, {cfg['num_key_value_heads']} KV heads, "
+        f"head_dim {cfg['head_dim']}, partial RoPE {cfg['rope_parameters']['partial_rotary_factor']} "
+        f"(theta {cfg['rope_parameters']['rope_theta']:g}) |",
+    ]
+    if moe:
+        lines.append(f"| MLP | {cfg['num_experts']} experts top-{cfg['num_experts_per_tok']} "
+                     f"(intermediate {cfg['moe_intermediate_size']}) + gated shared expert "
+                     f"(intermediate {cfg['shared_expert_intermediate_size']}) |")
+    else:
+        lines.append(f"| MLP | SwiGLU, intermediate {cfg['intermediate_size']} |")
+    lines += [
+        f"| vocabulary | {cfg['vocab_size']} (byte-level BPE, `<|endoftext|>` = {cfg['eos_token_id']}) |",
+        f"| files | config.json (official nested schema), model.safetensors (bf16, official names), "
+        f"tokenizer.json, tokenizer_config.json, training.json: {size / 1e6:.1f} MB |",
+        "",
+        "## Held-out metrics",
+        "",
+        f"Teacher-forced over the {len(data['heldout_files'])} held-out files ({m['bytes']:,} bytes, "
+        f"{m['tokens']:,} tokens), windows of {m['context']} tokens, stride {m['stride']}, each file "
+        "preceded by `<|endoftext|>`, fp32 compute from the bf16 checkpoint:",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| bits per byte | **{m['bits_per_byte']:.3f}** |",
+        f"| order-0 byte model (training byte distribution on held-out bytes) | "
+        f"{m['order0']['train_distribution_on_heldout']:.3f} bits/byte |",
+        f"| held-out files' own byte entropy (optimistic order-0) | "
+        f"{m['order0']['heldout_own_entropy']:.3f} bits/byte |",
+        f"| nll per token | {m['nll_mean']:.3f} nats |",
+        f"| perplexity (per token) | {m['perplexity']:.2f} |",
+        "",
+        "Per file (bits/byte): " + ", ".join(f"`{k}` {v:.3f}" for k, v in m["bits_per_byte_per_file"].items()),
+        "",
+        "Reproduce one file: `qwen35c perplexity " + ("qwen35-tiny-moe " if moe else "")
+        + "--text $(python -c 'import sysconfig;print(sysconfig.get_paths()[\"stdlib\"])')/textwrap.py`",
+        "",
+    ]
+    if moe:
+        r = m["routing"]
+        lines += [
+            "## Expert routing on the held-out text",
+            "",
+            f"Share of the {r['assignments']:,} top-{cfg['num_experts_per_tok']} assignments per expert "
+            "(trained with the load-balancing loss, coefficient "
+            f"{hp['router_aux_loss_coef']}):",
+            "",
+            "| layer | " + " | ".join(f"e{e}" for e in range(cfg["num_experts"])) + " |",
+            "|---|" + "---|" * cfg["num_experts"],
+        ]
+        for i, row in enumerate(r["per_layer"]):
+            lines.append(f"| {i} | " + " | ".join(f"{100 * v:.1f}%" for v in row) + " |")
+        lines.append("| all | " + " | ".join(f"{100 * v:.1f}%" for v in r["overall"]) + " |")
+        lines.append("")
+    lines += [
+        "## Greedy sample",
+        "",
+        "```python",
+        m["greedy_completion"],
+        "```",
+        "",
+        "## Training",
+        "",
+        f"* Script: `reference/train_tiny.py train --variant {variant}` (seed {rec['seed']}); "
+        "all facts below are also in training.json.",
+        f"* Data: {data['train_files']} `.py` files ({data['train_bytes']:,} bytes, {data['train_tokens']:,} "
+        f"tokens) of the Python {data['python']} standard library, sorted by path, excluding "
+        f"directories {', '.join(data['excluded_dirs'])} and the held-out files "
+        f"{', '.join(data['heldout_files'])}. Corpus sha256 {data['train_sha256'][:16]}..., held-out "
+        f"sha256 {data['heldout_sha256'][:16]}... (other Python versions give other bytes).",
+        f"* Tokenizer: byte-level BPE, {rec['tokenizer']['vocab_size']} entries, trained with `tokenizers` on "
+        "the training files, Qwen2 pre-tokenizer regex, special tokens "
+        + ", ".join(f"`{t}`" for t in rec["tokenizer"]["special_tokens"]) + " appended last.",
+        f"* Optimisation: {hp['steps']} steps of {hp['batch_size']} x {hp['seq_len']} tokens "
+        f"({rec['train_tokens_seen']:,} tokens), AdamW lr {hp['lr']} (betas {hp['beta1']}, {hp['beta2']}, "
+        f"weight decay {hp['weight_decay']}), {hp['warmup']} warmup steps then cosine to "
+        f"{hp['min_lr_ratio']} x lr, gradient clip {hp['grad_clip']}"
+        + (f", router load-balancing loss x {hp['router_aux_loss_coef']}" if moe else "") + ".",
+        f"* Compute: {hp['threads']} CPU thread, fp32, torch {rec['software']['torch']}; "
+        f"{rec['train_wall_s'] / 60:.1f} min wall. Final training loss (EMA) {rec['final_train_ce_ema']:.3f} nats/token.",
+        "",
+        "## License and limitations",
+        "",
+        "Trained on CPython's standard library (PSF License). The model is tiny and undertrained: it "
+        "knows Python's surface syntax and common stdlib idioms, nothing else. Use it to test "
+        "toolchains, not for generation.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 # ---- command line -------------------------------------------------------------------------------
-def card(variant, out_dir):
-    raise NotImplementedError
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -1,0 +1,124 @@
+"""`qwen35c inspect [MODEL]`: what a checkpoint holds, without loading its weights."""
+
+from __future__ import annotations
+
+import collections
+
+import click
+
+from qwen35c.commands._common import emit_json
+
+
+def summarize(path) -> dict:
+    """Config, layer pattern, parameter counts, weight bytes by dtype, state and KV sizes."""
+    import torch
+
+    from reference.checkpoint import Checkpoint
+    from reference.config import load_config
+    from reference.model import Qwen35ForCausalLM
+
+    config = load_config(path)
+    ckpt = Checkpoint(path)
+    try:
+        by_dtype: dict[str, int] = collections.Counter()
+        for name in ckpt.names():
+            file = ckpt.files[ckpt.location[name]]
+            numel = 1
+            for d in file.shape(name):
+                numel *= d
+            by_dtype[str(file.dtype(name)).removeprefix("torch.")] += numel * file.dtype(name).itemsize
+        has_mtp = any(n.startswith("mtp.") for n in ckpt.names())
+    finally:
+        ckpt.close()
+    if not has_mtp:
+        config.mtp_num_hidden_layers = 0
+    with torch.device("meta"):
+        model = Qwen35ForCausalLM(config)
+    total = expert = mtp = 0
+    for name, param in model.named_parameters():
+        n = param.numel()
+        total += n
+        if name.startswith("mtp."):
+            mtp += n
+        elif ".mlp.experts." in name:
+            expert += n
+    active = total - mtp - expert
+    if config.is_moe and expert:
+        active += expert * config.num_experts_per_tok // config.num_experts
+    gdn = config.layer_types.count("linear_attention")
+    attn = config.layer_types.count("full_attention")
+    model_bytes = 2  # bf16 activations/caches
+    conv_state = gdn * config.conv_dim * (config.linear_conv_kernel_dim - 1) * model_bytes
+    recurrent = gdn * config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
+    kv_per_token = attn * 2 * config.num_key_value_heads * config.head_dim * model_bytes
+    pattern = "".join("L" if t == "linear_attention" else "A" for t in config.layer_types)
+    return {
+        "path": str(path), "model_type": config.model_type, "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size, "num_layers": config.num_hidden_layers,
+        "layer_pattern": pattern, "linear_attention_layers": gdn, "full_attention_layers": attn,
+        "attention": {"q_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+                      "head_dim": config.head_dim, "rotary_dim": config.rotary_dim, "rope_theta": config.rope_theta},
+        "linear_attention": {"key_heads": config.linear_num_key_heads, "value_heads": config.linear_num_value_heads,
+                             "key_dim": config.linear_key_head_dim, "value_dim": config.linear_value_head_dim,
+                             "conv_kernel": config.linear_conv_kernel_dim},
+        "moe": ({"experts": config.num_experts, "top_k": config.num_experts_per_tok,
+                 "expert_intermediate": config.moe_intermediate_size,
+                 "shared_intermediate": config.shared_expert_intermediate_size} if config.is_moe else None),
+        "tie_word_embeddings": config.tie_word_embeddings, "mtp": has_mtp,
+        "parameters_total": total, "parameters_active_per_token": active, "parameters_mtp": mtp,
+        "weight_bytes_by_dtype": dict(by_dtype),
+        "state_bytes_per_sequence": {"conv_bf16": conv_state, "recurrent_fp32": recurrent,
+                                     "total": conv_state + recurrent},
+        "kv_bytes_per_token_bf16": kv_per_token,
+    }
+
+
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "Ki", "Mi", "Gi", "Ti"):
+        if abs(n) < 1024 or prefix == "Ti":
+            return f"{n:.1f} {prefix}{unit}" if prefix else f"{int(n)} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.command("inspect")
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def command(model, as_json):
+    """Summarize MODEL (a checkpoint directory; default: the bundled dense model)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qwen35c.models import resolve_model
+
+    info = summarize(resolve_model(model))
+    if as_json:
+        emit_json(info)
+        return
+    table = Table(title=f"{info['path']}  ({info['model_type']})", show_header=False)
+    rows = [
+        ("layers", f"{info['num_layers']}: {info['linear_attention_layers']} Gated DeltaNet + "
+                   f"{info['full_attention_layers']} gated attention"),
+        ("pattern", info["layer_pattern"]),
+        ("hidden / vocab", f"{info['hidden_size']} / {info['vocab_size']}"),
+        ("attention", "q {q_heads}, kv {kv_heads}, head_dim {head_dim}, rotary {rotary_dim}".format(**info["attention"])),
+        ("linear attention", "k {key_heads}, v {value_heads} heads, dk {key_dim}, dv {value_dim}, conv {conv_kernel}"
+         .format(**info["linear_attention"])),
+    ]
+    if info["moe"]:
+        rows.append(("experts", "{experts} x top-{top_k}, I={expert_intermediate}, shared {shared_intermediate}"
+                     .format(**info["moe"])))
+    rows += [
+        ("parameters", f"{info['parameters_total'] / 1e6:.2f} M total, "
+                       f"{info['parameters_active_per_token'] / 1e6:.2f} M active per token"
+                       + (f" (+ MTP {info['parameters_mtp'] / 1e6:.2f} M)" if info["mtp"] else "")),
+        ("weights", ", ".join(f"{k}: {_human(v)}" for k, v in info["weight_bytes_by_dtype"].items())),
+        ("state / sequence", f"{_human(info['state_bytes_per_sequence']['total'])} "
+                             f"(conv {_human(info['state_bytes_per_sequence']['conv_bf16'])}, "
+                             f"recurrent fp32 {_human(info['state_bytes_per_sequence']['recurrent_fp32'])})"),
+        ("KV cache / token", _human(info["kv_bytes_per_token_bf16"])),
+        ("tied lm_head", str(info["tie_word_embeddings"])),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)

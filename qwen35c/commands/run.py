@@ -1,0 +1,89 @@
+"""`qwen35c run [MODEL]`: generate with a checkpoint (and, later, a compiled artifact)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from qwen35c.commands._common import emit_json, info, parse_ids
+from qwen35c.errors import QwenError
+
+
+@click.command("run")
+@click.argument("model", required=False)
+@click.option("--prompt", help="Text prompt (tokenized with the model's tokenizer.json).")
+@click.option("--prompt-ids", help="Comma-separated token ids instead of --prompt.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=0),
+              help="Tokens to generate (0 = prefill only).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--ignore-eos", is_flag=True, help="Keep generating after an end-of-sequence token.")
+@click.option("--save-logits", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write float32 logits [prompt + generated, vocab] as .npy.")
+@click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
+def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p, seed, ignore_eos,
+            save_logits, as_json):
+    """Generate from MODEL (a checkpoint directory; default: the bundled dense model)."""
+    from qwen35c.models import resolve_model
+    from qwen35c.runtime import load
+
+    if (prompt is None) == (prompt_ids is None):
+        raise QwenError("give exactly one of --prompt or --prompt-ids")
+    path = resolve_model(model)
+    session = load(path, dtype)
+    for note in getattr(getattr(session, "model", None), "load_notes", []):
+        info(f"note: {note}")
+    tokenizer = session.tokenizer
+    if prompt is not None:
+        if tokenizer is None:
+            raise QwenError(f"{path}: no tokenizer.json; use --prompt-ids")
+        ids = tokenizer.encode(prompt).ids
+        if not ids:
+            raise QwenError("--prompt: the prompt encodes to no tokens")
+    else:
+        ids = parse_ids(prompt_ids)
+    vocab = session.config.vocab_size
+    if max(ids) >= vocab or min(ids) < 0:
+        raise QwenError(f"--prompt-ids: token ids must lie in [0, {vocab})")
+    stop = () if ignore_eos else tuple(session.config.eos_token_ids)
+
+    streamed: list[int] = []
+    printed = [""]
+
+    def stream(_row: int, token: int) -> None:
+        if as_json or tokenizer is None:
+            return
+        streamed.append(token)
+        text = tokenizer.decode(streamed)
+        if not text.endswith("\ufffd"):  # wait for complete UTF-8 sequences
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    if not as_json and tokenizer is not None and prompt is not None:
+        sys.stdout.write(prompt)
+    result = session.generate([ids], max_new_tokens, temperature, top_p, seed, stop,
+                              keep_logits=save_logits is not None, on_token=stream)
+    generated = result.tokens[0]
+    if save_logits is not None:
+        save_logits.parent.mkdir(parents=True, exist_ok=True)
+        np.save(save_logits, result.logits[0].numpy().astype(np.float32))
+    text = tokenizer.decode(generated) if tokenizer is not None else None
+    timings = {"prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
+               "prefill_tokens_per_second": result.prefill_tokens_per_second,
+               "decode_tokens_per_second": result.decode_tokens_per_second}
+    if as_json:
+        emit_json({"model": str(path), "prompt_ids": ids, "generated_ids": generated, "text": text, **timings})
+        return
+    if tokenizer is None:
+        click.echo(",".join(map(str, generated)))
+    else:
+        click.echo()
+    info(f"[{len(ids)} prompt tokens: {result.prefill_tokens_per_second:.1f} tok/s prefill; "
+         f"{len(generated)} generated: {result.decode_tokens_per_second:.1f} tok/s decode]")

@@ -1,0 +1,158 @@
+"""Sessions: prefill / decode / generate over a model's decoding state, the same for every backend."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qwen35c.errors import QwenError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_tokenizer(directory: Path):
+    """The checkpoint's `tokenizer.json` via the `tokenizers` library, or None when absent."""
+    file = Path(directory) / "tokenizer.json"
+    if not file.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # the tokenizers library raises plain Exceptions
+        raise QwenError(f"{file}: cannot load tokenizer ({err})") from None
+
+
+@dataclass
+class GenerationResult:
+    """Generated ids per row, the logits of every position when asked, and timings."""
+
+    tokens: list[list[int]]
+    prompt_lengths: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    logits: list[torch.Tensor] = field(default_factory=list)  # per row: [prompt + generated, V] fp32
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return sum(self.prompt_lengths) / self.prefill_seconds if self.prefill_seconds else float("nan")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        produced = self.decode_steps * len(self.tokens)
+        return produced / self.decode_seconds if self.decode_seconds else float("nan")
+
+
+class Session:
+    """Backend-agnostic generation on top of `new_state`, `prefill` and `decode`."""
+
+    config = None
+    tokenizer = None
+
+    def new_state(self, batch: int, max_len: int):
+        raise NotImplementedError
+
+    def prefill(self, ids: torch.Tensor, state, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V]; advances `state`."""
+        raise NotImplementedError
+
+    def decode(self, ids: torch.Tensor, state) -> torch.Tensor:
+        """ids [B, 1] -> logits [B, 1, V]; advances `state` by one token per row."""
+        raise NotImplementedError
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V] of a full sequence, from an empty state."""
+        return self.prefill(ids, self.new_state(ids.shape[0], ids.shape[1]))
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] = (),
+                 keep_logits: bool = False, on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """Greedy (temperature 0) or nucleus sampling; rows of different lengths share one batch.
+
+        `on_token(row, token)` is called as tokens are produced (for streaming)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise QwenError("every prompt needs at least one token")
+        batch, lengths = len(prompts), [len(p) for p in prompts]
+        width = max(lengths)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        for b, prompt in enumerate(prompts):
+            ids[b, :len(prompt)] = torch.tensor(prompt)
+        state = self.new_state(batch, width + max_new_tokens + 1)
+        generator = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        logits = self.prefill(ids, state, torch.tensor(lengths)).float()
+        prefill_seconds = time.perf_counter() - start
+        kept = [[logits[b, :n]] for b, n in enumerate(lengths)] if keep_logits else []
+        last = torch.stack([logits[b, n - 1] for b, n in enumerate(lengths)])  # [B, V]
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        steps, decode_seconds = 0, 0.0
+        for step in range(max_new_tokens):
+            chosen = _choose(last, temperature, top_p, generator)
+            for b in range(batch):
+                if not done[b]:
+                    tokens[b].append(int(chosen[b]))
+                    if on_token:
+                        on_token(b, int(chosen[b]))
+                    done[b] = int(chosen[b]) in stop_ids
+            final = all(done) or step == max_new_tokens - 1
+            if final and not keep_logits:
+                break
+            start = time.perf_counter()
+            last = self.decode(chosen.view(batch, 1), state)[:, 0].float()
+            decode_seconds += time.perf_counter() - start
+            steps += 1
+            for b in range(batch if keep_logits else 0):
+                if len(kept[b]) <= len(tokens[b]):  # row b still produced a token this step
+                    kept[b].append(last[b:b + 1])
+            if final:
+                break
+        return GenerationResult(tokens, lengths, prefill_seconds, decode_seconds, steps,
+                                [torch.cat(rows) for rows in kept])
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
+
+
+class ReferenceSession(Session):
+    """The eager reference model from a checkpoint directory."""
+
+    def __init__(self, model, tokenizer=None, source: Path | None = None):
+        self.model, self.config, self.tokenizer, self.source = model, model.config, tokenizer, source
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, dtype: str = "float32") -> "ReferenceSession":
+        from reference.checkpoint import load_model
+
+        if dtype not in DTYPES:
+            raise QwenError(f"unknown dtype '{dtype}', expected one of {', '.join(DTYPES)}")
+        return cls(load_model(path, DTYPES[dtype]), load_tokenizer(path), Path(path))
+
+    def new_state(self, batch: int, max_len: int):
+        return self.model.new_cache(batch, max_len)
+
+    @torch.no_grad()
+    def prefill(self, ids, state, lengths=None):
+        return self.model(ids, state, lengths)
+
+    @torch.no_grad()
+    def decode(self, ids, state):
+        return self.model(ids, state)
+
+    @torch.no_grad()
+    def logits(self, ids):
+        return self.model(ids)

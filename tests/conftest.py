@@ -1,0 +1,42 @@
+"""Shared fixtures: small random checkpoints in the official layout, and HF as the parity oracle."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# why: with flash-linear-attention importable, HF dispatches CPU tensors to Triton kernels and
+# crashes (notes §10). Keep HF on its torch fallback, which is the oracle we want.
+sys.modules.setdefault("fla", None)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from reference.checkpoint import make_random_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """make(preset, seed=0, **overrides) -> a cached checkpoint directory."""
+    made: dict[tuple, Path] = {}
+
+    def make(preset: str, seed: int = 0, layout: str = "vlm", experts: str = "fused", **overrides) -> Path:
+        key = (preset, seed, layout, experts, tuple(sorted(overrides.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("ckpt") / preset
+            made[key] = make_random_checkpoint(preset, seed, out, layout=layout, experts=experts, **overrides)
+        return made[key]
+
+    return make
+
+
+def hf_model(path: Path, dtype: torch.dtype = torch.float32):
+    """The HF transformers model for a checkpoint (a test-only dependency)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
