@@ -1,0 +1,105 @@
+"""FP8 block-128 GEMM (weights 128x128 blocks, activations 1x128 dynamic groups) and its quantizer.
+
+Numerics: acc += dot(a_fp8, w_fp8) * a_scale[m, kb] * w_scale_inv[nb, kb] per 128-wide K block, in
+fp32. Both scales are *multiplied* to dequantize. The fp8 operands go to the MMA as loaded (fp8 -> MMA
+is exact); everything else is widened to fp32 right after its load.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen35c.backends.triton.gemm.dense import tile_coords
+
+FP8_MAX = 448.0
+FP8_BLOCK = 128
+
+
+@triton.jit
+def fp8_act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
+    GROUP: tl.constexpr,
+):
+    """One program per (token, 128-group): s = max(amax, 1e-10)/448, q = clamp(x/s, +-448) as E4M3."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    cols = g * GROUP + tl.arange(0, GROUP)
+    ok = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10)
+    scale = amax / 448.0
+    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + row * stride_sm + g, scale)
+
+
+@triton.jit
+def fp8_block_gemm_kernel(
+    a_ptr, a_s_ptr, w_ptr, w_s_ptr, y_ptr,
+    M, N, K,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    BLOCK_K: tl.constexpr = 128
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+    a_s_rows = a_s_ptr + rows.to(tl.int64) * stride_asm
+    w_s_cols = w_s_ptr + (cols // 128) * stride_wsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = (kb * BLOCK_K + ks) < K
+        a = tl.load(a_rows + (kb * BLOCK_K + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_cols + (kb * BLOCK_K + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a_s = tl.load(a_s_rows + kb, mask=row_ok, other=0.0).to(tl.float32)
+        w_s = tl.load(w_s_cols + kb, mask=col_ok, other=0.0).to(tl.float32)
+        acc += tl.dot(a, b) * a_s[:, None] * w_s[None, :]
+    out = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def fp8_gemm_config(m: int) -> dict:
+    if m <= 32:
+        return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def fp8_quantize_activations(x: torch.Tensor, group_size: int = FP8_BLOCK):
+    """x [M, K] -> (q [M, K] float8_e4m3fn, s [M, ceil(K/128)] fp32)."""
+    assert group_size == FP8_BLOCK and x.dim() == 2 and x.stride(1) == 1
+    m, k = x.shape
+    groups = triton.cdiv(k, group_size)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    fp8_act_quant_kernel[(m, groups)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
+                                      GROUP=group_size, num_warps=1)
+    return q, s
+
+
+def fp8_block_linear(x_q, x_scale, weight, weight_scale_inv, out_dtype=torch.bfloat16):
+    """y [M, N] = (x_q * x_scale) @ (weight * weight_scale_inv).T; weight [N, K] fp8, scales fp32."""
+    m, k = x_q.shape
+    n = weight.shape[0]
+    assert weight.shape[1] == k and x_scale.shape == (m, triton.cdiv(k, FP8_BLOCK))
+    assert weight_scale_inv.shape == (triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK))
+    assert x_scale.stride(1) == 1 and weight_scale_inv.stride(1) == 1
+    y = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    cfg = fp8_gemm_config(m)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    fp8_block_gemm_kernel[grid](
+        x_q, x_scale, weight, weight_scale_inv, y, m, n, k,
+        x_q.stride(0), x_scale.stride(0), weight.stride(0), weight_scale_inv.stride(0), y.stride(0), **cfg)
+    return y
+
+
+def fp8_linear(x, weight, weight_scale_inv):
+    """Dynamic 1x128 activation quantization (separate small kernel), then the block GEMM."""
+    x_q, x_scale = fp8_quantize_activations(x)
+    return fp8_block_linear(x_q, x_scale, weight, weight_scale_inv, out_dtype=x.dtype)
