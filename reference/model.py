@@ -334,9 +334,17 @@ class Qwen35ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp: MTP | None = MTP(config) if config.mtp_num_hidden_layers > 0 else None
 
-    def forward(self, input_ids: Tensor, cache: Cache | None = None, lengths: Tensor | None = None) -> Tensor:
-        """input_ids [B, T] -> logits [B, T, V] in the model dtype (HF does not upcast)."""
-        return self.lm_head(self.model(input_ids, cache, lengths))
+    def forward(self, input_ids: Tensor, cache: Cache | None = None, lengths: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """input_ids [B, T] -> logits [B, T, V] in the model dtype (HF does not upcast).
+
+        `last_only` computes the head only at each row's last valid position ([B, 1, V]): a prefill
+        for generation needs no more, and the head is the largest matmul of a small model."""
+        hidden = self.model(input_ids, cache, lengths)
+        if last_only:
+            last = (lengths - 1 if lengths is not None else torch.full_like(input_ids[:, 0], input_ids.shape[1] - 1))
+            hidden = hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
+        return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: Tensor, cache: Cache | None = None, lengths: Tensor | None = None) -> Tensor:
         """The post-final-norm hidden states [B, T, H] (the MTP module's input)."""

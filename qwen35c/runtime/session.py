@@ -57,8 +57,10 @@ class Session:
     def new_state(self, batch: int, max_len: int):
         raise NotImplementedError
 
-    def prefill(self, ids: torch.Tensor, state, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V]; advances `state`."""
+    def prefill(self, ids: torch.Tensor, state, lengths: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V] ([B, 1, V] at each row's last
+        valid position with `last_only`); advances `state`."""
         raise NotImplementedError
 
     def decode(self, ids: torch.Tensor, state) -> torch.Tensor:
@@ -85,10 +87,10 @@ class Session:
         state = self.new_state(batch, width + max_new_tokens + 1)
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
-        logits = self.prefill(ids, state, torch.tensor(lengths)).float()
+        logits = self.prefill(ids, state, torch.tensor(lengths), last_only=not keep_logits).float()
         prefill_seconds = time.perf_counter() - start
         kept = [[logits[b, :n]] for b, n in enumerate(lengths)] if keep_logits else []
-        last = torch.stack([logits[b, n - 1] for b, n in enumerate(lengths)])  # [B, V]
+        last = torch.stack([logits[b, n - 1] for b, n in enumerate(lengths)]) if keep_logits else logits[:, 0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         steps, decode_seconds = 0, 0.0
@@ -146,8 +148,8 @@ class ReferenceSession(Session):
         return self.model.new_cache(batch, max_len)
 
     @torch.no_grad()
-    def prefill(self, ids, state, lengths=None):
-        return self.model(ids, state, lengths)
+    def prefill(self, ids, state, lengths=None, last_only=False):
+        return self.model(ids, state, lengths, last_only=last_only)
 
     @torch.no_grad()
     def decode(self, ids, state):
