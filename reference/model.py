@@ -413,7 +413,7 @@ class MTP(nn.Module):
         cos, sin = self.rotary_emb(positions, x.dtype)
         batch, length = positions.shape
         lengths = torch.full((batch,), length, dtype=torch.long, device=x.device)
-        # positions are contiguous per row: the first one is the row's query start
-        step = StepInfo(cos, sin, positions[:, 0] * 0, lengths, None, None, self.training)
+        # the layer attends within this window only: key j of the window is query j's own token
+        step = StepInfo(cos, sin, torch.zeros_like(lengths), lengths, None, None, self.training)
         x = self.layers[0](x, step)
         return self.norm(x)

@@ -46,7 +46,7 @@ def causal_conv1d_eager(x: Tensor, weight: Tensor, state: Tensor, lengths: Tenso
     # avoids oneDNN's per-shape primitive setup, which costs ~30 ms per decode step on CPU
     taps = history.to(weight.dtype).float().unfold(2, window + 1, 1)       # [B, C, T, K]
     y = (taps * weight.float().unsqueeze(1)).sum(-1).to(weight.dtype)       # [B, C, T]
-    y = F.silu(y).to(x.dtype).transpose(1, 2)
+    y = F.silu(y).to(x.dtype).transpose(1, 2).contiguous()
     # history column j holds input position j-(K-1): keep positions lengths-K+1 .. lengths-1
     index = lengths.view(batch, 1, 1) + torch.arange(window, device=x.device).view(1, 1, window)
     new_state = history.gather(2, index.expand(batch, channels, window))
