@@ -29,7 +29,7 @@ from reference.errors import CheckpointError
 from reference.model import Qwen35ForCausalLM
 from reference.safetensors_io import SafetensorsFile, write_safetensors
 
-__all__ = ["Checkpoint", "load_model", "save_checkpoint", "make_random_checkpoint", "PRESETS",
+__all__ = ["Checkpoint", "WeightLoader", "load_model", "save_checkpoint", "make_random_checkpoint", "PRESETS",
            "checkpoint_tensor_specs"]
 
 VLM_PREFIX, TEXT_PREFIX = "model.language_model.", "model."
@@ -106,7 +106,7 @@ def _source_name(param: str, prefix: str) -> str:
     return prefix + param[len("model."):] if param.startswith("model.") else param
 
 
-class _Loader:
+class WeightLoader:
     """Resolves each model parameter from a checkpoint, whatever its layout."""
 
     def __init__(self, ckpt: Checkpoint, config: Qwen35Config):
@@ -191,7 +191,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             notes.append(f"skipped {visual} vision tensors (model.visual.*): qwen35c compiles the text model")
         with torch.device("meta"):
             model = Qwen35ForCausalLM(config)
-        loader = _Loader(ckpt, config)
+        loader = WeightLoader(ckpt, config)
         params = dict(model.named_parameters())  # shared (tied) parameters appear once
         for name, param in params.items():
             source = loader.tensor(name, param.shape)

@@ -481,12 +481,12 @@ class CheckpointWeights:
     fused or per-expert experts, Qwen3-Next fused projections), one tensor at a time."""
 
     def __init__(self, path, config=None):
-        from reference.checkpoint import Checkpoint, _Loader  # noqa: PLC2701 (see report: make public)
+        from reference.checkpoint import Checkpoint, WeightLoader
         from reference.config import load_config
 
         self.config = config or load_config(path)
         self._ckpt = Checkpoint(path)
-        self._loader = _Loader(self._ckpt, self.config)
+        self._loader = WeightLoader(self._ckpt, self.config)
         with torch.device("meta"):
             from reference.model import Qwen35ForCausalLM
 
