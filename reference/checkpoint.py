@@ -169,12 +169,23 @@ class WeightLoader:
         return self._checked(f"{head}.weight", out, shape)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Qwen35ForCausalLM:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               source: Checkpoint | None = None) -> Qwen35ForCausalLM:
     """Build the reference model from a checkpoint directory, tensor by tensor (peak ~ one copy of the
-    weights in `dtype`). `model.load_notes` lists what was skipped or inferred."""
+    weights in `dtype`). `model.load_notes` lists what was skipped or inferred.
+
+    `source` replaces the directory's tensors with another Checkpoint-like view (names, view,
+    release, close), e.g. one that dequantizes a quantized checkpoint on the fly. Without it a
+    quantized checkpoint is refused: its packed codes are not weights."""
     directory = Path(path)
     config = load_config(directory)
-    ckpt = Checkpoint(directory)
+    if source is None:
+        method = quantization_method(directory)
+        if method is not None:
+            raise CheckpointError(f"{directory / 'config.json'}: a quantized checkpoint (quantization_config."
+                                  f"quant_method='{method}'); the reference model takes full-precision weights "
+                                  f"only, load it through a dequantizing source")
+    ckpt = source if source is not None else Checkpoint(directory)
     notes: list[str] = []
     try:
         names = ckpt.names()
@@ -209,6 +220,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     model.load_notes = notes
     model.source_dir = directory
     return model
+
+
+def quantization_method(directory: Path) -> str | None:
+    """`quantization_config.quant_method` of a checkpoint's config.json (top level or text_config)."""
+    raw = json.loads((Path(directory) / "config.json").read_text())
+    for level in (raw, raw.get("text_config") or {}):
+        quant = level.get("quantization_config") if isinstance(level, dict) else None
+        if isinstance(quant, dict):
+            return str(quant.get("quant_method", "unknown"))
+    return None
 
 
 def _set_param(model: nn.Module, name: str, value: nn.Parameter) -> None:

@@ -1,0 +1,132 @@
+"""ONNX lowering of quantized linears (the emitter calls `lower_quantized_linear(emitter, node)`).
+
+The node is a `quantized_linear` from the `quantize` pass (qwen35c/passes/quantize.py): inputs
+[x, packed tensors...] whose layout is described by its attributes (`format`, `granularity`,
+`activations`, `group_size`, `has_zeros`, `has_g_idx`, `has_pre_scale`).
+
+  INT4  -> [Mul(x, pre_scale)] -> com.microsoft MatMulNBits(x, B [N, K/bs, bs/2] u8, scales [N, K/bs],
+           zero_points u8 [N, ceil(K/bs/2)] (asymmetric only; absent = 8), g_idx (act-order only)).
+           The internal qweight [N, K/2] is exactly B's bytes (low nibble = even k).
+  FP8   -> W^T = DequantizeLinear(codes^T [K, N] e4m3, scale) (opset 21; blocked along K with
+           block_size 128 for fp8-block, the 128-row scale grid expanded along N; per-axis for channel;
+           scalar for tensor) then MatMul. When the recipe is dynamic, x is fake-quantized first per
+           token per 128-channel group (per token for tensor/channel): s = max(amax, 1e-10)/448,
+           Cast(Clip(x/s, ±448) -> e4m3, saturating RNE) -> float * s — the same rounding as
+           `qwen35c.quant.formats.fp8_fake_quant_activations`; static: the same with the calibrated scale.
+Each lowering is the ONNX image of the dequantize twin in `qwen35c.quant.formats`, so artifact vs
+emulating reference differs only by matmul accumulation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from onnx import TensorProto
+
+__all__ = ["lower_quantized_linear", "FP8_OPSET"]
+
+FP8_OPSET = 21          # DequantizeLinear with block_size and float8 inputs
+
+
+def _static(emitter, value) -> torch.Tensor:
+    return emitter.evaluate(value)
+
+
+def _add(emitter, tensor: torch.Tensor, hint: str, dtype: str) -> str:
+    name = emitter.fresh(hint)
+    emitter.add_tensor(name, tensor.contiguous(), dtype)
+    return name
+
+
+def lower_quantized_linear(emitter, node) -> list[str]:
+    attrs = node.attrs
+    x = emitter.name(node.inputs[0])
+    hint = node.outputs[0].name
+    if attrs["format"] == "int4":
+        return _lower_int4(emitter, node, x, hint)
+    if attrs["format"] == "fp8":
+        return _lower_fp8(emitter, node, x, hint)
+    raise ValueError(f"quantized_linear %{hint}: unknown format '{attrs['format']}'")
+
+
+def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
+    a = node.attrs
+    n, k, bs = a["out_features"], a["in_features"], a["group_size"]
+    inputs = list(node.inputs[1:])
+    qweight, scales = _static(emitter, inputs.pop(0)), _static(emitter, inputs.pop(0))
+    zeros = _static(emitter, inputs.pop(0)) if a["has_zeros"] else None
+    g_idx = _static(emitter, inputs.pop(0)) if a["has_g_idx"] else None
+    pre = inputs.pop(0) if a["has_pre_scale"] else None
+    if pre is not None:
+        x = emitter.node("Mul", [x, emitter.name(pre)], hint=hint + "_awq")[0]
+    if g_idx is not None:
+        # why: ORT 1.32's MatMulNBits g_idx input did not reproduce act-order groups in our test;
+        # permuting K so each group is contiguous is exact: x[:, perm] @ W[:, perm]^T == x @ W^T
+        from qwen35c.quant.formats import int4_pack_codes, int4_unpack_codes
+        perm = torch.argsort(g_idx.long(), stable=True)
+        x = emitter.node("Gather", [x, emitter.i64(perm.tolist())], axis=-1, hint=hint + "_perm")[0]
+        qweight = int4_pack_codes(int4_unpack_codes(qweight)[:, perm])
+        g_idx = None
+    act_dtype = node.inputs[0].dtype
+    b = _add(emitter, qweight.view(n, k // bs, bs // 2), hint + "_B", "u8")
+    s = _add(emitter, scales.to(node.inputs[0].type.torch_dtype), hint + "_scales", act_dtype)
+    names = [x, b, s]
+    if zeros is not None or g_idx is not None:
+        if zeros is not None:
+            z = zeros.to(torch.uint8)
+            if z.shape[1] % 2:
+                z = torch.cat([z, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+            names.append(_add(emitter, (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous(), hint + "_zp", "u8"))
+        else:
+            names.append("")
+        if g_idx is not None:
+            names.append(_add(emitter, g_idx.to(torch.int32), hint + "_gidx", "i32"))
+    return emitter.node("MatMulNBits", names, hint=hint, domain="com.microsoft", K=k, N=n, bits=4, block_size=bs)
+
+
+def _fake_quant_fp8(emitter, x: str, k: int, group: int | None, scale: str | None, hint: str) -> str:
+    """x [..., K] -> quantize-dequantize through E4M3 (see the module docstring)."""
+    f8 = TensorProto.FLOAT8E4M3FN
+    if scale is not None:                                 # static: one calibrated scale
+        q = emitter.node("Clip", [emitter.node("Div", [x, scale])[0], emitter.f32(-448.0), emitter.f32(448.0)])[0]
+        back = emitter.node("Cast", [emitter.node("Cast", [q], to=f8)[0]], to=TensorProto.FLOAT)[0]
+        return emitter.node("Mul", [back, scale], hint=hint + "_xq")[0]
+    width = k if group is None else group
+    if k % width:
+        raise ValueError(f"dynamic FP8 activation groups need K % {width} == 0 (K={k})")
+    shape_in = emitter.node("Shape", [x])[0]
+    grouped = emitter.node("Reshape", [x, emitter.i64([-1, k // width, width])])[0]
+    amax = emitter.node("ReduceMax", [emitter.node("Abs", [grouped])[0], emitter.i64([-1])], keepdims=1)[0]
+    s = emitter.node("Div", [emitter.node("Max", [amax, emitter.f32(1e-10)])[0], emitter.f32(448.0)])[0]
+    q = emitter.node("Clip", [emitter.node("Div", [grouped, s])[0], emitter.f32(-448.0), emitter.f32(448.0)])[0]
+    back = emitter.node("Cast", [emitter.node("Cast", [q], to=f8)[0]], to=TensorProto.FLOAT)[0]
+    return emitter.node("Reshape", [emitter.node("Mul", [back, s])[0], shape_in], hint=hint + "_xq")[0]
+
+
+def _lower_fp8(emitter, node, x: str, hint: str) -> list[str]:
+    a = node.attrs
+    n, k = a["out_features"], a["in_features"]
+    inputs = list(node.inputs[1:])
+    codes, scale = _static(emitter, inputs.pop(0)), _static(emitter, inputs.pop(0)).float()
+    input_scale = inputs.pop(0) if a["activations"] == "static" else None
+    xdtype = node.inputs[0].dtype
+    if xdtype != "f32":
+        x = emitter.node("Cast", [x], to=TensorProto.FLOAT)[0]
+    if a["activations"] == "dynamic":
+        x = _fake_quant_fp8(emitter, x, k, 128 if a["granularity"] == "block" else None, None, hint)
+    elif input_scale is not None:
+        x = _fake_quant_fp8(emitter, x, k, None, emitter.name(input_scale), hint)
+    codes_t = _add(emitter, codes.t().contiguous(), hint + "_w8", "f8e4m3")          # [K, N]
+    if a["granularity"] == "block":
+        grid = scale.repeat_interleave(128, dim=0)[:n].t().contiguous()              # [ceil(K/128), N]
+        s = _add(emitter, grid, hint + "_wscale", "f32")
+        w = emitter.node("DequantizeLinear", [codes_t, s], axis=0, block_size=128)[0]
+    elif a["granularity"] == "channel":
+        s = _add(emitter, scale.reshape(n), hint + "_wscale", "f32")
+        w = emitter.node("DequantizeLinear", [codes_t, s], axis=1)[0]
+    else:
+        s = emitter.f32(float(scale.reshape(())))
+        w = emitter.node("DequantizeLinear", [codes_t, s])[0]
+    out = emitter.node("MatMul", [x, w], hint=hint)[0]
+    if xdtype != "f32":
+        out = emitter.node("Cast", [out], to={"f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[xdtype])[0]
+    return [out]

@@ -1,0 +1,210 @@
+"""quantize: linears the precision policy selects become `quantized_linear` over packed weights.
+
+Contract:
+  requires: `linear` nodes whose weight is a `weight` node (2-D, checkpoint name).
+  ensures:  every selected linear (policy of `qwen35c.quant.policy`, exact names) is replaced by
+            `quantized_linear(x, packed...)` whose packed inputs are `weight` nodes named
+            `<weight name>#<part>` (parts: fp8 `weight`, `scale`, [`input_scale`]; int4 `qweight`,
+            `scales`, [`zeros`], [`g_idx`], [`pre_scale`]); `graph.metadata["quantization"]` holds the
+            recipe (`Recipe.to_dict()`) and the quantized / kept names. The weight source must
+            answer the `#` names: `quantized_weight_source(base, recipe, quantized)`.
+  Does not quantize routed experts inside `moe` / `grouped_linear` (stacked weights) nor linears
+  with a bias; they are listed under `not_lowered`. The interpreter runs `quantized_linear` with the
+  dequantize twins, i.e. it evaluates the quantization-emulating reference.
+Options: scheme, group-size, symmetric, act-order, include / exclude (globs separated by ';').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from qwen35c.graph.ir import Graph, TensorType
+from qwen35c.graph.ops import TypeRuleError, register_op
+from qwen35c.passes.manager import Pass, PassResult, register_pass
+from qwen35c.quant.formats import Fp8Weight, Int4Weight, fake_quant_activations
+from qwen35c.quant.policy import canonical_name, plan
+from qwen35c.quant.recipe import Recipe, parse_scheme
+
+__all__ = ["QuantizePass", "quantized_weight_source", "packed_parts"]
+
+
+def packed_parts(q: Fp8Weight | Int4Weight) -> dict[str, torch.Tensor]:
+    if isinstance(q, Fp8Weight):
+        parts = {"weight": q.weight, "scale": q.scale}
+        if q.activations == "static":
+            parts["input_scale"] = q.input_scale
+        return parts
+    parts = {"qweight": q.qweight, "scales": q.scales}
+    for key in ("zeros", "g_idx", "pre_scale"):
+        if getattr(q, key) is not None:
+            parts[key] = getattr(q, key)
+    return parts
+
+
+def _from_parts(attrs: dict, tensors: list[torch.Tensor]) -> Fp8Weight | Int4Weight:
+    it = iter(tensors)
+    if attrs["format"] == "fp8":
+        codes, scale = next(it), next(it)
+        input_scale = next(it) if attrs["activations"] == "static" else None
+        return Fp8Weight(codes, scale.float(), attrs["granularity"], attrs["activations"], input_scale)
+    qweight, scales = next(it), next(it)
+    zeros = next(it) if attrs["has_zeros"] else None
+    g_idx = next(it) if attrs["has_g_idx"] else None
+    pre = next(it) if attrs["has_pre_scale"] else None
+    return Int4Weight(qweight, scales.float(), zeros, attrs["group_size"], g_idx,
+                      None if pre is None else pre.float())
+
+
+def _infer(types, attrs):
+    x = types[0]
+    if x.shape[-1] != attrs["in_features"]:
+        raise TypeRuleError(f"quantized_linear: input features {x.shape[-1]} != {attrs['in_features']}")
+    return [x.with_shape([*x.shape[:-1], attrs["out_features"]])]
+
+
+def _impl(inputs, attrs, bindings):
+    x = inputs[0]
+    q = _from_parts(attrs, inputs[1:])
+    xq = fake_quant_activations(x, q)
+    if isinstance(q, Int4Weight) and q.pre_scale is not None:
+        xq = xq * q.pre_scale.to(x.dtype)
+    return [F.linear(xq, q.dequantize().to(x.dtype))]
+
+
+register_op("quantized_linear", _infer, _impl, (3, 7), ("format", "in_features", "out_features"),
+            doc="y = fq(x) · dequantize(packed)ᵀ; packed layout in the attributes (qwen35c.quant.formats)")
+
+
+@dataclass
+class QuantizeOptions:
+    scheme: Literal["fp8-block128", "fp8-tensor", "fp8-channel", "int4", "int4-rtn", "int4-awq", "int4-gptq"] = \
+        field(default="fp8-block128", metadata={"help": "format family (int4-* names the algorithm)"})
+    group_size: int = field(default=128, metadata={"help": "INT4 group along K"})
+    symmetric: bool = field(default=True, metadata={"help": "INT4 zero point 8 (true) or per group"})
+    act_order: bool = field(default=False, metadata={"help": "GPTQ column order by Hessian diagonal"})
+    static_groups: bool = field(default=True, metadata={"help": "GPTQ act-order groups in original order (no g_idx)"})
+    activations: Literal["default", "dynamic", "static", "none"] = \
+        field(default="default", metadata={"help": "FP8 activation scales"})
+    include: str = field(default="", metadata={"help": "globs (';'-separated) to quantize as well"})
+    exclude: str = field(default="", metadata={"help": "globs (';'-separated) to keep high precision"})
+
+    def recipe(self) -> Recipe:
+        options = {"include": tuple(g for g in self.include.split(";") if g),
+                   "exclude": tuple(g for g in self.exclude.split(";") if g)}
+        if self.scheme.startswith("int4"):
+            options.update(group_size=self.group_size, symmetric=self.symmetric, act_order=self.act_order,
+                           static_groups=self.static_groups)
+        elif self.activations != "default":
+            options["activations"] = self.activations
+        return parse_scheme(self.scheme, **options)
+
+    def validate(self) -> str | None:
+        try:
+            self.recipe()
+        except Exception as err:  # a QwenError with the reason
+            return str(err)
+        return None
+
+
+@register_pass
+class QuantizePass(Pass):
+    """Replace policy-selected linears by quantized_linear over packed weights; record the recipe."""
+
+    name = "quantize"
+    Options = QuantizeOptions
+
+    def run(self, graph: Graph) -> PassResult:
+        recipe = self.options.recipe()
+        candidates, not_lowered = [], []
+        for node in graph.nodes:
+            if node.op in ("moe", "grouped_linear"):
+                not_lowered += [v.producer.attrs["name"] for v in node.inputs[2:]
+                                if v.producer is not None and v.producer.op == "weight"]
+            if node.op != "linear" or node.inputs[1].producer is None or node.inputs[1].producer.op != "weight":
+                continue
+            name = node.inputs[1].producer.attrs["name"]
+            if len(node.inputs) == 3:
+                not_lowered.append(name)
+                continue
+            candidates.append((node, name))
+        shapes = {}
+        for node, name in candidates:
+            shapes[name] = tuple(node.inputs[1].type.shape)
+        decisions = {d.name: d for d in plan(sorted(shapes.items()), recipe)} if shapes else {}
+        count = 0
+        for node, name in candidates:
+            if not decisions[name].quantize:
+                continue
+            self._rewrite(graph, node, name, recipe)
+            count += 1
+        graph.metadata["quantization"] = {
+            "recipe": recipe.to_dict(), "label": recipe.label,
+            "quantized": sorted(n for n, d in decisions.items() if d.quantize),
+            "kept": sorted(n for n, d in decisions.items() if not d.quantize),
+            "not_lowered": sorted(set(not_lowered))}
+        return PassResult(graph, changed=count > 0, num_matches=count)
+
+    def _rewrite(self, graph: Graph, node, name: str, recipe: Recipe) -> None:
+        n, k = node.inputs[1].type.shape
+        x = node.inputs[0]
+        attrs = {"weight": name, "scheme": recipe.label, "in_features": k, "out_features": n}
+        if recipe.is_fp8:
+            g = recipe.fp8_granularity
+            parts = [("weight", TensorType("f8e4m3", (n, k))),
+                     ("scale", TensorType("f32", {"block": (-(-n // 128), -(-k // 128)), "tensor": (),
+                                                  "channel": (n,)}[g]))]
+            if recipe.activations == "static":
+                parts.append(("input_scale", TensorType("f32", ())))
+            attrs.update(format="fp8", granularity=g, activations=recipe.activations)
+        else:
+            gs = recipe.group_size
+            parts = [("qweight", TensorType("u8", (n, k // 2))), ("scales", TensorType("f32", (n, k // gs)))]
+            if not recipe.symmetric:
+                parts.append(("zeros", TensorType("u8", (n, k // gs))))
+            has_g_idx = recipe.algorithm == "gptq" and recipe.act_order and not recipe.static_groups
+            if has_g_idx:
+                parts.append(("g_idx", TensorType("i32", (k,))))
+            has_pre = recipe.algorithm == "awq"
+            if has_pre:
+                parts.append(("pre_scale", TensorType(x.dtype, (k,))))
+            attrs.update(format="int4", group_size=gs, has_zeros=not recipe.symmetric, has_g_idx=has_g_idx,
+                         has_pre_scale=has_pre, activations="none")
+        inputs = [x]
+        for part, type_ in parts:
+            w = graph.add_node("weight", [], [type_], {"name": f"{name}#{part}"}, before=node)
+            inputs.append(w.output)
+        new = graph.add_node("quantized_linear", inputs, [node.outputs[0].type], attrs, before=node)
+        graph.replace_all_uses(node.outputs[0], new.output)
+        weight_node = node.inputs[1].producer
+        graph.remove_nodes([node])
+        if not any(weight_node.output in other.inputs for other in graph.nodes):
+            graph.remove_nodes([weight_node])
+
+
+def quantized_weight_source(base: Callable[[str], torch.Tensor], recipe: Recipe,
+                            quantized=None) -> Callable[[str], torch.Tensor]:
+    """A weight callable answering `<name>#<part>`: packed tensors from `quantized` (a
+    QuantizedModel, required for AWQ/GPTQ/static FP8), or data-free RTN/FP8 computed from `base`."""
+    from qwen35c.quant.algorithms import rtn
+
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def fetch(name: str) -> torch.Tensor:
+        if "#" not in name:
+            return base(name)
+        weight, part = name.split("#", 1)
+        if weight not in cache:
+            q = quantized.weights.get(canonical_name(weight)) if quantized is not None else None
+            if q is None:
+                if recipe.needs_calibration:
+                    raise KeyError(f"{weight}: {recipe.label} needs a calibrated QuantizedModel")
+                q = rtn(base(weight), recipe)
+            cache.clear()                       # one linear at a time: bounded memory
+            cache[weight] = packed_parts(q)
+        return cache[weight][part]
+
+    return fetch

@@ -1,0 +1,138 @@
+"""Calibration: the input activations of every linear of the reference model on calibration tokens.
+
+Dense linears are observed with forward pre-hooks on `nn.Linear`. Routed experts are stacked
+Parameters used inside the `qwen35::moe` op, so they are observed from the MoE block's input (the
+post-attention-norm output) and their inputs computed here with the full-precision expert weights:
+gate_proj / up_proj see the block input, down_proj sees SiLU(gate x) * up x of that expert. With
+`moe_calibration="all"` (the default) every calibration token is sent through every expert (the
+llm-compressor `calibrate_all_experts` idea: a rarely routed expert still gets a full Hessian);
+with "routed" each expert sees only the tokens the router gives it (and an expert that sees none
+falls back to RTN in `quantize_model`). The model's own output is unchanged either way.
+
+Rows are kept up to `max_rows` per unit (a seeded uniform subsample once exceeded); the per-unit
+absolute maximum is tracked over every row (static FP8 activation scales need the true amax).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reference import ops
+from reference.model import SparseMoeBlock
+
+__all__ = ["Calibration", "collect", "calibration_batches"]
+
+
+@dataclass
+class Calibration:
+    """inputs[unit] = X [rows, K] fp32, amax[unit] = max |x| over all observed rows (0-d)."""
+
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    amax: dict[str, Tensor] = field(default_factory=dict)
+    tokens: int = 0
+    mode: str = "all"
+
+    def rows(self, unit: str) -> Tensor | None:
+        return self.inputs.get(unit)
+
+
+class _Collector:
+    def __init__(self, max_rows: int, seed: int):
+        self.max_rows, self.seed = max_rows, seed
+        self.chunks: dict[str, list[Tensor]] = {}
+        self.count: dict[str, int] = {}
+        self.amax: dict[str, Tensor] = {}
+
+    def add(self, unit: str, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if x.shape[0] == 0:
+            self.chunks.setdefault(unit, [])
+            return
+        peak = x.abs().max()
+        self.amax[unit] = torch.maximum(self.amax[unit], peak) if unit in self.amax else peak
+        self.chunks.setdefault(unit, []).append(x)
+        self.count[unit] = self.count.get(unit, 0) + x.shape[0]
+        if self.count[unit] > 2 * self.max_rows:   # bound memory: subsample while collecting
+            self._shrink(unit)
+
+    def _shrink(self, unit: str) -> None:
+        rows = torch.cat(self.chunks[unit])
+        generator = torch.Generator().manual_seed(self.seed + len(unit))
+        keep = torch.randperm(rows.shape[0], generator=generator)[:self.max_rows].sort().values
+        self.chunks[unit] = [rows[keep]]
+        self.count[unit] = self.max_rows
+
+    def result(self, tokens: int, mode: str) -> Calibration:
+        out = Calibration(tokens=tokens, mode=mode)
+        for unit, chunks in self.chunks.items():
+            if self.count.get(unit, 0) > self.max_rows:
+                self._shrink(unit)
+            width = chunks[0].shape[-1] if chunks else 0
+            out.inputs[unit] = torch.cat(self.chunks[unit]) if self.chunks[unit] else torch.zeros(0, width)
+            if unit in self.amax:
+                out.amax[unit] = self.amax[unit]
+        return out
+
+
+def _moe_hook(collector: _Collector, prefix: str, block: SparseMoeBlock, mode: str):
+    def hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+        num_experts = gate_up.shape[0]
+        if mode == "routed":
+            _, chosen = ops.moe_route(x, block.gate.weight, block.top_k, block.norm_topk_prob)
+        for e in range(num_experts):
+            rows = x if mode == "all" else x[(chosen == e).any(dim=-1)]
+            collector.add(f"{prefix}.experts.{e}.gate_proj.weight", rows)
+            collector.add(f"{prefix}.experts.{e}.up_proj.weight", rows)
+            if rows.shape[0]:
+                gate, up = F.linear(rows, gate_up[e]).chunk(2, dim=-1)
+                rows = F.silu(gate) * up
+            else:
+                rows = rows.new_zeros(0, down.shape[-1])
+            collector.add(f"{prefix}.experts.{e}.down_proj.weight", rows)
+    return hook
+
+
+@torch.no_grad()
+def collect(model: nn.Module, batches: list[Tensor], max_rows: int = 4096, mode: str = "all",
+            seed: int = 0) -> Calibration:
+    """Run `batches` (LongTensor [B, T] each) through `model`; return every linear's inputs."""
+    if mode not in ("all", "routed"):
+        raise ValueError(f"moe calibration mode '{mode}': expected 'all' or 'routed'")
+    collector = _Collector(max_rows, seed)
+    handles = []
+    for name, module in model.named_modules():
+        if name.startswith("mtp"):
+            continue
+        if isinstance(module, nn.Linear):
+            unit = f"{name}.weight"
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, unit=unit: collector.add(unit, args[0])))
+        elif isinstance(module, SparseMoeBlock):
+            handles.append(module.register_forward_pre_hook(_moe_hook(collector, name, module, mode)))
+    tokens = 0
+    try:
+        was_training = model.training
+        model.eval()
+        for ids in batches:
+            model(ids)
+            tokens += ids.numel()
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return collector.result(tokens, mode)
+
+
+def calibration_batches(ids: list[int] | Tensor, seq_len: int, max_batches: int) -> list[Tensor]:
+    """Cut a token stream into up to `max_batches` sequences [1, seq_len] (evenly spaced)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    count = max(1, min(max_batches, ids.numel() // seq_len))
+    stride = max(seq_len, (ids.numel() - seq_len) // max(count - 1, 1)) if count > 1 else seq_len
+    return [ids[i * stride:i * stride + seq_len].view(1, -1) for i in range(count)
+            if ids[i * stride:i * stride + seq_len].numel() == seq_len]

@@ -1,0 +1,266 @@
+"""Packed weight formats: FP8 E4M3 (block 128x128, per tensor, per channel) and INT4 group-wise.
+
+Each format is a small dataclass holding the packed tensors plus the metadata needed to read them;
+`dequantize()` is the fp32 reference twin of the packed GEMM (STYLE lesson 3), and every format has
+an activation fake-quant (`fake_quant_activations`) used by the quantization-emulating reference.
+
+Layouts (aligned with `qwen35c.backends.triton.gemm`, whose docstring is the kernel contract):
+
+FP8 (`Fp8Weight`), always float8_e4m3fn codes [N, K] and fp32 scales that are MULTIPLIED:
+  granularity "block":   scale [ceil(N/128), ceil(K/128)] = amax/448 of each 128x128 tile (the
+                         official Qwen `weight_scale_inv`; the Triton FP8 GEMM's layout).
+  granularity "tensor":  scale [] (0-d) = amax/448 of the whole matrix.
+  granularity "channel": scale [N] = amax/448 of each output row.
+  Activations: "dynamic" (per token, per 128-channel group for "block", per token for the others:
+  s = max(amax, 1e-10)/448 computed at run time), or "static" (one calibrated fp32 `input_scale`,
+  x_q = clamp(x / input_scale, +-448)), or "none" (weight-only FP8).
+
+INT4 (`Int4Weight`), the Triton INT4 GEMM / ONNX Runtime MatMulNBits layout flattened per row:
+  qweight uint8 [N, K/2]: byte (n, j) holds k = 2j in its low nibble, k = 2j+1 in its high nibble.
+  scales  fp32 [N, K/g];  zeros uint8 [N, K/g] codes 0..15, or None = symmetric (zero point 8).
+  g_idx   optional int32 [K]: the group of input column k (GPTQ act-order without static groups);
+          None = k // g. W[n, k] = (code[n, k] - zero[n, g_idx[k]]) * scale[n, g_idx[k]].
+  pre_scale optional fp32 [K]: AWQ's per-input-channel scale kept EXPLICIT: the layer computes
+          (x * pre_scale) @ W_q^T, i.e. the packed matrix encodes W / pre_scale. Not folded into the
+          previous op (see `qwen35c.quant.algorithms.awq`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FP8_MAX", "FP8_BLOCK", "SCALE_FLOOR", "Fp8Weight", "Int4Weight", "QuantizedWeight",
+    "fp8_quantize", "fp8_dequantize", "fp8_fake_quant_activations", "fp8_quantize_activations",
+    "int4_quantize", "int4_group_params", "int4_codes", "int4_pack_codes", "int4_unpack_codes",
+    "int4_dequantize", "fake_quant_activations",
+]
+
+FP8_MAX = 448.0          # float8_e4m3fn largest finite value (NVIDIA E4M3FN, not AMD's FNUZ 240)
+FP8_BLOCK = 128          # weight tile edge and activation group width of the official recipe
+SCALE_FLOOR = 1e-10      # amax floor: an all-zero tile or group still gets a finite scale
+
+
+# ---- FP8 ------------------------------------------------------------------------------------------
+@dataclass
+class Fp8Weight:
+    """An FP8 E4M3 matrix: `weight` codes [N, K] and multiplied fp32 `scale` (shape by granularity)."""
+
+    weight: Tensor                       # float8_e4m3fn [N, K]
+    scale: Tensor                        # fp32: block [N/128, K/128] | tensor [] | channel [N]
+    granularity: str = "block"           # "block" | "tensor" | "channel"
+    activations: str = "dynamic"         # "dynamic" | "static" | "none"
+    input_scale: Tensor | None = None    # fp32 [] when activations == "static"
+    block: int = FP8_BLOCK
+    kind: str = field(default="fp8", init=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def dequantize(self) -> Tensor:
+        return fp8_dequantize(self.weight, self.scale, self.granularity, self.block)
+
+    def effective_weight(self) -> Tensor:
+        return self.dequantize()
+
+    def fake_quant_input(self, x: Tensor) -> Tensor:
+        return fake_quant_activations(x, self)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"weight": self.weight, "scale": self.scale}
+        if self.input_scale is not None:
+            out["input_scale"] = self.input_scale
+        return out
+
+
+def _tile(weight: Tensor, block: int) -> tuple[Tensor, int, int]:
+    n, k = weight.shape
+    nb, kb = -(-n // block), -(-k // block)
+    padded = weight.new_zeros(nb * block, kb * block, dtype=torch.float32)
+    padded[:n, :k] = weight.float()
+    return padded.view(nb, block, kb, block), nb, kb
+
+
+def fp8_quantize(weight: Tensor, granularity: str = "block", activations: str = "dynamic",
+                 input_scale: Tensor | None = None, block: int = FP8_BLOCK) -> Fp8Weight:
+    """Round-to-nearest-even E4M3 with amax/448 scales at the given granularity (data-free)."""
+    n, k = weight.shape
+    w = weight.float()
+    if granularity == "block":
+        tiles, nb, kb = _tile(w, block)
+        scale = tiles.abs().amax(dim=(1, 3)).clamp_min(SCALE_FLOOR) / FP8_MAX      # [nb, kb]
+        codes = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        codes = codes.view(nb * block, kb * block)[:n, :k].contiguous()
+    elif granularity == "tensor":
+        scale = w.abs().amax().clamp_min(SCALE_FLOOR) / FP8_MAX                     # []
+        codes = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    elif granularity == "channel":
+        scale = w.abs().amax(dim=1).clamp_min(SCALE_FLOOR) / FP8_MAX                # [N]
+        codes = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    else:
+        raise ValueError(f"unknown FP8 granularity '{granularity}' (block, tensor or channel)")
+    if activations == "static" and input_scale is None:
+        raise ValueError("static FP8 activations need a calibrated input_scale")
+    if activations not in ("dynamic", "static", "none"):
+        raise ValueError(f"unknown FP8 activation scheme '{activations}' (dynamic, static or none)")
+    return Fp8Weight(codes, scale.float(), granularity, activations,
+                     None if input_scale is None else input_scale.float().reshape(()), block)
+
+
+def fp8_dequantize(codes: Tensor, scale: Tensor, granularity: str = "block", block: int = FP8_BLOCK) -> Tensor:
+    """The reference twin of every FP8 GEMM: W = codes * scale broadcast per tile / tensor / row (fp32)."""
+    n, k = codes.shape
+    if granularity == "block":
+        s = scale.float().repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+    elif granularity == "tensor":
+        s = scale.float().reshape(())
+    elif granularity == "channel":
+        s = scale.float().reshape(n, 1)
+    else:
+        raise ValueError(f"unknown FP8 granularity '{granularity}'")
+    return codes.float() * s
+
+
+def fp8_quantize_activations(x: Tensor, group: int | None = FP8_BLOCK) -> tuple[Tensor, Tensor]:
+    """Dynamic per-token quantization of x [..., K]: groups of `group` channels (None = whole row).
+
+    Returns (codes float8_e4m3fn [..., K], scale fp32 [..., ceil(K/group)] or [..., 1])."""
+    k = x.shape[-1]
+    width = k if group is None else group
+    groups = -(-k // width)
+    xf = x.float()
+    if groups * width != k:
+        xf = torch.nn.functional.pad(xf, (0, groups * width - k))
+    xg = xf.reshape(*x.shape[:-1], groups, width)
+    scale = xg.abs().amax(dim=-1).clamp_min(SCALE_FLOOR) / FP8_MAX
+    codes = (xg / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes.reshape(*x.shape[:-1], groups * width)[..., :k], scale
+
+
+def fp8_fake_quant_activations(x: Tensor, group: int | None = FP8_BLOCK,
+                               input_scale: Tensor | None = None) -> Tensor:
+    """Quantize-dequantize x as the FP8 GEMM sees it; same dtype as x. Static when `input_scale`."""
+    if input_scale is not None:
+        s = input_scale.float()
+        return ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+    codes, scale = fp8_quantize_activations(x, group)
+    k = x.shape[-1]
+    width = k if group is None else group
+    s = scale.repeat_interleave(width, dim=-1)[..., :k]
+    return (codes.float() * s).to(x.dtype)
+
+
+# ---- INT4 -----------------------------------------------------------------------------------------
+@dataclass
+class Int4Weight:
+    """A group-wise INT4 matrix in the Triton / MatMulNBits layout (see the module docstring)."""
+
+    qweight: Tensor                      # uint8 [N, K/2], low nibble = even k
+    scales: Tensor                       # fp32 [N, K/g]
+    zeros: Tensor | None                 # uint8 [N, K/g] (asymmetric) or None (symmetric, zero 8)
+    group_size: int = 128
+    g_idx: Tensor | None = None          # int32 [K] or None (= k // g)
+    pre_scale: Tensor | None = None      # fp32 [K] multiplied into x before the GEMM (AWQ, explicit)
+    kind: str = field(default="int4", init=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.qweight.shape[0], 2 * self.qweight.shape[1])
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    def codes(self) -> Tensor:
+        return int4_unpack_codes(self.qweight)
+
+    def dequantize(self) -> Tensor:
+        """W_q [N, K] fp32 (what the packed GEMM multiplies; does not include `pre_scale`)."""
+        return int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.g_idx)
+
+    def effective_weight(self) -> Tensor:
+        """The matrix the layer applies to x: W_q * pre_scale (column-wise) when AWQ kept a scale."""
+        w = self.dequantize()
+        return w if self.pre_scale is None else w * self.pre_scale.float()[None, :]
+
+    def fake_quant_input(self, x: Tensor) -> Tensor:
+        return x  # weight-only (W4A16): activations stay in the model dtype
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        for key in ("zeros", "g_idx", "pre_scale"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+QuantizedWeight = Fp8Weight | Int4Weight
+
+
+def int4_group_params(w: Tensor, symmetric: bool, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of groups w [..., g] (fp32): symmetric s = amax/7, z = 8; asymmetric
+    s = (max-min)/15, z = round(-min/s) (the range always includes 0). `clip` shrinks the range
+    (AWQ's clipping search); it broadcasts against w[..., 0]."""
+    w = w.float()
+    if symmetric:
+        scale = (w.abs().amax(-1) * clip / 7.0).clamp_min(1e-8)
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo = (w.amin(-1) * clip).clamp_max(0.0)
+        hi = (w.amax(-1) * clip).clamp_min(0.0)
+        scale = ((hi - lo) / 15.0).clamp_min(1e-8)
+        zero = (-lo / scale).round().clamp(0, 15)
+    return scale, zero
+
+
+def int4_codes(w: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """Codes 0..15 of w [..., g] given per-group scale/zero [...] (round half to even, like torch)."""
+    return ((w.float() / scale[..., None]).round() + zero[..., None]).clamp(0, 15)
+
+
+def int4_pack_codes(codes: Tensor) -> Tensor:
+    """codes [N, K] (0..15) -> uint8 [N, K/2], low nibble = even k."""
+    q = codes.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def int4_unpack_codes(qweight: Tensor) -> Tensor:
+    """uint8 [N, K/2] -> uint8 codes [N, K]."""
+    n = qweight.shape[0]
+    return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).view(n, -1)
+
+
+def int4_quantize(weight: Tensor, group_size: int = 128, symmetric: bool = True,
+                  clip: Tensor | float = 1.0) -> Int4Weight:
+    """Round-to-nearest group-wise INT4 (RTN). weight [N, K] with K % group_size == 0."""
+    n, k = weight.shape
+    if k % group_size or group_size % 2:
+        raise ValueError(f"INT4 group {group_size} does not divide K={k} (or is odd)")
+    wg = weight.float().view(n, k // group_size, group_size)
+    scale, zero = int4_group_params(wg, symmetric, clip)
+    codes = int4_codes(wg, scale, zero).view(n, k)
+    return Int4Weight(int4_pack_codes(codes), scale.contiguous(),
+                      None if symmetric else zero.to(torch.uint8).contiguous(), group_size)
+
+
+def int4_dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor | None = None, group_size: int = 128,
+                    g_idx: Tensor | None = None) -> Tensor:
+    """The reference twin of the INT4 GEMM: W = (code - zero[g]) * scale[g] in fp32, [N, K]."""
+    codes = int4_unpack_codes(qweight).float()
+    k = codes.shape[1]
+    index = (torch.arange(k, device=qweight.device) // group_size) if g_idx is None else g_idx.long()
+    z = zeros.float()[:, index] if zeros is not None else 8.0
+    return (codes - z) * scales.float()[:, index]
+
+
+def fake_quant_activations(x: Tensor, weight: QuantizedWeight) -> Tensor:
+    """The activation rounding the packed GEMM of `weight` applies to its input x [..., K]."""
+    if isinstance(weight, Int4Weight) or weight.activations == "none":
+        return x
+    if weight.activations == "static":
+        return fp8_fake_quant_activations(x, input_scale=weight.input_scale)
+    return fp8_fake_quant_activations(x, weight.block if weight.granularity == "block" else None)

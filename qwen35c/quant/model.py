@@ -1,0 +1,250 @@
+"""Phase one of quantization (offline): the reference model + a recipe -> packed weights; and the
+quantization-emulating reference built from them.
+
+`quantize_model(model, recipe, calibration)` returns a `QuantizedModel`: the recipe, the plan (one
+`Decision` per tensor), the packed weight of every quantized unit (canonical names; routed experts
+per expert and part) and notes. An imported checkpoint (`qwen35c.quant.checkpoint`) produces the
+same object with `imported=True`; `quantize_model` never runs on it (imported codes are final).
+
+`emulate(model, quantized)` returns a copy of the model whose quantized linears use the dequantized
+weights (the reference twins of the packed GEMMs) and, where the recipe quantizes activations
+(FP8 dynamic or static), fake-quantize their inputs exactly as the packed GEMM would. Comparing an
+artifact with this model measures kernel/lowering error alone; comparing this model with the
+original measures quantization loss alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qwen35c.errors import QwenError
+from qwen35c.quant import algorithms
+from qwen35c.quant.calibrate import Calibration
+from qwen35c.quant.formats import Int4Weight, QuantizedWeight, fake_quant_activations
+from qwen35c.quant.policy import Decision, plan_model
+from qwen35c.quant.recipe import Recipe
+from reference import ops
+from reference.model import SparseMoeBlock
+
+__all__ = ["QuantizedModel", "quantize_model", "emulate", "weight_errors", "EmulatedLinear"]
+
+
+@dataclass
+class QuantizedModel:
+    recipe: Recipe
+    weights: dict[str, QuantizedWeight]                   # canonical unit name -> packed weight
+    decisions: list[Decision] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    imported: bool = False                                # codes came from a checkpoint: never re-quantize
+    source_format: str = "qwen35c"                        # qwen35c | hf-fp8 | gptq-v1 | gptq-v2 | awq
+
+    def metadata(self) -> dict:
+        """What the IR / manifest records (formats are metadata, never inferred from file names)."""
+        return {"recipe": self.recipe.to_dict(), "label": self.recipe.label, "imported": self.imported,
+                "source_format": self.source_format, "quantized": sorted(self.weights),
+                "kept": sorted(d.name for d in self.decisions if not d.quantize)}
+
+
+def _unit_weight(params: dict[str, Tensor], d: Decision) -> Tensor:
+    if d.expert is None:
+        return params[d.canonical] if d.canonical in params else params[d.name]
+    stacked = params[_canonical_source(d)][d.expert]
+    if d.part == "down_proj":
+        return stacked
+    half = stacked.shape[0] // 2
+    return stacked[:half] if d.part == "gate_proj" else stacked[half:]
+
+
+def _canonical_source(d: Decision) -> str:
+    from qwen35c.quant.policy import canonical_name
+    return canonical_name(d.source)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, recipe: Recipe, calibration: Calibration | None = None,
+                   progress=None) -> QuantizedModel:
+    """Quantize every unit the policy selects. Calibrated recipes (AWQ, GPTQ, static FP8) need
+    `calibration` (from `qwen35c.quant.calibrate.collect`)."""
+    if isinstance(model, QuantizedModel):
+        raise QwenError("this model is already quantized (imported codes are never re-quantized)")
+    if recipe.needs_calibration and calibration is None:
+        raise QwenError(f"{recipe.label} needs calibration activations")
+    decisions = plan_model(model, recipe)
+    params = dict(model.named_parameters())
+    out = QuantizedModel(recipe, {}, decisions)
+    fallback = []
+    todo = [d for d in decisions if d.quantize]
+    for i, d in enumerate(todo):
+        weight = _unit_weight(params, d)
+        rows = calibration.rows(d.canonical) if calibration is not None else None
+        amax = calibration.amax.get(d.canonical) if calibration is not None else None
+        if recipe.needs_calibration and (rows is None or rows.shape[0] == 0) and not recipe.is_fp8:
+            fallback.append(d.canonical)
+        if recipe.is_fp8 and recipe.activations == "static" and amax is None:
+            raise QwenError(f"{d.canonical}: no calibration activations for a static FP8 scale "
+                            f"(use moe_calibration='all')")
+        out.weights[d.canonical] = algorithms.quantize_weight(weight, recipe, rows, amax)
+        if progress is not None:
+            progress(i + 1, len(todo), d.canonical)
+    if fallback:
+        out.notes.append(f"{len(fallback)} unit(s) saw no calibration tokens and were RTN-quantized: "
+                         f"{', '.join(fallback[:4])}{' ...' if len(fallback) > 4 else ''}")
+    return out
+
+
+class EmulatedLinear(nn.Module):
+    """y = F.linear(fq(x) * pre_scale, W_deq, bias): the packed GEMM's math in the model dtype."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.qweight = qweight
+        self.weight = nn.Parameter(qweight.dequantize().to(dtype), requires_grad=False)
+        pre = getattr(qweight, "pre_scale", None)
+        self.register_buffer("pre_scale", None if pre is None else pre.to(dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = fake_quant_activations(x, self.qweight)
+        if self.pre_scale is not None:
+            x = x * self.pre_scale
+        return F.linear(x, self.weight, self.bias)
+
+
+class EmulatedMoeBlock(nn.Module):
+    """The MoE block with quantized experts: same routing and combine as `ops.moe_eager`, each
+    expert's gate_up / down inputs fake-quantized (and AWQ-prescaled) like its packed GEMMs."""
+
+    def __init__(self, block: SparseMoeBlock, gate_up: list[tuple[QuantizedWeight, QuantizedWeight] | None],
+                 down: list[QuantizedWeight | None]):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = block.top_k, block.norm_topk_prob
+        self.gate, self.experts = block.gate, block.experts
+        self.shared_expert, self.shared_expert_gate = block.shared_expert, block.shared_expert_gate
+        self.q_gate_up, self.q_down = gate_up, down
+
+    @staticmethod
+    def _input(x: Tensor, q: QuantizedWeight | None) -> Tensor:
+        if q is None:
+            return x
+        x = fake_quant_activations(x, q)
+        pre = getattr(q, "pre_scale", None)
+        return x if pre is None else x * pre.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        shared = self.shared_expert(x)
+        weights, chosen = ops.moe_route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
+        flat, order = torch.sort(chosen.reshape(-1), stable=True)
+        rows = x[order // self.top_k]
+        counts = torch.bincount(flat, minlength=self.gate.weight.shape[0]).tolist()
+        outputs = []
+        for e, chunk in enumerate(rows.split(counts)):
+            if not chunk.shape[0]:
+                continue
+            gu = self.q_gate_up[e]
+            if gu is None or _same_input(*gu):
+                gate, up = F.linear(self._input(chunk, gu[0] if gu else None),
+                                    self.experts.gate_up_proj[e]).chunk(2, dim=-1)
+            else:  # gate and up transform their shared input differently (AWQ scales per unit)
+                i = self.experts.gate_up_proj.shape[1] // 2
+                gate = F.linear(self._input(chunk, gu[0]), self.experts.gate_up_proj[e][:i])
+                up = F.linear(self._input(chunk, gu[1]), self.experts.gate_up_proj[e][i:])
+            hidden = F.silu(gate) * up
+            outputs.append(F.linear(self._input(hidden, self.q_down[e]), self.experts.down_proj[e]))
+        routed = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1)
+        routed = torch.empty_like(routed).index_copy(0, order, routed)
+        routed = routed.view(x.shape[0], self.top_k, -1).sum(dim=1).to(x.dtype)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return (routed + shared).view(shape)
+
+
+def _same_input(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    """Do two units sharing an input transform it identically (so one fused GEMM is exact)?"""
+    if isinstance(a, Int4Weight) or isinstance(b, Int4Weight):
+        return getattr(a, "pre_scale", None) is None and getattr(b, "pre_scale", None) is None and type(a) is type(b)
+    return (a.activations, a.granularity) == (b.activations, b.granularity) and (
+        a.input_scale is None or (b.input_scale is not None and bool(torch.equal(a.input_scale, b.input_scale))))
+
+
+@torch.no_grad()
+def emulate(model: nn.Module, quantized: QuantizedModel, inplace: bool = False) -> nn.Module:
+    """The quantization-emulating reference (see the module docstring)."""
+    target = model if inplace else copy.deepcopy(model)
+    dtype = next(target.parameters()).dtype
+    experts: dict[str, dict[int, dict[str, QuantizedWeight]]] = {}
+    for name, q in quantized.weights.items():
+        parts = name.split(".")
+        if "experts" in parts and parts[-3].isdigit():          # model.layers.L.mlp.experts.E.part.weight
+            block = ".".join(parts[:parts.index("experts")])
+            experts.setdefault(block, {}).setdefault(int(parts[-3]), {})[parts[-2]] = q
+            continue
+        module_name = name[: -len(".weight")]
+        owner_name, _, leaf = module_name.rpartition(".")
+        owner = target.get_submodule(owner_name) if owner_name else target
+        linear = getattr(owner, leaf)
+        if not isinstance(linear, nn.Linear):
+            raise QwenError(f"{name}: quantized weight for a module that is not nn.Linear")
+        if q.shape != tuple(linear.weight.shape):
+            raise QwenError(f"{name}: quantized shape {list(q.shape)} != model {list(linear.weight.shape)}")
+        emulated = EmulatedLinear(q, linear.bias, dtype)
+        if leaf == "lm_head" or module_name == "lm_head":
+            target.lm_head = emulated                            # unties a tied head on purpose
+        else:
+            setattr(owner, leaf, emulated)
+    for block_name, per_expert in experts.items():
+        block = target.get_submodule(block_name)
+        gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+        num = gate_up.shape[0]
+        half = gate_up.shape[1] // 2
+        new_gu, new_down = gate_up.detach().clone(), down.detach().clone()
+        q_gu: list = [None] * num
+        q_down: list = [None] * num
+        for e, parts in per_expert.items():
+            if "gate_proj" in parts or "up_proj" in parts:
+                if not ("gate_proj" in parts and "up_proj" in parts):
+                    raise QwenError(f"{block_name}.experts.{e}: gate_proj and up_proj must be quantized together")
+                new_gu[e, :half] = parts["gate_proj"].dequantize().to(dtype)
+                new_gu[e, half:] = parts["up_proj"].dequantize().to(dtype)
+                q_gu[e] = (parts["gate_proj"], parts["up_proj"])
+            if "down_proj" in parts:
+                new_down[e] = parts["down_proj"].dequantize().to(dtype)
+                q_down[e] = parts["down_proj"]
+        block.experts.gate_up_proj = nn.Parameter(new_gu, requires_grad=False)
+        block.experts.down_proj = nn.Parameter(new_down, requires_grad=False)
+        owner_name, _, leaf = block_name.rpartition(".")
+        setattr(target.get_submodule(owner_name), leaf, EmulatedMoeBlock(block, q_gu, q_down))
+    target.eval()
+    return target
+
+
+@torch.no_grad()
+def weight_errors(model: nn.Module, quantized: QuantizedModel, calibration: Calibration | None = None) -> dict:
+    """Per-unit relative weight error ||W - W_eff|| / ||W|| and, with calibration rows, relative
+    output error ||X W^T - X_q W_eff^T|| / ||X W^T||; plus their means."""
+    params = dict(model.named_parameters())
+    by_name = {d.canonical: d for d in quantized.decisions}
+    rows = {}
+    for name, q in quantized.weights.items():
+        w = _unit_weight(params, by_name[name]).float()
+        w_eff = q.effective_weight() if isinstance(q, Int4Weight) else q.dequantize()
+        entry = {"weight_rel": float((w - w_eff).norm() / w.norm().clamp_min(1e-30))}
+        x = calibration.rows(name) if calibration is not None else None
+        if x is not None and x.shape[0]:
+            x = x[:1024]
+            ref = x @ w.t()
+            xq = fake_quant_activations(x, q)
+            entry["output_rel"] = float((ref - xq @ w_eff.t()).norm() / ref.norm().clamp_min(1e-30))
+        rows[name] = entry
+    summary = {"units": len(rows),
+               "weight_rel_mean": sum(r["weight_rel"] for r in rows.values()) / max(len(rows), 1)}
+    outs = [r["output_rel"] for r in rows.values() if "output_rel" in r]
+    if outs:
+        summary["output_rel_mean"] = sum(outs) / len(outs)
+    return {"summary": summary, "units": rows}

@@ -1,0 +1,112 @@
+"""The quantization recipe: one typed record of what a quantized model is (scheme, algorithm,
+granularity, activation handling, group size, zero points, policy globs).
+
+It is metadata (STYLE lesson 13): the quantize pass writes `Recipe.to_dict()` into the IR and the
+artifact manifest, backends read it back with `Recipe.from_dict()`; nothing is inferred from paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+from qwen35c.errors import QwenError
+
+__all__ = ["Recipe", "SCHEMES", "parse_scheme"]
+
+Scheme = Literal["fp8-block128", "fp8-tensor", "fp8-channel", "int4"]
+SCHEMES = ("fp8-block128", "fp8-tensor", "fp8-channel", "int4", "int4-rtn", "int4-awq", "int4-gptq")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to quantize and how. `scheme` is the format family; `algorithm` how INT4 codes are found."""
+
+    scheme: Scheme = "fp8-block128"
+    algorithm: Literal["rtn", "awq", "gptq"] = "rtn"     # FP8 is always RTN (data-free)
+    activations: Literal["dynamic", "static", "none"] = "dynamic"   # FP8 only; INT4 is weight-only
+    group_size: int = 128                                 # INT4 group along K
+    symmetric: bool = True                                # INT4 zero point 8 (True) or per-group codes
+    act_order: bool = False                               # GPTQ: columns by decreasing Hessian diagonal
+    static_groups: bool = True                            # GPTQ act-order: groups fixed in original order (no g_idx)
+    damp: float = 0.01                                    # GPTQ: damp * mean(diag H) added to the diagonal
+    gptq_block: int = 128                                 # GPTQ: lazy-update block width
+    awq_grid: int = 20                                    # AWQ: alpha in {0, 1/grid, ..., 1}
+    awq_clip: bool = True                                 # AWQ: search a per-group clipping ratio too
+    include: tuple[str, ...] = ()                         # globs over full tensor names: force quantize
+    exclude: tuple[str, ...] = ()                         # globs: force high precision (wins over include)
+    moe_calibration: Literal["all", "routed"] = "all"     # route every calibration token to every expert
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.scheme not in ("fp8-block128", "fp8-tensor", "fp8-channel", "int4"):
+            raise QwenError(f"unknown quantization scheme '{self.scheme}' (expected one of {', '.join(SCHEMES)})")
+        if self.algorithm not in ("rtn", "awq", "gptq"):
+            raise QwenError(f"unknown quantization algorithm '{self.algorithm}' (rtn, awq or gptq)")
+        if self.is_fp8 and self.algorithm != "rtn":
+            raise QwenError(f"{self.scheme}: FP8 is data-free round-to-nearest; algorithm must be rtn")
+        if self.is_fp8 and self.scheme == "fp8-block128" and self.activations == "static":
+            raise QwenError("fp8-block128 uses dynamic per-token 1x128 activation groups; "
+                            "static activation scales exist for fp8-tensor and fp8-channel")
+        if self.group_size < 16 or self.group_size & (self.group_size - 1):
+            raise QwenError(f"group size {self.group_size}: must be a power of two >= 16 (MatMulNBits)")
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.scheme.startswith("fp8")
+
+    @property
+    def is_int4(self) -> bool:
+        return self.scheme == "int4"
+
+    @property
+    def fp8_granularity(self) -> str:
+        return {"fp8-block128": "block", "fp8-tensor": "tensor", "fp8-channel": "channel"}[self.scheme]
+
+    @property
+    def dynamic(self) -> bool:
+        """Does the emulation fake-quantize activations at run time?"""
+        return self.is_fp8 and self.activations == "dynamic"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.algorithm in ("awq", "gptq") or (self.is_fp8 and self.activations == "static")
+
+    @property
+    def label(self) -> str:
+        if self.is_fp8:
+            return self.scheme + ("" if self.activations == "dynamic" else f"-{self.activations}")
+        return f"int4-{self.algorithm}-g{self.group_size}{'' if self.symmetric else '-asym'}"
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        out.pop("extra")
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Recipe":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = set(raw) - known
+        if unknown:
+            raise QwenError(f"quantization recipe has unknown keys {sorted(unknown)}")
+        raw = dict(raw)
+        for key in ("include", "exclude"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+def parse_scheme(scheme: str, **options) -> Recipe:
+    """`fp8-block128`, `fp8-tensor`, `fp8-channel`, `int4` or the shorthands `int4-rtn|awq|gptq`."""
+    if scheme.startswith("int4-"):
+        algorithm = scheme[len("int4-"):]
+        if "algorithm" in options and options["algorithm"] != algorithm:
+            raise QwenError(f"scheme '{scheme}' contradicts algorithm={options['algorithm']}")
+        options = {**options, "algorithm": algorithm}
+        scheme = "int4"
+    if scheme == "fp8-tensor" and "activations" not in options:
+        options = {**options, "activations": "static"}   # recipe A: calibrated per-tensor scale
+    if scheme == "int4":
+        options = {**options, "activations": "none"}
+    return Recipe(scheme=scheme, **options)

@@ -1,0 +1,118 @@
+"""Packed formats: FP8 block / tensor / channel and INT4 group-wise, against the Triton GEMMs' naive twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen35c.backends.triton.gemm import naive
+from qwen35c.quant import formats
+from qwen35c.quant.formats import Int4Weight, fp8_quantize, int4_quantize
+
+
+def _weight(n, k, seed=0, outliers=True):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
+    if outliers:
+        w[::17, ::13] *= 20.0
+    return w
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130), (1, 256), (48, 64)])
+def test_fp8_block_matches_kernel_layout(shape):
+    w = _weight(*shape)
+    q = fp8_quantize(w, "block")
+    codes, scale = naive.fp8_quantize_weight_blocks(w)
+    assert q.scale.shape == (-(-shape[0] // 128), -(-shape[1] // 128)) and q.scale.dtype == torch.float32
+    assert torch.equal(q.weight.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(q.scale, scale)
+    assert torch.equal(q.dequantize(), naive.fp8_dequantize_weight_blocks(codes, scale))
+
+
+def test_fp8_scale_is_multiplied_amax_over_448():
+    w = _weight(256, 256)
+    q = fp8_quantize(w, "block")
+    assert torch.allclose(q.scale[0, 0], w[:128, :128].abs().max() / 448.0)
+    deq = q.dequantize()
+    # plausible magnitudes: dividing by the scale instead would be off by ~1e5
+    assert abs(float(deq.abs().mean() / w.abs().mean()) - 1.0) < 0.02
+    rel = float((deq - w).norm() / w.norm())
+    assert rel < 0.04, rel
+
+
+@pytest.mark.parametrize("granularity,scale_shape", [("tensor", ()), ("channel", (96,))])
+def test_fp8_tensor_and_channel(granularity, scale_shape):
+    w = _weight(96, 256, outliers=False)
+    q = fp8_quantize(w, granularity)
+    assert tuple(q.scale.shape) == scale_shape
+    rel = float((q.dequantize() - w).norm() / w.norm())
+    assert 0 < rel < 0.04, rel
+    again = fp8_quantize(q.dequantize(), granularity)           # quantizing the dequantized is exact
+    assert torch.equal(again.dequantize(), q.dequantize())
+
+
+def test_fp8_activations_match_kernel_twin():
+    x = torch.randn(5, 300) * torch.linspace(0.1, 10, 300)
+    codes, scale = formats.fp8_quantize_activations(x, 128)
+    ref_codes, ref_scale = naive.fp8_quantize_activations(x)
+    assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8)) and torch.equal(scale, ref_scale)
+    fq = formats.fp8_fake_quant_activations(x, 128)
+    assert torch.equal(fq, naive.fp8_dequantize_activations(ref_codes, ref_scale))
+    assert torch.equal(formats.fp8_fake_quant_activations(fq, 128), fq)      # idempotent
+    # the emulated linear equals the kernel twin fp8_linear (fp32)
+    w = fp8_quantize(_weight(64, 300), "block")
+    emulated = torch.nn.functional.linear(fq, w.dequantize())
+    twin = naive.fp8_linear(x, w.weight, w.scale)
+    assert torch.allclose(emulated, twin, rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_static_activations():
+    x = torch.randn(4, 128)
+    s = x.abs().max() / 448
+    w = fp8_quantize(_weight(32, 128), "tensor", "static", input_scale=s)
+    fq = formats.fake_quant_activations(x, w)
+    assert float((fq - x).abs().max()) <= float(x.abs().max()) * 2 ** -3
+    with pytest.raises(ValueError):
+        fp8_quantize(_weight(32, 128), "tensor", "static")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_matches_kernel_layout(symmetric):
+    w = _weight(64, 256)
+    q = int4_quantize(w, 128, symmetric)
+    packed, scales, zeros = naive.int4_pack(w, 128, zero_point=not symmetric)
+    assert torch.equal(q.qweight, packed)
+    assert torch.allclose(q.scales, scales.float())
+    assert (q.zeros is None) == (zeros is None) and (zeros is None or torch.equal(q.zeros, zeros))
+    assert torch.allclose(q.dequantize(), naive.int4_dequantize(packed, scales, zeros, 128))
+    # round to nearest: every element within half a step of its group's scale
+    step = q.scales.repeat_interleave(128, dim=1)
+    assert bool(((q.dequantize() - w).abs() <= step / 2 + 1e-7).all()) or not symmetric
+
+
+def test_int4_nibble_order_by_hand():
+    codes = torch.tensor([[1, 2, 3, 4] * 4])                 # [1, 16]
+    packed = formats.int4_pack_codes(codes)
+    assert packed.tolist() == [[0x21, 0x43] * 4]               # low nibble = even k
+    assert torch.equal(formats.int4_unpack_codes(packed), codes.to(torch.uint8))
+    q = Int4Weight(packed, torch.full((1, 1), 0.5), None, 16)
+    assert q.dequantize().tolist() == [[(c - 8) * 0.5 for c in [1, 2, 3, 4] * 4]]
+
+
+def test_int4_g_idx_and_pre_scale():
+    w = _weight(8, 64, outliers=False)
+    q = int4_quantize(w, 32, symmetric=False)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    # the same codes addressed through an explicit (trivial) g_idx give the same matrix
+    q.g_idx = (torch.arange(64) // 32).to(torch.int32)
+    assert torch.equal(q.dequantize(), int4_quantize(w, 32, symmetric=False).dequantize())
+    q.g_idx = (perm // 32).to(torch.int32)
+    deq = q.dequantize()
+    codes = q.codes().float()
+    assert torch.allclose(deq[:, 5], (codes[:, 5] - q.zeros[:, perm[5] // 32].float()) * q.scales[:, perm[5] // 32])
+    q.g_idx, q.pre_scale = None, torch.linspace(0.5, 2.0, 64)
+    assert torch.allclose(q.effective_weight(), q.dequantize() * q.pre_scale)
+
+
+def test_int4_rejects_ragged_groups():
+    with pytest.raises(ValueError):
+        int4_quantize(_weight(8, 96), 128)
