@@ -41,10 +41,12 @@ if str(_ROOT) not in sys.path:
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 4096  # BPE merges + 256 byte symbols + the 3 special tokens (appended last, as in Qwen)
-# Qwen2/3 pre-tokenizer split: contractions, letter runs, single digits, punctuation runs,
-# newline runs, whitespace runs (so Python indentation becomes its own tokens).
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5 pre-tokenizer split (transformers' Qwen3_5Tokenizer.PRETOKENIZE_REGEX): contractions,
+# letter(+mark) runs, single digits, punctuation runs, newline runs, whitespace runs (so Python
+# indentation becomes its own tokens). With the NFC normalizer, HF's AutoTokenizer and the plain
+# `tokenizers` file tokenize identically.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+              r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data"}
 # Held out for evaluation (relative to the stdlib dir; present in every CPython >= 3.9).
@@ -106,10 +108,11 @@ def corpus_facts() -> dict:
 
 # ---- tokenizer ----------------------------------------------------------------------------------
 def train_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> None:
-    """Byte-level BPE (GPT-2 byte alphabet, Qwen split regex), special tokens appended last."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE (GPT-2 byte alphabet, NFC, Qwen3.5 split regex), special tokens appended last."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -190,9 +193,9 @@ def model_config(variant: str, vocab_size: int, eos_id: int):
 
 
 HPARAMS = {
-    "dense": dict(seq_len=256, batch_size=8, steps=300, lr=3e-3, min_lr_ratio=0.1, warmup=30,
+    "dense": dict(seq_len=256, batch_size=6, steps=200, lr=3e-3, min_lr_ratio=0.1, warmup=20,
                   weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, router_aux_loss_coef=0.0),
-    "moe": dict(seq_len=256, batch_size=8, steps=300, lr=3e-3, min_lr_ratio=0.1, warmup=30,
+    "moe": dict(seq_len=256, batch_size=6, steps=200, lr=3e-3, min_lr_ratio=0.1, warmup=20,
                 weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, router_aux_loss_coef=0.01),
 }
 
@@ -532,7 +535,7 @@ def render_card(variant: str, out_dir: Path, rec: dict) -> str:
         f"{', '.join(data['heldout_files'])}. Corpus sha256 {data['train_sha256'][:16]}..., held-out "
         f"sha256 {data['heldout_sha256'][:16]}... (other Python versions give other bytes).",
         f"* Tokenizer: byte-level BPE, {rec['tokenizer']['vocab_size']} entries, trained with `tokenizers` on "
-        "the training files, Qwen2 pre-tokenizer regex, special tokens "
+        "the training files, NFC + Qwen3.5 pre-tokenizer regex, special tokens "
         + ", ".join(f"`{t}`" for t in rec["tokenizer"]["special_tokens"]) + " appended last.",
         f"* Optimisation: {hp['steps']} steps of {hp['batch_size']} x {hp['seq_len']} tokens "
         f"({rec['train_tokens_seen']:,} tokens), AdamW lr {hp['lr']} (betas {hp['beta1']}, {hp['beta2']}, "

@@ -48,8 +48,12 @@ def _reference_model(config, source):
               help="Interpret the IR after every pass and compare with the reference model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of the IR text.")
 @click.option("--tolerance", default=1e-4, show_default=True, help="Max abs logit error for --check-each-pass.")
+@click.option("--explain", "explain", multiple=True, metavar="PASS",
+              help="Print why each candidate of PASS's rewrite rules failed to match (stderr); repeatable.")
+@click.option("--dtype", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+              help="Trace in this dtype (bf16 shows the casts the match passes must see through).")
 def command(model: str, pipeline: str, print_after_all: bool, check_each_pass: bool, as_json: bool,
-            tolerance: float) -> None:
+            tolerance: float, explain: tuple[str, ...], dtype: str) -> None:
     """Trace MODEL, run the pipeline and print the resulting IR."""
     from qwen35c.graph.serialize import to_json
     from qwen35c.graph.text import print_graph
@@ -58,22 +62,28 @@ def command(model: str, pipeline: str, print_after_all: bool, check_each_pass: b
 
     config, source = _config_and_model_source(model)
     resolved = pipeline_to_text(parse_pipeline(pipeline))  # fail fast on a bad pipeline
-    traced = trace_config(config)
+    import torch
+
+    traced = trace_config(config, {"f32": torch.float32, "bf16": torch.bfloat16}[dtype])
     report = None
+    if explain and check_each_pass:
+        raise QwenError("--explain and --check-each-pass cannot be combined; run them separately")
     if check_each_pass:
         from qwen35c.passes.parity import check_each_pass as check
 
         graph, stats, report = check(traced.graph, resolved, _reference_model(config, source),
                                      tolerance=tolerance)
     else:
-        result = PassManager(resolved, verify_each=True, print_ir_after=print_after_all).run(traced.graph)
+        result = PassManager(resolved, verify_each=True, print_ir_after=print_after_all,
+                             explain=explain).run(traced.graph)
         graph, stats = result.graph, result.stats
     if as_json:
         doc = {"model": model, "pipeline": resolved,
                "trace": {"export_seconds": traced.export_seconds, "import_seconds": traced.import_seconds,
                          "template_layers": traced.template_layers},
                "passes": [{"name": s.name, "options": s.pipeline_text, "changed": s.changed,
-                           "num_matches": s.num_matches, "seconds": s.seconds,
+                           "num_matches": s.num_matches, "rule_matches": s.rule_matches,
+                           "explanation": s.explanation, "seconds": s.seconds,
                            "nodes_before": s.nodes_before, "nodes_after": s.nodes_after} for s in stats],
                "graph": to_json(graph)[0]}
         if report is not None:
@@ -83,6 +93,9 @@ def command(model: str, pipeline: str, print_after_all: bool, check_each_pass: b
         click.echo(print_graph(graph), nl=False)
         for s in stats:
             click.echo(s.line(), err=True)
+            if s.explanation is not None:
+                click.echo(f"# ----- explain {s.pipeline_text} -----", err=True)
+                click.echo(s.explanation or "(no rule of this pass was tried)", err=True)
         if report is not None:
             for p in report.passes:
                 click.echo(f"[parity] {p.name}: max_abs_err={p.max_abs_err:.3g} top1={p.top1_agreement:.3f} "

@@ -500,6 +500,23 @@ register_op("l2_norm", _infer_l2_norm,
             ("eps",), doc="x · rsqrt(Σx² + eps) over the last dim")
 
 
+def _infer_swiglu(types, attrs):
+    gate, up = types
+    _float(gate, "swiglu gate")
+    if gate != up:
+        raise fail(f"swiglu gate {gate} and up {up} must have one type")
+    return [gate]
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in the operands' dtype (two roundings in bf16, like the traced chain)."""
+    return F.silu(gate) * up
+
+
+register_op("swiglu", _infer_swiglu, lambda i, a, b: [swiglu_ref(i[0], i[1])], 2,
+            doc="%y = swiglu(%gate, %up): silu(gate) * up, the MLP activation (down is a separate linear)")
+
+
 # ---- linear algebra ----------------------------------------------------------------------------
 
 def _infer_linear(types, attrs):

@@ -47,7 +47,10 @@ class DeadCodeElimination(Pass):
 
 def _freeze(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return ("tensor", str(value.dtype), tuple(value.shape), value.detach().cpu().numpy().tobytes())
+        data = value.detach().cpu()
+        if data.dtype in (torch.bfloat16, torch.float8_e4m3fn):  # numpy has no such dtype; f32 is exact
+            data = data.float()
+        return ("tensor", str(value.dtype), tuple(value.shape), data.numpy().tobytes())
     if isinstance(value, float) and math.isnan(value):
         return ("nan",)
     if isinstance(value, (list, tuple)):
@@ -248,7 +251,7 @@ class Canonicalize(Pass):
     name = "canonicalize"
 
     def run(self, graph: Graph) -> PassResult:
-        n = apply_rules(graph, CANONICALIZE_RULES)
+        n = apply_rules(graph, CANONICALIZE_RULES, self.tracer)
         return PassResult(graph, bool(n), n)
 
 
@@ -272,6 +275,8 @@ class Cleanup(Pass):
     def run(self, graph: Graph) -> PassResult:
         passes = [Canonicalize(), FoldConstants(), CommonSubexpressionElimination(),
                   DeadCodeElimination()]
+        for p in passes:
+            p.tracer = self.tracer
         total, changed = 0, False
         for _ in range(self.options.max_iterations):
             round_changed = False

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from qwen35c.graph.ir import Graph, Node, TensorType
 from qwen35c.graph.ops import TypeRuleError, register_op
 from qwen35c.passes.manager import Pass, PassResult, register_pass
-from qwen35c.passes.rewrite import MatchTracer, Rule, apply_rules, fail
+from qwen35c.passes.rewrite import Rule, apply_rules, fail
 
 L2_EPS = 1e-6
 
@@ -252,10 +252,6 @@ class FuseDeltaNetOptions:
 class FuseDeltaNet(Pass):
     name = "fuse-deltanet"
     Options = FuseDeltaNetOptions
-
-    def __init__(self, options=None):
-        super().__init__(options)
-        self.tracer = MatchTracer()
 
     def run(self, graph: Graph) -> PassResult:
         n = apply_rules(graph, [FuseGatedDeltaNet(self.options.chunk_size)], self.tracer)

@@ -31,6 +31,7 @@ from qwen35c.errors import QwenError
 from qwen35c.graph.ir import Graph
 from qwen35c.graph.text import print_graph
 from qwen35c.graph.verify import VerificationError, verify
+from qwen35c.passes.rewrite import MatchTracer
 
 
 class PipelineError(QwenError):
@@ -62,6 +63,9 @@ class Pass:
 
     def __init__(self, options: Any | None = None):
         self.options = options if options is not None else self.Options()
+        # rule-based passes hand this to `apply_rules`: per-rule match counts always, failure
+        # reasons when the manager is asked to explain this pass
+        self.tracer = MatchTracer(record_failures=False)
 
     @classmethod
     def summary(cls) -> str:
@@ -111,7 +115,8 @@ def _format_option(value: Any) -> str:
 def _load_builtin_passes() -> None:
     # Importing the pass modules registers them; kept here so the registry is always complete.
     import qwen35c.passes.cleanup  # noqa: F401
-    for module in ("fuse_deltanet", "lower_moe", "insert_state"):
+    for module in ("fuse_deltanet", "lower_moe", "insert_state", "match_rms_norm",
+                   "match_gated_rms_norm", "match_rope", "match_swiglu", "fuse_projections"):
         try:
             __import__(f"qwen35c.passes.{module}")
         except ModuleNotFoundError as err:
@@ -265,10 +270,14 @@ class PassStat:
     seconds: float
     nodes_before: int
     nodes_after: int
+    rule_matches: dict[str, int] = field(default_factory=dict)   # per rewrite rule, for rule passes
+    explanation: str | None = None    # the tracer's report when the pass was explained
 
     def line(self) -> str:
+        rules = "".join(f" {rule}={count}" for rule, count in sorted(self.rule_matches.items()))
         return (f"[pass={self.name}] num_matches={self.num_matches} changed={self.changed} "
-                f"nodes={self.nodes_before}->{self.nodes_after} time={self.seconds * 1e3:.1f}ms")
+                f"nodes={self.nodes_before}->{self.nodes_after} time={self.seconds * 1e3:.1f}ms"
+                + (f" rules:{rules}" if rules else ""))
 
 
 @dataclass
@@ -283,8 +292,13 @@ AfterPass = Callable[[Pass, Graph, PassStat], None]
 class PassManager:
     def __init__(self, pipeline: str | list[Pass], *, verify_each: bool = True,
                  print_ir_after: Collection[str] | bool = (), stream: TextIO | None = None,
-                 log: bool = False, after_pass: AfterPass | None = None):
+                 log: bool = False, after_pass: AfterPass | None = None,
+                 explain: Collection[str] = ()):
         self.passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+        unknown = set(explain) - {p.name for p in self.passes}
+        if unknown:
+            raise PipelineError(f"--explain names pass(es) not in the pipeline: {', '.join(sorted(unknown))}")
+        self.explain = set(explain)
         self.verify_each = verify_each
         self.print_ir_after = print_ir_after
         self.stream = stream
@@ -313,6 +327,7 @@ class PassManager:
             self._verify(graph, "before the pipeline", ran)
         for p in self.passes:
             ran.append(p.name)
+            p.tracer = MatchTracer(record_failures=p.name in self.explain)
             p.requires(graph)
             before = len(graph.nodes)
             start = time.perf_counter()
@@ -327,7 +342,8 @@ class PassManager:
                 self._verify(graph, f"after pass '{p.name}'", ran)
             p.ensures(graph)
             stat = PassStat(p.name, p.to_text(), out.changed, out.num_matches, seconds, before,
-                            len(graph.nodes))
+                            len(graph.nodes), dict(p.tracer.matches),
+                            p.tracer.report() if p.name in self.explain else None)
             result.stats.append(stat)
             if self.log:
                 print(stat.line(), file=self._out())

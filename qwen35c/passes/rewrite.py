@@ -52,12 +52,34 @@ class Rule:
 
 @dataclass
 class MatchTracer:
+    """Per-rule match counts (always) and, when `record_failures`, why each candidate failed.
+
+    A candidate tried again in a later sweep is recorded once (failures are keyed by rule and node).
+    """
+
+    record_failures: bool = True
     failures: list[tuple[str, str, str]] = field(default_factory=list)   # (rule, node, reason)
     matches: dict[str, int] = field(default_factory=dict)
+    _seen: set = field(default_factory=set, repr=False)
 
-    def report(self) -> str:
+    def record_failure(self, rule: str, where: str, reason: str) -> None:
+        if not self.record_failures or (rule, where) in self._seen:
+            return
+        self._seen.add((rule, where))
+        self.failures.append((rule, where, reason))
+
+    def report(self, limit_per_reason: int = 5) -> str:
+        """Match counts per rule, then failures grouped by (rule, reason) with a few nodes each."""
         lines = [f"{rule}: {count} match(es)" for rule, count in sorted(self.matches.items())]
-        lines += [f"{rule}: no match at {node}: {reason}" for rule, node, reason in self.failures]
+        groups: dict[tuple[str, str], list[str]] = {}
+        for rule, node, reason in self.failures:
+            groups.setdefault((rule, reason), []).append(node)
+        for (rule, reason), nodes in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
+            more = f" (+{len(nodes) - limit_per_reason} more)" if len(nodes) > limit_per_reason else ""
+            lines.append(f"{rule}: no match ({len(nodes)}x): {reason}")
+            lines += [f"    at {node}" for node in nodes[:limit_per_reason]]
+            if more:
+                lines.append(f"    ...{more}")
         return "\n".join(lines)
 
 
@@ -77,9 +99,9 @@ def apply_rules(graph: Graph, rules: list[Rule], tracer: MatchTracer | None = No
             for rule in by_anchor[node.op]:
                 result = rule.match(graph, node)
                 if isinstance(result, MatchFailure):
-                    if tracer is not None:
+                    if tracer is not None and tracer.record_failures:
                         where = result.node if result.node is not None else node
-                        tracer.failures.append((rule.name, repr(where), result.reason))
+                        tracer.record_failure(rule.name, repr(where), result.reason)
                     continue
                 rule.rewrite(graph, node, **result)
                 _drop_if_dead(graph, node)

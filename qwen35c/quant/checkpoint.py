@@ -381,6 +381,10 @@ class _DequantizedView:
     def __contains__(self, name):
         return name in self._set
 
+    def release(self, name):
+        if canonical_name(name) not in self.synth:
+            self.ckpt.release(name)
+
     def view(self, name):
         canon = canonical_name(name)
         if canon in self.synth:
