@@ -39,8 +39,9 @@ Contract:
             (same op order: weights applied in sorted order, fp32 sum over k, one rounding).
             form=dense: every shape is static in N and E (no sort, no segments); each weighted
             expert output rounds like the reference and the fp32 sum adds the same k nonzero terms
-            plus exact zeros, but in expert order rather than top-k order (bit-identical for k <= 2,
-            otherwise fp32 round-off).
+            plus exact zeros, but in expert order rather than top-k order; each expert GEMM runs
+            over all N rows rather than its own few (bit-identical on the bf16 tiny-moe preset;
+            fp32 round-off in general, since BLAS may choose kernels by row count).
 Options: form (grouped | dense; default grouped).
 """
 

@@ -113,15 +113,12 @@ def _format_option(value: Any) -> str:
 
 
 def _load_builtin_passes() -> None:
-    # Importing the pass modules registers them; kept here so the registry is always complete.
-    import qwen35c.passes.cleanup  # noqa: F401
-    for module in ("fuse_deltanet", "lower_moe", "insert_state", "match_rms_norm",
-                   "match_gated_rms_norm", "match_rope", "match_swiglu", "fuse_projections"):
-        try:
-            __import__(f"qwen35c.passes.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"qwen35c.passes.{module}":
-                raise
+    """Importing the pass modules registers them; kept here so the registry is always complete."""
+    import importlib
+
+    for module in ("cleanup", "fuse_deltanet", "lower_moe", "insert_state", "match_rms_norm",
+                   "match_gated_rms_norm", "match_rope", "match_swiglu", "fuse_projections", "quantize"):
+        importlib.import_module(f"qwen35c.passes.{module}")
 
 
 def get_pass_class(name: str) -> type[Pass]:

@@ -1,18 +1,4 @@
-"""quantize: linears the precision policy selects become `quantized_linear` over packed weights.
-
-Contract:
-  requires: `linear` nodes whose weight is a `weight` node (2-D, checkpoint name).
-  ensures:  every selected linear (policy of `qwen35c.quant.policy`, exact names) is replaced by
-            `quantized_linear(x, packed...)` whose packed inputs are `weight` nodes named
-            `<weight name>#<part>` (parts: fp8 `weight`, `scale`, [`input_scale`]; int4 `qweight`,
-            `scales`, [`zeros`], [`g_idx`], [`pre_scale`]); `graph.metadata["quantization"]` holds the
-            recipe (`Recipe.to_dict()`) and the quantized / kept names. The weight source must
-            answer the `#` names: `quantized_weight_source(base, recipe, quantized)`.
-  Does not quantize routed experts inside `moe` / `grouped_linear` (stacked weights) nor linears
-  with a bias; they are listed under `not_lowered`. The interpreter runs `quantized_linear` with the
-  dequantize twins, i.e. it evaluates the quantization-emulating reference.
-Options: scheme, group-size, symmetric, act-order, include / exclude (globs separated by ';').
-"""
+"""The `quantize` pass and the weight source that answers its packed tensors."""
 
 from __future__ import annotations
 
@@ -112,7 +98,21 @@ class QuantizeOptions:
 
 @register_pass
 class QuantizePass(Pass):
-    """Replace policy-selected linears by quantized_linear over packed weights; record the recipe."""
+    """quantize: linears the precision policy selects become `quantized_linear` over packed weights.
+    
+    Contract:
+      requires: `linear` nodes whose weight is a `weight` node (2-D, checkpoint name).
+      ensures:  every selected linear (policy of `qwen35c.quant.policy`, exact names) is replaced by
+                `quantized_linear(x, packed...)` whose packed inputs are `weight` nodes named
+                `<weight name>#<part>` (parts: fp8 `weight`, `scale`, [`input_scale`]; int4 `qweight`,
+                `scales`, [`zeros`], [`g_idx`], [`pre_scale`]); `graph.metadata["quantization"]` holds the
+                recipe (`Recipe.to_dict()`) and the quantized / kept names. The weight source must
+                answer the `#` names: `quantized_weight_source(base, recipe, quantized)`.
+      Does not quantize routed experts inside `moe` / `grouped_linear` (stacked weights) nor linears
+      with a bias; they are listed under `not_lowered`. The interpreter runs `quantized_linear` with the
+      dequantize twins, i.e. it evaluates the quantization-emulating reference.
+    Options: scheme, group-size, symmetric, act-order, include / exclude (globs separated by ';').
+    """
 
     name = "quantize"
     Options = QuantizeOptions

@@ -2,6 +2,9 @@
 
 Prompt lengths straddle the 64-token chunk (1, 63, 64, 65, 130), each followed by 8 decode steps,
 plus a right-padded batch of different lengths; on the dense, MoE and Qwen3-Next tiny presets.
+Each preset is traced and compiled once (module-scoped fixture); the reference model runs in
+inference mode. The `standard-fused` pipeline gets one boundary-length run per preset; the
+per-pass bisection runs on one preset (all three under @slow).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from qwen35c.passes.parity import check_each_pass
 
 TOL = 1e-4
 PRESETS = ["tiny", "tiny-moe", "tiny-next"]
+_FUSED: dict = {}   # preset -> the graph after the standard-fused pipeline (filled by the fixture)
 
 
 @pytest.fixture(scope="module", params=PRESETS)
@@ -30,7 +34,10 @@ def compiled(request, tmp_path_factory):
     params.setdefault("lm_head.weight", model.lm_head.weight)
     traced = trace_config(config).graph
     result = PassManager("standard", verify_each=True).run(traced.clone())
+    fused = PassManager("standard-fused", verify_each=True).run(traced.clone())
+    _FUSED[request.param] = fused.graph
     return config, model, traced, result.graph, lambda name: params[name].detach()
+
 
 
 def _assert_close(got, want, what):
@@ -91,7 +98,30 @@ class _BreakEps(Pass):
         return PassResult(graph, bool(hits), hits)
 
 
-def test_check_each_pass_names_the_broken_pass(compiled):
+def test_standard_fused_matches_reference(request, compiled):
+    """The match passes keep parity: prefill across the chunk edge, then decode (one length)."""
+    config, model, _traced, _graph, weights = compiled
+    graph = compiled_fused(request)
+    ops = graph.op_counts()
+    assert ops.get("rms_norm", 0) > 0 and ops.get("rope", 0) > 0 and ops.get("swiglu", 0) > 0
+    assert ops.get("gated_rms_norm", 0) > 0 and "rsqrt" not in ops
+    ids = torch.randint(0, config.vocab_size, (2, 67), generator=torch.Generator().manual_seed(65))
+    cache, session = model.new_cache(2, 67), GraphSession(graph, weights, 2, 67)
+    with torch.no_grad():
+        _assert_close(session.step(ids[:, :65]), model(ids[:, :65], cache), "fused prefill T=65")
+        for step in (65, 66):
+            token = ids[:, step:step + 1]
+            _assert_close(session.step(token), model(token, cache), f"fused decode at {step}")
+
+
+def compiled_fused(request):
+    preset = request.node.callspec.params["compiled"]
+    return _FUSED[preset]
+
+
+def test_check_each_pass_names_the_broken_pass(request, compiled):
+    if request.node.callspec.params["compiled"] != "tiny" and "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("bisection runs on the dense preset; the others run under -m slow (see module doc)")
     _config, model, traced, _graph, _weights = compiled
     _g, _stats, report = check_each_pass(traced.clone(), "cleanup,fuse-deltanet,test-break-eps,insert-state",
                                          model)
