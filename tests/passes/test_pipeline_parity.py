@@ -4,7 +4,7 @@ Prompt lengths straddle the 64-token chunk (1, 63, 64, 65, 130), each followed b
 plus a right-padded batch of different lengths; on the dense, MoE and Qwen3-Next tiny presets.
 Each preset is traced and compiled once (module-scoped fixture); the reference model runs in
 inference mode. The `standard-fused` pipeline gets one boundary-length run per preset; the
-per-pass bisection runs on one preset (all three under @slow).
+per-pass bisection runs on all three.
 """
 
 from __future__ import annotations
@@ -119,9 +119,7 @@ def compiled_fused(request):
     return _FUSED[preset]
 
 
-def test_check_each_pass_names_the_broken_pass(request, compiled):
-    if request.node.callspec.params["compiled"] != "tiny" and "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("bisection runs on the dense preset; the others run under -m slow (see module doc)")
+def test_check_each_pass_names_the_broken_pass(compiled):
     _config, model, traced, _graph, _weights = compiled
     _g, _stats, report = check_each_pass(traced.clone(), "cleanup,fuse-deltanet,test-break-eps,insert-state",
                                          model)
