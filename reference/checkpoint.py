@@ -126,6 +126,13 @@ class WeightLoader:
                 return fused
         raise CheckpointError(f"{self.ckpt.directory}: missing tensor '{name}' (expected shape {list(shape)})")
 
+    def release(self, param: str) -> None:
+        """Drop the mapped pages behind a parameter already copied (tensors assembled from several
+        checkpoint tensors, like per-expert stacks, keep theirs until the file closes)."""
+        name = _source_name(param, self.prefix)
+        if name in self.ckpt:
+            self.ckpt.release(name)
+
     def _checked(self, name: str, tensor: torch.Tensor, shape) -> torch.Tensor:
         if tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(f"{self.ckpt.file_of(name)}: tensor '{name}' has shape {list(tensor.shape)}, "
@@ -208,9 +215,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             source = loader.tensor(name, param.shape)
             value = source.to(device=device, dtype=dtype, copy=True)
             _set_param(model, name, nn.Parameter(value, requires_grad=False))
-            src_name = _source_name(name, loader.prefix)
-            if src_name in ckpt:
-                ckpt.release(src_name)
+            loader.release(name)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         _rebuild_buffers(model, config, device)  # RoPE tables were built on the meta device

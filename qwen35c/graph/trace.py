@@ -500,6 +500,10 @@ class CheckpointWeights:
             name = "model.embed_tokens.weight"
         return self._loader.tensor(name, self._shapes[name])
 
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a weight the caller has finished with (bounded build memory)."""
+        self._loader.release(name)
+
 
 __all__ = ["CheckpointWeights", "TraceError", "TraceResult", "export_meta", "import_exported",
            "instantiate", "template_config", "trace_checkpoint", "trace_config"]

@@ -1,0 +1,766 @@
+"""Lower the stateful qwen35c IR (the output of `insert-state`) to one ONNX graph for ORT >= 1.32.
+
+One graph serves prefill (T >= 1) and decode (T = 1) with dynamic B and T. Its interface:
+
+    inputs : input_ids i64[B, T], q_start i64[B], lengths i64[B], logit_positions i64[B, P],
+             then every state input of the IR (layouts below)
+    outputs: logits f32[B, P, V] (the LM head runs only at the positions asked for), then one
+             `<state name>.out` per state input, same shape and layout
+
+Backend-specific state layouts (recorded in the manifest; the session owns these buffers):
+  conv_state_i       [B, K-1, C]   channels-last: what CausalConvWithState(channels_last=1) reads
+  recurrent_state_i  [B, nv, dv, dk] V-major: what com.microsoft::GatedDeltaNet reads and writes
+  key/value_cache_j  [B, nkv, S, hd] S = the capacity chosen by the session
+
+Weights are streamed: each weight-only subgraph (a checkpoint tensor and the folds on it, e.g.
+`1 + w` of the zero-centred norms) is evaluated when the first node using it is emitted, written to
+the external data file at a 4 KiB-aligned offset and released, so the peak memory is one tensor.
+Linear weights are stored transposed ([in, out]) for MatMul; a weight shared with the embedding
+(tied LM head) is used through Gemm(transB=1) instead of stored twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from qwen35c.errors import QwenError
+from qwen35c.graph.ir import Graph, Value
+from qwen35c.graph.ops import OPS
+
+OPSET = 23
+MS_DOMAIN = "com.microsoft"
+ALIGN = 4096
+INLINE_LIMIT = 64          # tensors with at most this many elements live inside model.onnx
+
+ONNX_DTYPE = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
+              "f64": TensorProto.DOUBLE, "i64": TensorProto.INT64, "i32": TensorProto.INT32,
+              "i8": TensorProto.INT8, "u8": TensorProto.UINT8, "bool": TensorProto.BOOL,
+              "f8e4m3": TensorProto.FLOAT8E4M3FN, "i16": TensorProto.INT16}
+
+QUANTIZED_LINEAR_OPS = ("quantized_linear", "linear_int4", "linear_fp8", "qlinear")
+
+
+class EmitError(QwenError):
+    """The IR holds something this backend cannot lower; the message names the node."""
+
+
+@dataclass
+class StateSpec:
+    name: str                  # ONNX input name (= IR state input name)
+    output: str                # ONNX output name
+    key: str                   # IR state key, e.g. layers.0.conv
+    dtype: str
+    shape: list                # ints and symbols (B, S)
+    layout: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "output": self.output, "key": self.key, "dtype": self.dtype,
+                "shape": self.shape, "layout": self.layout}
+
+
+@dataclass
+class EmitResult:
+    model_file: Path
+    data_file: Path
+    states: list[StateSpec]
+    num_nodes: int
+    num_initializers: int
+    data_bytes: int
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+class _DataWriter:
+    """Appends tensors to the external data file at aligned offsets (deterministic order)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
+        self.offset = 0
+
+    def write(self, array: np.ndarray) -> tuple[int, int]:
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+        data = np.ascontiguousarray(array)
+        start = self.offset
+        self.file.write(memoryview(data).cast("B"))
+        self.offset += data.nbytes
+        return start, data.nbytes
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.uint16).numpy()
+    return t.contiguous().numpy()
+
+
+class OnnxEmitter:
+    """Walks the IR once, in order, appending ONNX nodes; see the module docstring."""
+
+    def __init__(self, graph: Graph, weights: Callable[[str], torch.Tensor], out_dir: Path,
+                 model_name: str = "model.onnx", on_weight: Callable[[str], None] | None = None,
+                 release: Callable[[str], None] | None = None, tied_lm_head: bool = False):
+        if graph.metadata.get("form") != "stateful":
+            raise EmitError("the ONNX backend needs a stateful graph: run insert-state first "
+                            "(the pipeline must contain insert-state)")
+        self.graph, self.weights, self.out_dir = graph, weights, Path(out_dir)
+        self.model_file = self.out_dir / model_name
+        self.data_name = model_name + ".data"
+        self.on_weight, self.release = on_weight, release
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.names: dict[int, str] = {}             # id(Value) -> ONNX tensor name
+        self.static_cache: dict[int, torch.Tensor] = {}
+        self.init_cache: dict[tuple, str] = {}
+        self.counter = 0
+        self.ops: dict[str, int] = {}
+        self.consts: dict[tuple, str] = {}
+        self.dims: dict[str, str] = {}
+        self.shapes: dict[tuple, str] = {}
+        self.users = graph.users()
+        self.tied_lm_head = tied_lm_head
+        self.embedding_table = next((n.inputs[0] for n in graph.nodes if n.op == "embedding"), None)
+        self._static: dict[int, bool] = {}
+
+    # ---- names and small helpers --------------------------------------------------------------
+
+    def fresh(self, hint: str) -> str:
+        self.counter += 1
+        return f"{hint}__{self.counter}"
+
+    def node(self, op: str, inputs: Iterable[str], n_out: int = 1, hint: str | None = None,
+             domain: str = "", outputs: list[str] | None = None, **attrs) -> list[str]:
+        outs = outputs or [self.fresh(hint or op) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=self.fresh("n_" + op),
+                                           domain=domain or None, **attrs))
+        key = f"{domain + '::' if domain else ''}{op}"
+        self.ops[key] = self.ops.get(key, 0) + 1
+        return outs
+
+    def const(self, array: np.ndarray, hint: str = "const") -> str:
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self.consts:
+            name = self.fresh(hint)
+            self.initializers.append(onnx.numpy_helper.from_array(array, name))
+            self.consts[key] = name
+        return self.consts[key]
+
+    def i64(self, values) -> str:
+        return self.const(np.asarray(values, dtype=np.int64), "i64")
+
+    def f32(self, value) -> str:
+        return self.const(np.asarray(value, dtype=np.float32), "f32")
+
+    def dim(self, dim) -> str:
+        """A 1-D i64 tensor [1] holding a dim (int or symbol, products of symbols allowed)."""
+        if isinstance(dim, int):
+            return self.i64([dim])
+        if dim not in self.dims:
+            factors = dim.split("*")
+            if len(factors) > 1:
+                out = self.dim(factors[0])
+                for f in factors[1:]:
+                    out = self.node("Mul", [out, self.dim(f)], hint=f"dim_{dim}")[0]
+                self.dims[dim] = out
+            else:
+                source, axis = self.symbol_sources[dim]
+                shape = self.node("Shape", [source], hint=f"shape_{dim}", start=axis, end=axis + 1)[0]
+                self.dims[dim] = shape
+        return self.dims[dim]
+
+    def shape(self, dims) -> str:
+        dims = tuple(dims)
+        if all(isinstance(d, int) for d in dims):
+            return self.i64(list(dims))
+        if dims not in self.shapes:
+            self.shapes[dims] = self.node("Concat", [self.dim(d) for d in dims], hint="shape", axis=0)[0]
+        return self.shapes[dims]
+
+    def name(self, value: Value) -> str:
+        key = id(value)
+        if key not in self.names:
+            if self.is_static(value):
+                self.names[key] = self.initializer(value)
+            else:
+                raise EmitError(f"value %{value.name} is used before it is defined")
+        return self.names[key]
+
+    # ---- weights: static subgraphs are folded at build time and streamed out -------------------
+
+    def _weight_name(self, value: Value) -> str | None:
+        node = value.producer
+        while node is not None and node.op in ("reshape", "cast") and len(node.inputs) == 1:
+            node = node.inputs[0].producer
+        return node.attrs["name"] if node is not None and node.op == "weight" else None
+
+    def is_static(self, value: Value) -> bool:
+        key = id(value)
+        if key not in self._static:
+            self._static[key] = self._is_static(value)
+        return self._static[key]
+
+    def _is_static(self, value: Value) -> bool:
+        node = value.producer
+        if node is None:
+            return False
+        if node.op in ("weight", "constant"):
+            return True
+        if not OPS[node.op].foldable or not node.inputs:
+            return False
+        if any(isinstance(d, str) for d in value.type.shape):
+            return False
+        return all(self.is_static(v) for v in node.inputs)
+
+    def evaluate(self, value: Value) -> torch.Tensor:
+        """The tensor of a static value (weights are fetched, folds run with the op's reference impl)."""
+        node = value.producer
+        if node.op == "weight":
+            name = node.attrs["name"]
+            if self.on_weight:
+                self.on_weight(name)
+            tensor = self.weights(name).to(value.type.torch_dtype)
+            return tensor
+        if node.op == "constant":
+            return node.attrs["value"].to(value.type.torch_dtype)
+        inputs = [self.evaluate(v) for v in node.inputs]
+        outs = OPS[node.op].impl(inputs, node.attrs, {})
+        return outs[node.outputs.index(value)]
+
+    def _released(self, value: Value) -> None:
+        if self.release is None:
+            return
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if v.producer is None:
+                continue
+            if v.producer.op == "weight":
+                self.release(v.producer.attrs["name"])
+            stack.extend(v.producer.inputs)
+
+    def initializer(self, value: Value, transform: str = "", tensor: torch.Tensor | None = None) -> str:
+        """An initializer for a static value; `transform` names a layout change ('t' = transpose)."""
+        key = (id(value), transform)
+        if key in self.init_cache:
+            return self.init_cache[key]
+        if tensor is None:
+            tensor = self.evaluate(value)
+        if transform == "t":
+            tensor = tensor.t()
+        name = value.name + (f".{transform}" if transform else "")
+        self.add_tensor(name, tensor, value.dtype)
+        self._released(value)
+        self.init_cache[key] = name
+        return name
+
+    def add_tensor(self, name: str, tensor: torch.Tensor, dtype: str) -> None:
+        array = _np(tensor)
+        if array.size <= INLINE_LIMIT:
+            proto = onnx.numpy_helper.from_array(array, name)
+            proto.data_type = ONNX_DTYPE[dtype]
+        else:
+            offset, length = self.data.write(array)
+            proto = TensorProto(name=name, data_type=ONNX_DTYPE[dtype], dims=list(array.shape))
+            proto.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = proto.external_data.add()
+                entry.key, entry.value = k, v
+        self.initializers.append(proto)
+
+    # ---- the walk ------------------------------------------------------------------------------
+
+    def emit(self) -> EmitResult:
+        g = self.graph
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.data = _DataWriter(self.out_dir / self.data_name)
+        try:
+            inputs, outputs, states = self._interface()
+            for node in g.nodes:
+                if all(self.is_static(v) for v in node.outputs):
+                    continue  # folded into an initializer when (and if) used
+                handler = getattr(self, f"op_{node.op}", None)
+                if handler is None:
+                    if node.op in QUANTIZED_LINEAR_OPS or node.op.startswith("quant"):
+                        self._quantized(node)
+                        continue
+                    raise EmitError(f"node %{node.outputs[0].name} = {node.op}(...): no ONNX lowering for op "
+                                    f"'{node.op}'")
+                outs = handler(node)
+                for value, name in zip(node.outputs, outs):
+                    self.names[id(value)] = name
+            self._finish_outputs(outputs)
+        finally:
+            self.data.close()
+        graph_proto = helper.make_graph(self.nodes, g.name or "qwen35", inputs, outputs, self.initializers)
+        model = helper.make_model(graph_proto, producer_name="qwen35c",
+                                  opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+        model.ir_version = 10
+        self.model_file.write_bytes(model.SerializeToString(deterministic=True))
+        return EmitResult(self.model_file, self.out_dir / self.data_name, states, len(self.nodes),
+                          len(self.initializers), self.data.offset, dict(sorted(self.ops.items())))
+
+    def _interface(self):
+        g = self.graph
+        inputs, states = [], []
+        by_name = {v.name: v for v in g.inputs}
+        for required in ("input_ids", "q_start", "lengths"):
+            if required not in by_name:
+                raise EmitError(f"the stateful graph has no '{required}' input")
+        self.symbol_sources = {"B": ("input_ids", 0), "T": ("input_ids", 1)}
+        inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"]))
+        inputs.append(helper.make_tensor_value_info("q_start", TensorProto.INT64, ["B"]))
+        inputs.append(helper.make_tensor_value_info("lengths", TensorProto.INT64, ["B"]))
+        inputs.append(helper.make_tensor_value_info("logit_positions", TensorProto.INT64, ["B", "P"]))
+        for name in ("input_ids", "q_start", "lengths"):
+            self.names[id(by_name[name])] = name
+        self.gdn_layout: dict[str, str] = {}
+        for key, value, _out in g.state_pairs():
+            shape = list(value.type.shape)
+            layout = "as-ir"
+            users = self.users.get(id(value), [])
+            op = users[0].op if users else ""
+            if key.endswith(".conv") and op == "gated_deltanet":
+                shape = [shape[0], shape[2], shape[1]]
+                layout = "[B, K-1, C] channels-last"
+            elif key.endswith(".recurrent") and op == "gated_deltanet":
+                shape = [shape[0], shape[1], shape[3], shape[2]]
+                layout = "[B, nv, dv, dk] V-major"
+            elif key.endswith("_cache"):
+                layout = "[B, nkv, S, hd]"
+                if "S" not in self.symbol_sources:
+                    self.symbol_sources["S"] = (value.name, 2)
+            else:
+                raise EmitError(f"state input %{value.name} ({key}) is used by '{op}', which this backend "
+                                f"does not lower with state")
+            inputs.append(helper.make_tensor_value_info(value.name, ONNX_DTYPE[value.dtype], shape))
+            self.names[id(value)] = value.name
+            states.append(StateSpec(value.name, value.name + ".out", key, value.dtype, shape, layout))
+        logits = g.outputs[0]
+        outputs = [helper.make_tensor_value_info("logits", ONNX_DTYPE["f32"], ["B", "P", logits.type.shape[-1]])]
+        for spec in states:
+            outputs.append(helper.make_tensor_value_info(spec.output, ONNX_DTYPE[spec.dtype], spec.shape))
+        self.states = states
+        self.logits_value = logits
+        return inputs, outputs, states
+
+    def _finish_outputs(self, outputs) -> None:
+        g = self.graph
+        out_of = {key: out for key, _v, out in g.state_pairs()}
+        for spec in self.states:
+            self.node("Identity", [self.name(out_of[spec.key])], outputs=[spec.output])
+        logits = self.name(self.logits_value)
+        if self.logits_value.dtype != "f32":
+            logits = self.node("Cast", [logits], to=TensorProto.FLOAT)[0]
+        self.node("Identity", [logits], outputs=["logits"])
+
+    def _quantized(self, node) -> None:
+        try:
+            from qwen35c.backends.onnx.quant import lower_quantized_linear
+        except ImportError:
+            raise EmitError(f"node %{node.outputs[0].name} is a quantized linear ('{node.op}') but this install has "
+                            f"no qwen35c/backends/onnx/quant.py (lower_quantized_linear); the quantization "
+                            f"backend hook is missing") from None
+        outs = lower_quantized_linear(self, node)
+        for value, name in zip(node.outputs, outs):
+            self.names[id(value)] = name
+
+    # ---- op lowerings: each returns the ONNX names of the node's outputs ------------------------
+
+    def _x(self, node, i=0) -> str:
+        return self.name(node.inputs[i])
+
+    def _unary(onnx_op):
+        def lower(self, node):
+            return self.node(onnx_op, [self._x(node)], hint=node.outputs[0].name)
+        return lower
+
+    op_neg, op_exp, op_log, op_sigmoid = _unary("Neg"), _unary("Exp"), _unary("Log"), _unary("Sigmoid")
+    op_softplus, op_sqrt, op_tanh = _unary("Softplus"), _unary("Sqrt"), _unary("Tanh")
+    op_cos, op_sin, op_abs, op_relu = _unary("Cos"), _unary("Sin"), _unary("Abs"), _unary("Relu")
+    op_reciprocal = _unary("Reciprocal")
+
+    def op_rsqrt(self, node):
+        return self.node("Reciprocal", [self.node("Sqrt", [self._x(node)])[0]], hint=node.outputs[0].name)
+
+    def op_silu(self, node):
+        x = self._x(node)
+        return self.node("Mul", [x, self.node("Sigmoid", [x])[0]], hint=node.outputs[0].name)
+
+    def _binary(onnx_op):
+        def lower(self, node):
+            return self.node(onnx_op, [self._x(node, 0), self._x(node, 1)], hint=node.outputs[0].name)
+        return lower
+
+    op_add, op_sub, op_mul, op_div = _binary("Add"), _binary("Sub"), _binary("Mul"), _binary("Div")
+    op_maximum, op_minimum = _binary("Max"), _binary("Min")
+    op_lt, op_le, op_gt = _binary("Less"), _binary("LessOrEqual"), _binary("Greater")
+    op_ge, op_eq = _binary("GreaterOrEqual"), _binary("Equal")
+
+    def _scalar_const(self, node, value):
+        return self.const(np.asarray(value, dtype=_np_dtype(node.inputs[0].dtype)))
+
+    def op_add_scalar(self, node):
+        return self.node("Add", [self._x(node), self._scalar_const(node, node.attrs["scalar"])])
+
+    def op_mul_scalar(self, node):
+        return self.node("Mul", [self._x(node), self._scalar_const(node, node.attrs["scalar"])])
+
+    def op_div_scalar(self, node):
+        return self.node("Div", [self._x(node), self._scalar_const(node, node.attrs["scalar"])])
+
+    def op_pow(self, node):
+        if node.attrs["exponent"] == 2:
+            x = self._x(node)
+            return self.node("Mul", [x, x])
+        return self.node("Pow", [self._x(node), self._scalar_const(node, node.attrs["exponent"])])
+
+    def op_where(self, node):
+        return self.node("Where", [self._x(node, i) for i in range(3)])
+
+    def op_cast(self, node):
+        return self.node("Cast", [self._x(node)], to=ONNX_DTYPE[node.attrs["dtype"]])
+
+    def op_arange(self, node):
+        size = node.attrs["size"]
+        end = self.node("Squeeze", [self.dim(size), self.i64([0])])[0]
+        zero, one = self.const(np.asarray(0, np.int64)), self.const(np.asarray(1, np.int64))
+        out = self.node("Range", [zero, end, one])[0]
+        if node.attrs.get("dtype", "i64") != "i64":
+            out = self.node("Cast", [out], to=ONNX_DTYPE[node.attrs["dtype"]])[0]
+        return [out]
+
+    def op_full(self, node):
+        value = node.attrs["value"]
+        dtype = node.attrs["dtype"]
+        if isinstance(value, str):
+            scalar = self.node("Cast", [self.dim(value)], to=ONNX_DTYPE[dtype])[0]
+        else:
+            scalar = self.const(np.asarray([value], dtype=_np_dtype(dtype)))
+        return self.node("Expand", [scalar, self.shape(node.attrs["shape"])])
+
+    def op_reshape(self, node):
+        return self.node("Reshape", [self._x(node), self.shape(node.attrs["shape"])])
+
+    def op_permute(self, node):
+        return self.node("Transpose", [self._x(node)], perm=list(node.attrs["perm"]))
+
+    def op_slice(self, node):
+        end = node.attrs.get("end")
+        end = np.iinfo(np.int64).max if end is None else end
+        return self.node("Slice", [self._x(node), self.i64([node.attrs.get("start", 0)]), self.i64([end]),
+                                   self.i64([node.attrs["dim"]]), self.i64([node.attrs.get("step", 1)])])
+
+    def op_split(self, node):
+        return self.node("Split", [self._x(node), self.i64(list(node.attrs["sizes"]))], n_out=len(node.outputs),
+                         axis=node.attrs["dim"])
+
+    def op_concat(self, node):
+        return self.node("Concat", [self.name(v) for v in node.inputs], axis=node.attrs["dim"])
+
+    def op_expand(self, node):
+        return self.node("Expand", [self._x(node), self.shape(node.attrs["shape"])])
+
+    def op_index_select(self, node):
+        return self.node("Gather", [self._x(node, 0), self._x(node, 1)], axis=node.attrs["dim"])
+
+    def op_repeat_interleave(self, node):
+        x, t = self._x(node), node.inputs[0].type
+        dim, r = node.attrs["dim"] % t.rank, node.attrs["repeats"]
+        up = self.node("Unsqueeze", [x, self.i64([dim + 1])])[0]
+        shape = list(t.shape[:dim + 1]) + [r] + list(t.shape[dim + 1:])
+        big = self.node("Expand", [up, self.shape(shape)])[0]
+        return self.node("Reshape", [big, self.shape(node.outputs[0].type.shape)])
+
+    def _reduce(onnx_op):
+        def lower(self, node):
+            return self.node(onnx_op, [self._x(node), self.i64(list(node.attrs["dims"]))],
+                             keepdims=int(node.attrs.get("keepdim", False)))
+        return lower
+
+    op_reduce_mean, op_reduce_sum = _reduce("ReduceMean"), _reduce("ReduceSum")
+
+    def op_softmax(self, node):
+        return self.node("Softmax", [self._x(node)], axis=node.attrs["dim"])
+
+    def op_topk(self, node):
+        return self.node("TopK", [self._x(node), self.i64([node.attrs["k"]])], n_out=2,
+                         axis=node.attrs.get("dim", -1), largest=1, sorted=1)
+
+    def op_rms_norm(self, node):
+        # x̂ · (offset + w) in fp32, the reference's order; RMSNormalization-23 computes the same
+        x, w = self._x(node, 0), node.inputs[1]
+        scale = self.evaluate(w).float() + node.attrs.get("offset", 0.0) if self.is_static(w) else None
+        scale_name = self.initializer(w, "rms", tensor=scale) if scale is not None else self.name(w)
+        return self.node("RMSNormalization", [x, scale_name], axis=-1, epsilon=float(node.attrs["eps"]))
+
+    def op_l2_norm(self, node):
+        return [self._l2(self._x(node), node.attrs["eps"])]
+
+    def _l2(self, x: str, eps: float) -> str:
+        ss = self.node("ReduceSum", [self.node("Mul", [x, x])[0], self.i64([-1])], keepdims=1)[0]
+        inv = self.node("Reciprocal", [self.node("Sqrt", [self.node("Add", [ss, self.f32(eps)])[0]])[0]])[0]
+        return self.node("Mul", [x, inv])[0]
+
+    def op_embedding(self, node):
+        return self.node("Gather", [self._x(node, 0), self._x(node, 1)], axis=0, hint="embed")
+
+    def op_linear(self, node):
+        x, w = node.inputs[0], node.inputs[1]
+        if node.outputs[0] is self.logits_value:
+            return self._lm_head(node)
+        if self.is_static(w):
+            weight = self.initializer(w, "t")
+            out = self.node("MatMul", [self.name(x), weight], hint=node.outputs[0].name)
+        else:
+            wt = self.node("Transpose", [self.name(w)], perm=[1, 0])[0]
+            out = self.node("MatMul", [self.name(x), wt])
+        if len(node.inputs) == 3:
+            out = self.node("Add", [out[0], self.name(node.inputs[2])])
+        return out
+
+    def _lm_head(self, node):
+        """Logits only at `logit_positions` [B, P]: gather the hidden rows, then the LM head."""
+        x, w = node.inputs[0], node.inputs[1]
+        hidden = self.name(x)                                       # [B, T, H]
+        H = x.type.shape[-1]
+        flat = self.node("Reshape", [hidden, self.i64([-1, H])])[0]                     # [B*T, H]
+        T = self.dim("T")
+        rows = self.node("Range", [self.const(np.asarray(0, np.int64)),
+                                   self.node("Squeeze", [self.dim("B"), self.i64([0])])[0],
+                                   self.const(np.asarray(1, np.int64))])[0]             # [B]
+        base = self.node("Mul", [self.node("Unsqueeze", [rows, self.i64([1])])[0], T])[0]   # [B, 1]
+        index = self.node("Add", [base, "logit_positions"])[0]                          # [B, P]
+        picked = self.node("Gather", [flat, index], axis=0)[0]                          # [B, P, H]
+        if self.tied_lm_head and self.embedding_table is not None:
+            # tied LM head: reuse the embedding table [V, H] with transB instead of a transposed copy
+            table = self.name(self.embedding_table)
+            p2 = self.node("Reshape", [picked, self.i64([-1, H])])[0]
+            out = self.node("Gemm", [p2, table], transB=1)[0]
+            V = w.type.shape[0]
+            shape = self.node("Concat", [self.dim("B"), self.i64([-1]), self.i64([V])], axis=0)[0]
+            return self.node("Reshape", [out, shape], hint="logits_raw")
+        return self.node("MatMul", [picked, self.initializer(w, "t")], hint="logits_raw")
+
+    def op_matmul(self, node):
+        return self.node("MatMul", [self._x(node, 0), self._x(node, 1)])
+
+    def op_rope(self, node):
+        # rotate-half partial RoPE on [B, T, h, hd] with positions [B, T], fp32 cos/sin
+        x, pos = self._x(node, 0), self._x(node, 1)
+        rd, theta = node.attrs["rotary_dim"], node.attrs["theta"]
+        half = rd // 2
+        inv = 1.0 / (theta ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd))
+        freqs = self.node("Mul", [self.node("Unsqueeze", [self.node("Cast", [pos], to=TensorProto.FLOAT)[0],
+                                                          self.i64([-1])])[0], self.f32(inv.astype(np.float32))])[0]
+        emb = self.node("Concat", [freqs, freqs], axis=-1)[0]
+        cos = self.node("Unsqueeze", [self.node("Cos", [emb])[0], self.i64([2])])[0]
+        sin = self.node("Unsqueeze", [self.node("Sin", [emb])[0], self.i64([2])])[0]
+        hd = node.inputs[0].type.shape[3]
+        parts = self.node("Split", [x, self.i64([half, half, hd - rd])], n_out=3, axis=3)
+        rotated = self.node("Concat", [self.node("Neg", [parts[1]])[0], parts[0]], axis=3)[0]
+        rot = self.node("Concat", [parts[0], parts[1]], axis=3)[0]
+        y = self.node("Add", [self.node("Mul", [rot, cos])[0], self.node("Mul", [rotated, sin])[0]])[0]
+        return self.node("Concat", [y, parts[2]], axis=3)
+
+    # ---- state-carrying ops ----------------------------------------------------------------------
+
+    def op_kv_cache_update(self, node):
+        """cache' = cache with new[:, :, t] at q_start[b] + t (ScatterElements on the sequence axis)."""
+        cache, new, q_start = (self._x(node, i) for i in range(3))
+        steps = self.node("Unsqueeze", [self._steps(), self.i64([0])])[0]                    # [1, T]
+        pos = self.node("Add", [self.node("Unsqueeze", [q_start, self.i64([1])])[0], steps])[0]  # [B, T]
+        pos = self.node("Unsqueeze", [pos, self.i64([1, 3])])[0]                             # [B, 1, T, 1]
+        index = self.node("Expand", [pos, self.node("Shape", [new])[0]])[0]
+        return self.node("ScatterElements", [cache, index, new], axis=2, hint=node.outputs[0].name)
+
+    def _steps(self) -> str:
+        if not hasattr(self, "_steps_name"):
+            self._steps_name = self.node("Range", [self.const(np.asarray(0, np.int64)),
+                                                   self.node("Squeeze", [self.dim("T"), self.i64([0])])[0],
+                                                   self.const(np.asarray(1, np.int64))], hint="steps")[0]
+        return self._steps_name
+
+    def op_attention(self, node):
+        """Opset-23 Attention over the cache prefix that any row can see, with an explicit mask.
+
+        Key j is visible to query t of row b iff j <= q_start[b] + t and j < kv_len[b] (the
+        reference's rule, including its escape for a row with no visible key). The cache is sliced
+        to max(kv_len) first so decode cost follows the context, not the cache capacity.
+        """
+        q, k, v, q_start, kv_len = (self._x(node, i) for i in range(5))
+        total = self.node("ReduceMax", [kv_len], keepdims=1)[0]                               # [1]
+        k = self.node("Slice", [k, self.i64([0]), total, self.i64([2])])[0]
+        v = self.node("Slice", [v, self.i64([0]), total, self.i64([2])])[0]
+        keys = self.node("Range", [self.const(np.asarray(0, np.int64)),
+                                   self.node("Squeeze", [total, self.i64([0])])[0],
+                                   self.const(np.asarray(1, np.int64))])[0]                  # [L]
+        keys = self.node("Reshape", [keys, self.i64([1, 1, -1])])[0]                         # [1, 1, L]
+        pos = self.node("Add", [self.node("Unsqueeze", [q_start, self.i64([1])])[0],
+                                self.node("Unsqueeze", [self._steps(), self.i64([0])])[0]])[0]  # [B, T]
+        pos = self.node("Unsqueeze", [pos, self.i64([2])])[0]                                # [B, T, 1]
+        kvl = self.node("Unsqueeze", [kv_len, self.i64([1, 2])])[0]                          # [B, 1, 1]
+        visible = self.node("And", [self.node("LessOrEqual", [keys, pos])[0],
+                                    self.node("Less", [keys, kvl])[0]])[0]                   # [B, T, L]
+        empty = self.node("And", [self.node("Equal", [keys, self.const(np.asarray(0, np.int64))])[0],
+                                  self.node("Equal", [kvl, self.const(np.asarray(0, np.int64))])[0]])[0]
+        visible = self.node("Or", [visible, empty])[0]
+        mask = self.node("Unsqueeze", [visible, self.i64([1])])[0]                           # [B, 1, T, L]
+        hd = node.inputs[0].type.shape[3]
+        return self.node("Attention", [q, k, v, mask], scale=float(hd) ** -0.5, is_causal=0,
+                         hint=node.outputs[0].name)
+
+    def op_gated_deltanet(self, node):
+        """conv + SiLU (com.microsoft::CausalConvWithState, channels-last) and the gated delta rule
+        (com.microsoft::GatedDeltaNet, V-major state, in-op L2 norm of q/k and head repeat).
+
+        The gates are computed here with standard ops rather than the op's fused 'softplus' gate:
+        padded steps (t >= lengths[b]) must get g = 0 and beta = 0 so they never touch the state,
+        and the fused form takes raw `a`, which cannot express that mask. The values are the
+        reference's own fp32 formula, g = -exp(A_log) · softplus(a + dt_bias), beta = sigmoid(b).
+        The conv's own present_state is the last K-1 *padded* inputs, so the new conv state is
+        gathered at each row's end instead.
+        """
+        a = node.attrs
+        nk, nv, dk, dv = a["num_k_heads"], a["num_v_heads"], a["head_k_dim"], a["head_v_dim"]
+        mixed, a_in, b_in = self._x(node, 0), self._x(node, 1), self._x(node, 2)
+        conv_w_value, a_log, dt_bias = node.inputs[3], node.inputs[4], node.inputs[5]
+        conv_state, state, lengths = self._x(node, 6), self._x(node, 7), self._x(node, 8)
+        if node.inputs[0].dtype != "f32":
+            raise EmitError(f"%{node.outputs[0].name}: the ONNX backend lowers gated_deltanet in f32 only "
+                            f"(got {node.inputs[0].dtype})")
+        channels = 2 * nk * dk + nv * dv
+        w = self.evaluate(conv_w_value)
+        kernel = w.shape[-1]
+        conv_w = self.initializer(conv_w_value, "k1", tensor=w.reshape(channels, 1, kernel))
+        y = self.node("CausalConvWithState", [mixed, conv_w, "", conv_state], n_out=2, domain=MS_DOMAIN,
+                      activation="silu", channels_last=1, ndim=1, hint=f"L{a['layer']}.conv")[0]
+        # new conv state: rows lengths[b] .. lengths[b] + K-2 of concat(state, x) along time
+        joined = self.node("Concat", [conv_state, mixed], axis=1)[0]                         # [B, K-1+T, C]
+        span = self.node("Shape", [joined], start=1, end=2)[0]                                # [1]
+        flat = self.node("Reshape", [joined, self.i64([-1, channels])])[0]
+        rows = self.node("Range", [self.const(np.asarray(0, np.int64)),
+                                   self.node("Squeeze", [self.dim("B"), self.i64([0])])[0],
+                                   self.const(np.asarray(1, np.int64))])[0]
+        base = self.node("Add", [self.node("Mul", [rows, span])[0], lengths])[0]              # [B]
+        index = self.node("Add", [self.node("Unsqueeze", [base, self.i64([1])])[0],
+                                  self.i64([list(range(kernel - 1))])])[0]                     # [B, K-1]
+        new_conv = self.node("Gather", [flat, index], axis=0)[0]                             # [B, K-1, C]
+        q, k, v = self.node("Split", [y, self.i64([nk * dk, nk * dk, nv * dv])], n_out=3, axis=2)
+        q = self.node("Reshape", [q, self.i64([0, 0, nk, dk])])[0]
+        k = self.node("Reshape", [k, self.i64([0, 0, nk, dk])])[0]
+        v = self.node("Reshape", [v, self.i64([0, 0, nv, dv])])[0]
+        neg_a = self.initializer(a_log, "neg_exp", tensor=-self.evaluate(a_log).float().exp())
+        dtb = self.name(dt_bias)
+        g = self.node("Mul", [neg_a, self.node("Softplus", [self.node("Add", [a_in, dtb])[0]])[0]])[0]
+        beta = self.node("Sigmoid", [b_in])[0]
+        steps = self.node("Unsqueeze", [self._steps(), self.i64([0])])[0]                     # [1, T]
+        valid = self.node("Unsqueeze", [self.node("Less", [steps, self.node("Unsqueeze", [lengths, self.i64([1])])[0]])[0],
+                                        self.i64([2])])[0]                                     # [B, T, 1]
+        zero = self.f32(np.zeros((1,), np.float32))
+        g = self.node("Where", [valid, g, zero])[0]
+        beta = self.node("Where", [valid, beta, zero])[0]
+        # why not qk_l2_norm=1: ORT's in-op L2 norm differs from the reference's x·rsqrt(Σx² + 1e-6)
+        # where |x| is small (2% relative error on the tiny presets' first tokens); the standard-op
+        # spelling below is the reference's formula exactly.
+        q, k = (self._l2(t, 1e-6) for t in (q, k))
+        o, new_state = self.node("GatedDeltaNet", [q, k, v, "", g, beta, state], n_out=2, domain=MS_DOMAIN,
+                                 qk_l2_norm=0, update_rule="gated_delta", hint=f"L{a['layer']}.gdn")
+        return [o, new_conv, new_state]
+
+    # ---- lowered MoE pieces (lower-moe) ----------------------------------------------------------
+
+    def _argsort_unique(self, keys: str) -> str:
+        """Ascending argsort of a 1-D i64 tensor of distinct keys (TopK smallest over all of it)."""
+        count = self.node("Shape", [keys])[0]
+        return self.node("TopK", [keys, count], n_out=2, axis=0, largest=0, sorted=1)[1]
+
+    def op_moe_sort(self, node):
+        """Stable sort of the [N, k] expert ids: keys expert·(N·k) + slot are distinct, so any sort is stable."""
+        experts = self._x(node)
+        flat = self.node("Reshape", [experts, self.i64([-1])])[0]
+        count = self.node("Shape", [flat])[0]
+        slots = self.node("Range", [self.const(np.asarray(0, np.int64)),
+                                    self.node("Squeeze", [count, self.i64([0])])[0],
+                                    self.const(np.asarray(1, np.int64))])[0]
+        keys = self.node("Add", [self.node("Mul", [flat, count])[0], slots])[0]
+        order = self._argsort_unique(keys)
+        sorted_experts = self.node("Gather", [flat, order], axis=0)[0]
+        shape = self.node("Shape", [experts])[0]
+        return [self.node("Reshape", [order, shape])[0], self.node("Reshape", [sorted_experts, shape])[0]]
+
+    def op_moe_gather(self, node):
+        x, order = self._x(node, 0), self._x(node, 1)
+        k = node.inputs[1].type.shape[1]
+        flat = self.node("Reshape", [order, self.i64([-1])])[0]
+        token = self.node("Div", [flat, self.i64(k)])[0]
+        rows = self.node("Gather", [x, token], axis=0)[0]
+        return self.node("Reshape", [rows, self.i64([-1, k, node.inputs[0].type.shape[1]])])
+
+    def op_grouped_linear(self, node):
+        """Each slot's expert matrix is gathered and applied as a batched mat-vec: exact, with no
+        data-dependent shapes; it reads k expert matrices per token, fine for decode and small
+        prefills (a grouped GEMM kernel would be the fast path for long MoE prefills)."""
+        rows, experts = self._x(node, 0), self._x(node, 2)
+        w = self.name(node.inputs[1])                                   # [E, O, H]
+        mats = self.node("Gather", [w, experts], axis=0)[0]             # [N, k, O, H]
+        col = self.node("Unsqueeze", [rows, self.i64([-1])])[0]         # [N, k, H, 1]
+        out = self.node("MatMul", [mats, col])[0]                       # [N, k, O, 1]
+        return self.node("Squeeze", [out, self.i64([-1])])
+
+    def op_moe_combine(self, node):
+        out, order, weights = self._x(node, 0), self._x(node, 1), self._x(node, 2)
+        h = node.inputs[0].type.shape[2]
+        k = node.inputs[0].type.shape[1]
+        flat_order = self.node("Reshape", [order, self.i64([-1])])[0]
+        w = self.node("Gather", [self.node("Reshape", [weights, self.i64([-1])])[0], flat_order], axis=0)[0]
+        weighted = self.node("Mul", [self.node("Reshape", [out, self.i64([-1, h])])[0],
+                                     self.node("Unsqueeze", [w, self.i64([1])])[0]])[0]
+        inverse = self._argsort_unique(flat_order)
+        unsorted = self.node("Gather", [weighted, inverse], axis=0)[0]
+        return self.node("ReduceSum", [self.node("Reshape", [unsorted, self.i64([-1, k, h])])[0], self.i64([1])],
+                         keepdims=0)
+
+    # ---- un-lowered ops: name the pass that should have run --------------------------------------
+
+    def op_causal_conv1d(self, node):
+        raise EmitError(f"%{node.outputs[0].name}: a bare causal_conv1d reached the ONNX backend; the "
+                        f"pipeline must run fuse-deltanet before insert-state")
+
+    op_gated_delta_rule = op_causal_conv1d
+
+    def op_moe(self, node):
+        raise EmitError(f"%{node.outputs[0].name}: an un-lowered moe op reached the ONNX backend; add lower-moe "
+                        f"to the pipeline")
+
+
+def _np_dtype(dtype: str):
+    return {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32,
+            "bool": np.bool_, "i8": np.int8, "u8": np.uint8}[dtype]
+
+
+def emit_onnx(graph: Graph, weights, out_dir: Path, **kwargs) -> EmitResult:
+    return OnnxEmitter(graph, weights, out_dir, **kwargs).emit()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["EmitError", "EmitResult", "OnnxEmitter", "StateSpec", "emit_onnx", "OPSET"]

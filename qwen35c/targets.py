@@ -1,0 +1,123 @@
+"""The target registry: what `qwen35c build --target T` means.
+
+A target is a piece of hardware (a CPU or a GPU's SM), a default backend, a pass pipeline and a
+precision recipe. Every target of the design is listed here, built or not: `build` fails with a
+clear message (exit 2) for a target whose backend or quantization is not implemented yet, rather
+than produce something else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from qwen35c.errors import QwenError
+
+IMPLEMENTED_BACKENDS = ("onnx",)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    hardware: str
+    sm: int | None              # CUDA compute capability x10 (90 = sm_90); None for CPUs
+    backend: str
+    weights: str                # weight precision recipe
+    activations: str
+    precision: str              # parity gate class: fp32 | bf16 | fp8 | int4
+    pipeline: str               # named pipeline or pipeline text
+    runner: str                 # CI runner label
+    quantize: str | None = None  # quantize pass options, None when unquantized
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def build_blocker(self, backend: str | None = None) -> str | None:
+        """Why this target cannot be built by this install, or None."""
+        backend = backend or self.backend
+        if backend not in IMPLEMENTED_BACKENDS:
+            return (f"target '{self.name}' needs the '{backend}' backend, which is not implemented yet "
+                    f"(implemented: {', '.join(IMPLEMENTED_BACKENDS)})")
+        if self.quantize is not None:
+            try:
+                from qwen35c.passes.manager import parse_pipeline
+
+                parse_pipeline(self.full_pipeline())
+            except QwenError as err:
+                return f"target '{self.name}' needs {self.weights} quantization, not available in this install ({err})"
+            try:
+                import qwen35c.backends.onnx.quant  # noqa: F401
+            except ImportError:
+                return (f"target '{self.name}' needs {self.weights} quantized linears in the onnx backend "
+                        f"(qwen35c/backends/onnx/quant.py), not available in this install")
+        if self.precision != "fp32" and backend == "onnx" and self.quantize is None:
+            return f"target '{self.name}' ({self.precision}) is not supported by the onnx backend"
+        return None
+
+    def full_pipeline(self) -> str:
+        if self.quantize is None:
+            return self.pipeline
+        return (f"cleanup,fuse-deltanet{{chunk-size=64}},lower-moe,quantize{{{self.quantize}}},"
+                f"insert-state,cleanup")
+
+
+_T = Target
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    _T("cpu", "any CPU", None, "onnx", "fp32", "fp32", "fp32", "standard", "ubuntu-latest"),
+    _T("cpu-int4", "any CPU", None, "onnx", "int4 g128 (RTN)", "fp32", "int4", "standard", "ubuntu-latest",
+       quantize="scheme=int4-g128"),
+    _T("a100-bf16", "NVIDIA A100", 80, "triton", "bf16", "bf16", "bf16", "standard", "gpu-a100"),
+    _T("a100-int4", "NVIDIA A100", 80, "triton", "int4 g128 W4A16", "bf16", "int4", "standard", "gpu-a100",
+       quantize="scheme=int4-g128"),
+    _T("l40s-fp8", "NVIDIA L40S", 89, "triton", "fp8 block 128x128", "fp8 dynamic per-token 1x128", "fp8",
+       "standard", "gpu-l40s", quantize="scheme=fp8-block128"),
+    _T("h100-bf16", "NVIDIA H100", 90, "tensorrt", "bf16", "bf16", "bf16", "standard", "gpu-h100"),
+    _T("h100-fp8", "NVIDIA H100", 90, "tensorrt", "fp8 block 128x128", "fp8 per-token-group 1x128", "fp8",
+       "standard", "gpu-h100", quantize="scheme=fp8-block128"),
+    _T("h200-fp8", "NVIDIA H200", 90, "tensorrt", "fp8 block 128x128", "fp8 per-token-group 1x128", "fp8",
+       "standard", "gpu-h200", quantize="scheme=fp8-block128"),
+    _T("b200-fp8", "NVIDIA B200", 100, "tensorrt", "fp8 block 128x128 (NVFP4 later)", "fp8 per-token-group 1x128",
+       "fp8", "standard", "gpu-b200", quantize="scheme=fp8-block128"),
+)}
+
+# parity gates per precision (design: notes/quantization.md §7.3)
+GATES = {
+    "fp32": {"max_abs_logit": 1e-3, "top1": 1.0},
+    "bf16": {"kl_mean": 1e-3, "top1": 0.99},
+    "fp8": {"kl_mean": 5e-3, "top1": 0.96},
+    "int4": {"kl_mean": 0.05, "top1": 0.90},
+}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise QwenError(f"unknown target '{name}' (known: {', '.join(TARGETS)})") from None
+
+
+def machine_sm() -> int | None:
+    """This machine's GPU compute capability x10, or None without a CUDA GPU."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return major * 10 + minor
+    except Exception:  # noqa: BLE001 - no usable CUDA is the answer
+        pass
+    return None
+
+
+def runnable_here(target: Target) -> tuple[bool, str]:
+    """Whether this machine can execute the target's artifact, and why not."""
+    if target.sm is None:
+        return True, "CPU target"
+    sm = machine_sm()
+    if sm is None:
+        return False, f"target '{target.name}' needs an sm_{target.sm} GPU; this machine has none"
+    if sm != target.sm:
+        return False, f"target '{target.name}' is built for sm_{target.sm}; this machine has sm_{sm}"
+    return True, f"sm_{sm}"
+
+
+__all__ = ["GATES", "TARGETS", "Target", "get_target", "machine_sm", "runnable_here"]
