@@ -41,12 +41,12 @@ if str(_ROOT) not in sys.path:
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 4096  # BPE merges + 256 byte symbols + the 3 special tokens (appended last, as in Qwen)
-# Qwen3.5 pre-tokenizer split (transformers' Qwen3_5Tokenizer.PRETOKENIZE_REGEX): contractions,
-# letter(+mark) runs, single digits, punctuation runs, newline runs, whitespace runs (so Python
-# indentation becomes its own tokens). With the NFC normalizer, HF's AutoTokenizer and the plain
-# `tokenizers` file tokenize identically.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-              r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2 pre-tokenizer split: contractions, letter runs, single digits, punctuation runs, newline
+# runs, whitespace runs (so Python indentation becomes its own tokens); no normalizer, so
+# decode(encode(text)) == text for every text. (transformers' Qwen3_5Tokenizer rebuilds the
+# pipeline with NFC and a \p{M}-aware variant of this regex: identical on ASCII / NFC text.)
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data"}
 # Held out for evaluation (relative to the stdlib dir; present in every CPython >= 3.9).
@@ -108,11 +108,10 @@ def corpus_facts() -> dict:
 
 # ---- tokenizer ----------------------------------------------------------------------------------
 def train_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> None:
-    """Byte-level BPE (GPT-2 byte alphabet, NFC, Qwen3.5 split regex), special tokens appended last."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    """Byte-level BPE (GPT-2 byte alphabet, Qwen2 split regex), special tokens appended last."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -192,12 +191,18 @@ def model_config(variant: str, vocab_size: int, eos_id: int):
     raise SystemExit(f"unknown variant {variant!r} (dense or moe)")
 
 
-HPARAMS = {
-    "dense": dict(seq_len=256, batch_size=6, steps=200, lr=3e-3, min_lr_ratio=0.1, warmup=20,
-                  weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, router_aux_loss_coef=0.0),
-    "moe": dict(seq_len=256, batch_size=6, steps=200, lr=3e-3, min_lr_ratio=0.1, warmup=20,
-                weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, router_aux_loss_coef=0.01),
+# Training runs in phases; the shipped checkpoints are one phase each. To train longer when the
+# CPU is free, append a phase (e.g. a warm restart: batch_size=8, steps=300, lr=1.5e-3, warmup=10,
+# and for the MoE router_aux_loss="mean of per-layer losses", coefficient 0.02) and run
+# `train --resume`, which runs the phases that build/tiny/VARIANT/training.json does not list yet
+# from build/tiny/VARIANT/state.pt with a fresh AdamW and data windows seeded with seed + phase index.
+_COMMON = dict(seq_len=256, min_lr_ratio=0.1, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
+PHASES = {
+    "dense": [dict(_COMMON, batch_size=6, steps=200, lr=3e-3, warmup=20, router_aux_loss_coef=0.0)],
+    "moe": [dict(_COMMON, batch_size=6, steps=200, lr=3e-3, warmup=20, router_aux_loss_coef=0.01,
+                 router_aux_loss="pooled over layers (HF load_balancing_loss_func)")],
 }
+HPARAMS = PHASES  # variant names
 
 
 def moe_blocks(model) -> list:
@@ -210,6 +215,12 @@ def moe_blocks(model) -> list:
 def router_logits(model) -> list:
     """Router logits [N, E] of every MoE block from the last training-mode forward."""
     return [block.router_logits for block in moe_blocks(model)]
+
+
+def aux_loss(router_logits: list, num_experts: int, top_k: int, hp: dict):
+    if hp["router_aux_loss"].startswith("mean"):
+        return sum(load_balancing_loss([x], num_experts, top_k) for x in router_logits) / len(router_logits)
+    return load_balancing_loss(router_logits, num_experts, top_k)
 
 
 def load_balancing_loss(router_logits: list, num_experts: int, top_k: int):
@@ -235,7 +246,7 @@ def lr_at(step: int, hp: dict) -> float:
 
 
 def train(variant: str, tokenizer_json: Path, out_dir: Path, steps: int | None = None,
-          log_every: int = 10, threads: int = 1) -> None:
+          log_every: int = 10, threads: int = 1, resume: bool = False) -> None:
     import numpy as np
     import torch
 
@@ -243,28 +254,59 @@ def train(variant: str, tokenizer_json: Path, out_dir: Path, steps: int | None =
 
     torch.set_num_threads(threads)
     torch.manual_seed(SEED)
-    hp = dict(HPARAMS[variant])
-    if steps is not None:
-        hp["steps"] = steps
     tok = load_tokenizer(tokenizer_json)
     eos = tok.token_to_id("<|endoftext|>")
     cfg = model_config(variant, tok.get_vocab_size(), eos)
     model = Qwen35ForCausalLM(cfg)
     model.init_weights(SEED)
-    model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{variant}] {n_params / 1e6:.2f} M parameters", flush=True)
-
+    work = work_dir(variant)
+    work.mkdir(parents=True, exist_ok=True)
+    record = {
+        "variant": variant, "seed": SEED, "parameters": n_params,
+        "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": tok.get_vocab_size(),
+                      "special_tokens": SPECIAL_TOKENS, "split_regex": QWEN_SPLIT, "min_frequency": 2,
+                      "trained_on": "the training files"},
+        "data": {**corpus_facts(),
+                 "layout": "files in sorted order, each followed by <|endoftext|>; windows of "
+                           "seq_len+1 tokens at uniformly random offsets (torch.Generator seeded "
+                           "with seed + phase index)"},
+        "optimizer": "AdamW (decay on >=2-D weights except norms), fresh at each phase; linear "
+                     "warmup then cosine to min_lr_ratio * lr",
+        "software": {"python": platform.python_version(), "torch": torch.__version__},
+        "threads": threads, "dtype": "float32 training, bfloat16 checkpoint",
+        "phases": [],
+    }
+    if resume:
+        model.load_state_dict(torch.load(work / "state.pt", weights_only=True))
+        record["phases"] = json.loads((work / "training.json").read_text())["phases"]
     t0 = time.time()
     stream = torch.from_numpy(tokenize_corpus(tok, corpus_files("train")).astype(np.int64))
+    record["data"]["train_tokens"] = len(stream)
     print(f"[{variant}] corpus: {len(stream)} tokens ({time.time() - t0:.1f}s)", flush=True)
 
+    for index in range(len(record["phases"]), len(PHASES[variant])):
+        hp = dict(PHASES[variant][index])
+        if steps is not None:
+            hp["steps"] = steps
+        record["phases"].append(train_phase(model, cfg, stream, hp, index, variant, log_every))
+        torch.save(model.state_dict(), work / "state.pt")
+        (work / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"[{variant}] weights in {work}", flush=True)
+    export(variant, tokenizer_json, out_dir)
+
+
+def train_phase(model, cfg, stream, hp: dict, index: int, variant: str, log_every: int) -> dict:
+    import torch
+
+    model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=1e-8)
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED + index)
     T, B = hp["seq_len"], hp["batch_size"]
     log = []
     t_start = time.time()
@@ -280,7 +322,7 @@ def train(variant: str, tokenizer_json: Path, out_dir: Path, steps: int | None =
         loss = ce
         aux = None
         if cfg.is_moe:
-            aux = load_balancing_loss(router_logits(model), cfg.num_experts, cfg.num_experts_per_tok)
+            aux = aux_loss(router_logits(model), cfg.num_experts, cfg.num_experts_per_tok, hp)
             loss = ce + hp["router_aux_loss_coef"] * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -290,38 +332,20 @@ def train(variant: str, tokenizer_json: Path, out_dir: Path, steps: int | None =
         ema = ce_val if ema is None else 0.95 * ema + 0.05 * ce_val
         if step % log_every == 0 or step == hp["steps"] - 1:
             el = time.time() - t_start
-            rec = {"step": step, "ce": round(float(ce), 4), "ce_ema": round(ema, 4),
-                   "lr": lr_at(step, hp), "grad_norm": round(float(gnorm), 3), "elapsed_s": round(el, 1)}
+            rec = {"step": step, "ce": round(ce_val, 4), "ce_ema": round(ema, 4),
+                   "lr": round(lr_at(step, hp), 6), "grad_norm": round(float(gnorm), 3),
+                   "elapsed_s": round(el, 1)}
             if aux is not None:
-                rec["aux"] = round(float(aux), 4)
+                rec["aux"] = round(float(aux.detach()), 4)
             log.append(rec)
             eta = el / (step + 1) * (hp["steps"] - step - 1)
-            print(f"[{variant}] " + " ".join(f"{k}={v}" for k, v in rec.items()) + f" eta={eta:.0f}s",
-                  flush=True)
-    wall = time.time() - t_start
+            print(f"[{variant}:{index + 1}] " + " ".join(f"{k}={v}" for k, v in rec.items())
+                  + f" eta={eta:.0f}s", flush=True)
     model.eval()
-    record = {
-        "variant": variant, "seed": SEED, "parameters": n_params,
-        "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": tok.get_vocab_size(),
-                      "special_tokens": SPECIAL_TOKENS, "split_regex": QWEN_SPLIT, "min_frequency": 2,
-                      "trained_on": "the training files"},
-        "data": {**corpus_facts(), "train_tokens": len(stream),
-                 "layout": "files in sorted order, each followed by <|endoftext|>; windows of "
-                           "seq_len+1 tokens at uniformly random offsets (torch.Generator seeded)"},
-        "hyperparameters": {**hp, "optimizer": "AdamW (decay on >=2-D weights except norms)",
-                            "schedule": "linear warmup, cosine to min_lr_ratio * lr",
-                            "threads": threads, "dtype": "float32 training, bfloat16 checkpoint"},
-        "software": {"python": platform.python_version(), "torch": torch.__version__},
-        "train_wall_s": round(wall, 1), "train_tokens_seen": hp["steps"] * B * T,
-        "final_train_ce_ema": round(ema, 4), "log": log,
-    }
-    # The raw fp32 weights and the record go to the work dir first, so a failed export loses nothing.
-    work = work_dir(variant)
-    work.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), work / "state.pt")
-    (work / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"[{variant}] trained in {wall:.0f}s; weights in {work}", flush=True)
-    export(variant, tokenizer_json, out_dir)
+    wall = time.time() - t_start
+    print(f"[{variant}] phase {index + 1} trained in {wall:.0f}s", flush=True)
+    return {"hyperparameters": hp, "wall_s": round(wall, 1), "tokens_seen": hp["steps"] * B * T,
+            "final_train_ce_ema": round(ema, 4), "log": log}
 
 
 def work_dir(variant: str) -> Path:
@@ -440,7 +464,8 @@ def card(variant: str, out_dir: Path) -> None:
 
 def render_card(variant: str, out_dir: Path, rec: dict) -> str:
     cfg = json.loads((out_dir / "config.json").read_text())["text_config"]
-    hp, data, m = rec["hyperparameters"], rec["data"], rec["heldout"]
+    data, m, phases = rec["data"], rec["heldout"], rec["phases"]
+    hp = phases[-1]["hyperparameters"]
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file() and f.name != "README.md")
     name = out_dir.name
     moe = variant == "moe"
@@ -450,7 +475,11 @@ def render_card(variant: str, out_dir: Path, rec: dict) -> str:
         f"A tiny {'mixture-of-experts ' if moe else ''}model with the Qwen3.5 architecture "
         f"({cfg['model_type']}), trained from scratch on CPU on the Python standard library so "
         "that qwen35c has a real, small model to compile, quantize and measure on a fresh install. "
-        "It writes Python-looking code; it is not a useful assistant.",
+        f"It has learned much of Python's token statistics ({m['bits_per_byte']:.2f} bits/byte on "
+        f"held-out files vs {m['order0']['train_distribution_on_heldout']:.2f} for an order-0 byte "
+        f"model) but is heavily undertrained ({sum(ph['tokens_seen'] for ph in phases) / 1e6:.1f} M "
+        "tokens): greedy continuations degenerate into repetition. It is for testing toolchains, "
+        "not for generation.",
         "",
         "Bundled with qwen35c (`qwen35c.models.bundled(\"" + name + "\")`)"
         + ("; the default model of every command." if not moe else "."),
@@ -508,8 +537,9 @@ def render_card(variant: str, out_dir: Path, rec: dict) -> str:
             "## Expert routing on the held-out text",
             "",
             f"Share of the {r['assignments']:,} top-{cfg['num_experts_per_tok']} assignments per expert "
-            "(trained with the load-balancing loss, coefficient "
-            f"{hp['router_aux_loss_coef']}):",
+            "(trained with the load-balancing loss, last phase: "
+            f"{hp['router_aux_loss']}, coefficient {hp['router_aux_loss_coef']}). Within a layer, expert shares range from "
+            f"{100 * min(map(min, r['per_layer'])):.1f}% to {100 * max(map(max, r['per_layer'])):.1f}%:",
             "",
             "| layer | " + " | ".join(f"e{e}" for e in range(cfg["num_experts"])) + " |",
             "|---|" + "---|" * cfg["num_experts"],
@@ -535,21 +565,29 @@ def render_card(variant: str, out_dir: Path, rec: dict) -> str:
         f"{', '.join(data['heldout_files'])}. Corpus sha256 {data['train_sha256'][:16]}..., held-out "
         f"sha256 {data['heldout_sha256'][:16]}... (other Python versions give other bytes).",
         f"* Tokenizer: byte-level BPE, {rec['tokenizer']['vocab_size']} entries, trained with `tokenizers` on "
-        "the training files, NFC + Qwen3.5 pre-tokenizer regex, special tokens "
+        "the training files, Qwen2 pre-tokenizer regex (no normalizer), special tokens "
         + ", ".join(f"`{t}`" for t in rec["tokenizer"]["special_tokens"]) + " appended last.",
-        f"* Optimisation: {hp['steps']} steps of {hp['batch_size']} x {hp['seq_len']} tokens "
-        f"({rec['train_tokens_seen']:,} tokens), AdamW lr {hp['lr']} (betas {hp['beta1']}, {hp['beta2']}, "
-        f"weight decay {hp['weight_decay']}), {hp['warmup']} warmup steps then cosine to "
-        f"{hp['min_lr_ratio']} x lr, gradient clip {hp['grad_clip']}"
-        + (f", router load-balancing loss x {hp['router_aux_loss_coef']}" if moe else "") + ".",
-        f"* Compute: {hp['threads']} CPU thread, fp32, torch {rec['software']['torch']}; "
-        f"{rec['train_wall_s'] / 60:.1f} min wall. Final training loss (EMA) {rec['final_train_ce_ema']:.3f} nats/token.",
+        "* Optimisation: "
+        + "; then ".join(
+            f"phase {i + 1}: {ph['hyperparameters']['steps']} steps of {ph['hyperparameters']['batch_size']} x "
+            f"{ph['hyperparameters']['seq_len']} tokens, AdamW lr {ph['hyperparameters']['lr']}, "
+            f"{ph['hyperparameters']['warmup']} warmup steps then cosine to "
+            f"{ph['hyperparameters']['min_lr_ratio']} x lr"
+            + (f", load-balancing loss x {ph['hyperparameters']['router_aux_loss_coef']} "
+               f"({ph['hyperparameters']['router_aux_loss']})" if moe else "")
+            for i, ph in enumerate(phases))
+        + f". Every phase: betas ({hp['beta1']}, {hp['beta2']}), weight decay {hp['weight_decay']}, "
+        f"gradient clip {hp['grad_clip']}, fresh optimizer per phase, data windows drawn with seed "
+        f"{rec['seed']} + phase index. {sum(ph['tokens_seen'] for ph in phases):,} training tokens in all.",
+        f"* Compute: {rec['threads']} CPU thread per model (both models trained at the same time on a "
+        f"shared 2-core machine), fp32, torch {rec['software']['torch']}; "
+        + " + ".join(f"{ph['wall_s'] / 60:.1f}" for ph in phases)
+        + f" min wall. Final training loss (EMA) {phases[-1]['final_train_ce_ema']:.3f} nats/token.",
         "",
         "## License and limitations",
         "",
-        "Trained on CPython's standard library (PSF License). The model is tiny and undertrained: it "
-        "knows Python's surface syntax and common stdlib idioms, nothing else. Use it to test "
-        "toolchains, not for generation.",
+        "Trained on CPython's standard library (PSF License). The model is tiny and undertrained; "
+        "use it to test toolchains (parity, quantization error, perplexity deltas), not for generation.",
         "",
     ]
     return "\n".join(lines)
@@ -570,7 +608,9 @@ def main(argv: list[str] | None = None) -> None:
         if name != "card":
             p.add_argument("--tokenizer", type=Path, default=_ROOT / "build" / "tiny" / "tokenizer.json")
         if name == "train":
-            p.add_argument("--steps", type=int, default=None, help="override the recorded step count")
+            p.add_argument("--steps", type=int, default=None, help="override every phase's step count")
+            p.add_argument("--resume", action="store_true",
+                           help="continue from build/tiny/VARIANT (state.pt, training.json)")
             p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.cmd == "tokenizer":
@@ -579,7 +619,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "train":
         if not args.tokenizer.exists():
             train_tokenizer(args.tokenizer)
-        train(args.variant, args.tokenizer, args.out, steps=args.steps, threads=args.threads)
+        train(args.variant, args.tokenizer, args.out, steps=args.steps, threads=args.threads,
+              resume=args.resume)
     elif args.cmd == "export":
         export(args.variant, args.tokenizer, args.out)
     elif args.cmd == "card":
