@@ -9,7 +9,10 @@ KL and top-1 come from `qwen35c.eval.perplexity.evaluate` — the same code as
 `qwen35c perplexity MODEL --kl-base` — with the base distribution saved from the fp32 reference
 (`--save-logits`, full vocabulary) and each scheme's quantization-emulating reference scored against it.
 Held-out text: the stdlib files the bundled models never trained on (`reference.train_tiny.HELD_OUT`);
-calibration text: the first training-split files (never the held-out ones).
+calibration: the same built-in calibration set a build uses (`qwen35c.quant.calibrate.builtin_calibration`:
+bundled training-split text, 8192 tokens in 32 sequences of 256), so the AWQ / GPTQ rows are what
+`qwen35c build --target cpu-int4` ships. `--include GLOB` (repeatable) quantizes more than the INT4
+default policy (e.g. '*.self_attn.*' '*.linear_attn.in_proj_qkv.*' ...) for a harder comparison.
 Gates (issue 6): FP8 block mean KL <= 5e-3 and top-1 >= 96%; INT4 AWQ/GPTQ mean KL <= 0.05,
 top-1 >= 90%, and both below RTN's KL.
 """
@@ -52,8 +55,8 @@ def gates(scheme: str, row: dict, rtn_kl: float | None) -> str:
     return "pass" if ok else "FAIL"
 
 
-def bench_model(name: str, model, ids: list[int], calib_ids: list[int], schemes, context: int, seq_len: int,
-                n_bytes: int | None) -> list[dict]:
+def bench_model(name: str, model, ids: list[int], calib_ids, schemes, context: int, seq_len: int,
+                n_bytes: int | None, include: tuple[str, ...] = ()) -> list[dict]:
     from qwen35c.eval.perplexity import checkpoint_logits_fn, evaluate
     from qwen35c.quant import calibrate, emulate, parse_scheme, quantize_model, weight_errors
 
@@ -65,19 +68,21 @@ def bench_model(name: str, model, ids: list[int], calib_ids: list[int], schemes,
                         save_logits=base_path, top_k=0)
         print(f"[{name}] base ppl {base['perplexity']:.4f} over {base['tokens']} tokens "
               f"({time.time() - t0:.0f}s)", file=sys.stderr)
-        batches = calibrate.calibration_batches(calib_ids, seq_len, max_batches=len(calib_ids) // seq_len)
+        batches = calib_ids if isinstance(calib_ids[0], torch.Tensor) else \
+            calibrate.calibration_batches(calib_ids, seq_len, max_batches=len(calib_ids) // seq_len)
         calib = calibrate.collect(model, batches)
         rtn_kl = None
         for scheme in schemes:
             t0 = time.time()
-            recipe = parse_scheme(scheme)
+            recipe = parse_scheme(scheme, include=include) if include and scheme.startswith("int4") \
+                else parse_scheme(scheme)
             quantized = quantize_model(model, recipe, calib if recipe.needs_calibration else None)
             t_quant = time.time() - t0
             errors = weight_errors(model, quantized, calib)["summary"]
             emulated = emulate(model, quantized)
             result = evaluate(checkpoint_logits_fn(emulated), ids, n_bytes=n_bytes, context=context,
                               kl_base=base_path)
-            row = {"model": name, "scheme": recipe.label, "units": len(quantized.weights),
+            row = {"model": name, "scheme": recipe.label + (" +" + "+".join(include) if recipe.include else ""), "units": len(quantized.weights),
                    "weight_rel": errors["weight_rel_mean"], "output_rel": errors.get("output_rel_mean"),
                    "kl_mean": result["kl_mean"], "kl_p99": result["kl_p99"],
                    "top1_agreement": result["top1_agreement"],
@@ -114,6 +119,8 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--json", dest="json_out", default=None)
+    parser.add_argument("--include", action="append", default=[], metavar="GLOB",
+                        help="INT4: also quantize tensors matching GLOB (default policy: MLPs and experts only)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     torch.manual_seed(0)
@@ -129,10 +136,14 @@ def main() -> None:
         path = resolve_model(spec)
         model = load_model(path)
         tokenizer = load_tokenizer(path)
-        held, calib_ids = _texts(args.max_tokens, tokenizer, args.calib_tokens)
+        from qwen35c.quant.calibrate import builtin_calibration
+
+        held, _ = _texts(args.max_tokens, tokenizer, 0)
+        calib = builtin_calibration(path, model.config.vocab_size, max_tokens=args.calib_tokens).batches
         ids = encode_text(tokenizer, held)[: args.max_tokens + 1]
         n_bytes = len(tokenizer.decode(ids[1:]).encode()) if len(ids) else None
-        rows += bench_model(Path(path).name, model, ids, calib_ids, schemes, args.context, 256, n_bytes)
+        rows += bench_model(Path(path).name, model, ids, calib, schemes, args.context, 256, n_bytes,
+                            tuple(args.include))
     for preset in args.random:
         with tempfile.TemporaryDirectory() as tmp:
             extra = {"moe_intermediate_size": 128} if "moe" in preset else {"intermediate_size": 512}
@@ -141,7 +152,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, model.config.vocab_size, (args.max_tokens + 1,), generator=g).tolist()
         calib_ids = torch.randint(0, model.config.vocab_size, (args.calib_tokens,), generator=g).tolist()
-        rows += bench_model(f"random-{preset}", model, ids, calib_ids, schemes, args.context, 256, None)
+        rows += bench_model(f"random-{preset}", model, ids, calib_ids, schemes, args.context, 256, None,
+                            tuple(args.include))
     print(table(rows))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")

@@ -190,14 +190,23 @@ Progress = Callable[[str, str, float | None], None]   # (stage, message, fractio
 
 def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipeline: str | None = None,
                    backend: str | None = None, force: bool = False, check: bool = True,
-                   progress: Progress | None = None, extra_pipeline_hook=None) -> BuildReport:
-    """Trace, run the pipeline, lower with the backend, check parity, write the artifact atomically."""
+                   progress: Progress | None = None, extra_pipeline_hook=None,
+                   quantize: str | None = None) -> BuildReport:
+    """Trace, run the pipeline, lower with the backend, check parity, write the artifact atomically.
+
+    `quantize` ("SCHEME [option=value ...]", e.g. "fp8-block128") replaces the target's quantize pass
+    options (or adds the pass to an unquantized target's pipeline); ignored when `pipeline` is given.
+    A pipeline with a `quantize` pass gets its packed weights from `qwen35c.quant.build.prepare`
+    (calibrated on the built-in calibration set when the recipe needs data); the recipe, calibration
+    record and packed-weight digest go into the manifest's `quantization` section and the ONNX
+    model's metadata, and the build's own check compares the artifact with the
+    quantization-emulating reference at the fp32 gate (quantization loss is `verify`'s job)."""
     from qwen35c.targets import get_target
 
     report = progress or (lambda stage, msg, frac: None)
     target = get_target(target_name)
     backend = backend or target.backend
-    blocker = target.build_blocker(backend)
+    blocker = target.build_blocker(backend, quantize=None if pipeline else quantize)
     if blocker:
         raise QwenError(blocker)
     model = Path(model)
@@ -218,7 +227,7 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
         stages.append((name, now - t0))
         return now
 
-    pipeline_text = pipeline_to_text(parse_pipeline(pipeline or target.full_pipeline()))
+    pipeline_text = pipeline_to_text(parse_pipeline(pipeline or target.full_pipeline(quantize)))
     t0 = time.perf_counter()
     report("trace", f"tracing {model}", None)
     traced = trace_checkpoint(model)
@@ -233,8 +242,28 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
     sources = source_hashes(model)
     t0 = stage_done("hash-sources", t0)
 
+    prepared = None
+    if graph.metadata.get("quantization") is not None:
+        from qwen35c.quant.build import prepare
+
+        report("quantize", f"packing {len(graph.metadata['quantization']['quantized'])} linears "
+                           f"({graph.metadata['quantization']['label']})", None)
+        prepared = prepare(model, graph.metadata["quantization"])
+        graph.metadata["quantization"] = prepared.record
+        t0 = stage_done("quantize", t0)
+
     with atomic_directory(out, force) as tmp:
         weights = CheckpointWeights(model)
+        source, release = weights, weights.release
+        if prepared is not None:
+            from qwen35c.passes.quantize import quantized_weight_source
+            from qwen35c.quant.recipe import Recipe
+
+            source = quantized_weight_source(weights, Recipe.from_dict(prepared.record["recipe"]), prepared.quantized)
+
+            def release(name: str) -> None:
+                if "#" not in name:
+                    weights.release(name)
         total = sum(1 for n in graph.nodes if n.op == "weight")
         seen = [0]
 
@@ -246,8 +275,10 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
             raise QwenError(f"backend '{backend}' is not implemented")
         from qwen35c.backends.onnx.emit import emit_onnx
 
-        emitted = emit_onnx(graph, weights, tmp, on_weight=on_weight, release=weights.release,
+        emitted = emit_onnx(graph, source, tmp, on_weight=on_weight, release=release,
                             tied_lm_head=bool(weights.config.tie_word_embeddings))
+        if prepared is not None:
+            _annotate_onnx(emitted.model_file, {"qwen35c.quantization": json.dumps(prepared.record, sort_keys=True)})
         t0 = stage_done("emit", t0)
         for name in COPIED_MODEL_FILES:
             if (model / name).is_file():
@@ -270,12 +301,23 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
             "passes": [{"name": s.name, "changed": s.changed, "num_matches": s.num_matches} for s in result.stats],
             "parity": {"status": "not run"},
         }
+        if prepared is not None:
+            manifest["quantization"] = prepared.record
         write_manifest(tmp, manifest)
         if check:
             report("check", "parity against the reference", None)
             from qwen35c.verify import quick_parity
 
-            manifest["parity"] = quick_parity(tmp, model, target.precision)
+            if prepared is None:
+                manifest["parity"] = quick_parity(tmp, model, target.precision)
+            else:
+                from qwen35c.runtime.session import ReferenceSession
+
+                emulation = ReferenceSession(prepared.emulated())
+                from qwen35c.verify import lowering_gate
+
+                manifest["parity"] = quick_parity(tmp, model, lowering_gate(prepared.record), reference=emulation,
+                                                  against="quantization-emulating reference")
             write_manifest(tmp, manifest)
             t0 = stage_done("check", t0)
             if not manifest["parity"].get("passed", False):
@@ -285,6 +327,17 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
                                     f"nothing was written to {out}")
         report("write", f"renaming into {out}", None)
     return BuildReport(out, manifest, time.perf_counter() - start, stages)
+
+
+def _annotate_onnx(model_file: Path, props: dict[str, str]) -> None:
+    """Add metadata_props to an emitted model.onnx (external data untouched; deterministic bytes)."""
+    import onnx
+
+    proto = onnx.load(str(model_file), load_external_data=False)
+    for key, value in sorted(props.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    model_file.write_bytes(proto.SerializeToString(deterministic=True))
 
 
 __all__ = ["ArtifactError", "BuildReport", "MANIFEST", "SCHEMA_VERSION", "atomic_directory", "build_artifact",

@@ -9,6 +9,19 @@ Checks, in order (each reported as pass / fail / not run, never a pass it did no
              (prefill, then teacher-forced decode steps), and greedy continuations
 Metrics per case: max / mean |Δlogit|, min cosine, KL(ref || artifact) mean and p99, top-1
 agreement; gated by the target's precision (`qwen35c.targets.GATES`). Parity failure -> exit 1.
+
+A quantized artifact (manifest `quantization` section) is checked twice, separately:
+  parity        artifact vs the quantization-emulating reference (the reference model with the same
+                packed weights dequantized, activations fake-quantized; rebuilt with
+                `qwen35c.quant.build.prepare` and matched by the packed-weight sha256) on the prompt
+                set above, at the fp32 gate (max |Δlogit| <= 1e-3, top-1 100%): the lowering error.
+                Recipes that quantize activations at run time (FP8 dynamic / static) use the
+                `quantized-activations` gate instead (`lowering_gate`; why: qwen35c.targets.GATES).
+                Not run (never run against other weights) when the digest cannot be reproduced.
+  quantization  the emulation vs the full-precision reference, teacher-forced on held-out text
+                (`heldout_ids`), at the recipe's precision gate (fp8 / int4): the quantization loss.
+                Not run for a checkpoint without a tokenizer.json.
+Either failing -> exit 1.
 """
 
 from __future__ import annotations
@@ -119,19 +132,122 @@ def _reference_session(path: Path):
     return ReferenceSession.from_checkpoint(path, "float32")
 
 
-def quick_parity(artifact_dir: Path, model_dir: Path, precision: str) -> dict:
-    """The build's own check: a few short prompts; numbers rounded so builds stay byte-identical."""
+def quick_parity(artifact_dir: Path, model_dir: Path, precision: str, reference=None,
+                 against: str = "reference") -> dict:
+    """The build's own check: a few short prompts; numbers rounded so builds stay byte-identical.
+    `reference` (a session) replaces the checkpoint's fp32 reference (quantized builds pass the
+    quantization-emulating reference, named by `against`)."""
     from qwen35c.backends.onnx.session import OnnxSession
     from qwen35c.artifact import read_manifest
 
     session = OnnxSession(artifact_dir, read_manifest(artifact_dir), threads=1)
-    result = compare(session, _reference_session(model_dir), single=(1, 65), batch=(3, 9), steps=4)
+    reference = reference if reference is not None else _reference_session(model_dir)
+    result = compare(session, reference, single=(1, 65), batch=(3, 9), steps=4)
     ok, failures = gate(result["total"], precision, result["greedy_match"])
     total = {k: (float(f"{v:.2g}") if isinstance(v, float) else v) for k, v in result["total"].items()}
     summary = "pass" if ok else "; ".join(failures)
-    return {"status": "pass" if ok else "fail", "passed": ok, "by": "build", "precision": precision,
-            "prompts": "T=1, T=65, batch [3, 9] + 4 decode steps", "metrics": total,
-            "greedy_match": result["greedy_match"], "summary": summary}
+    out = {"status": "pass" if ok else "fail", "passed": ok, "by": "build", "precision": precision,
+           "prompts": "T=1, T=65, batch [3, 9] + 4 decode steps", "metrics": total,
+           "greedy_match": result["greedy_match"], "summary": summary}
+    if against != "reference":
+        out["against"] = against
+    return out
+
+
+# quantization loss is measured teacher-forced on natural held-out text (random ids make top-1 meaningless)
+LOSS_TOKENS = 4096
+LOSS_CONTEXT = 256
+
+
+def heldout_ids(tokenizer, max_tokens: int = LOSS_TOKENS) -> tuple[list[int], str] | None:
+    """Token ids of the held-out text (the stdlib files the bundled models never trained on,
+    `reference.train_tiny.HELD_OUT`, from this interpreter) and its description; None if absent."""
+    import sysconfig
+
+    from qwen35c.eval.perplexity import encode_text
+    from reference.train_tiny import HELD_OUT
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [root / name for name in HELD_OUT if (root / name).is_file()]
+    if not files:
+        return None
+    text = "".join(f.read_bytes().decode("utf-8", errors="replace") for f in files)
+    ids = encode_text(tokenizer, text)[: max_tokens + 1]
+    return ids, f"held-out stdlib files ({', '.join(HELD_OUT)}), first {len(ids) - 1} tokens"
+
+
+def quantization_loss(full, emulated, ids: list[int], context: int = LOSS_CONTEXT) -> dict:
+    """Teacher-forced KL(full || emulated), top-1 agreement and perplexity ratio over `ids`
+    (windows of `context` tokens, like `qwen35c perplexity --kl-base`)."""
+    from qwen35c.eval.perplexity import windows
+
+    all_ids = torch.tensor(ids, dtype=torch.long)
+    got, want, targets = [], [], []
+    with torch.no_grad():
+        for w in windows(len(ids), context, context):
+            x = all_ids[None, w.begin:w.end]
+            rows = torch.arange(w.target_begin - 1, w.target_end - 1) - w.begin
+            want.append(full(x)[0, rows].float())
+            got.append(emulated(x)[0, rows].float())
+            targets.append(all_ids[w.target_begin:w.target_end])
+    got, want, targets = torch.cat(got), torch.cat(want), torch.cat(targets)
+    metrics = _metrics(got, want)
+    nll = lambda logits: float(-logits.double().log_softmax(-1).gather(1, targets[:, None]).mean())  # noqa: E731
+    metrics["ppl_ratio"] = math.exp(nll(got) - nll(want))
+    return metrics
+
+
+def lowering_gate(record: dict) -> str:
+    """The gate of artifact vs emulation: fp32 for weight-only recipes; with run-time activation
+    quantization, `quantized-activations` (see `qwen35c.targets.GATES`)."""
+    return "fp32" if record["recipe"].get("activations", "none") == "none" else "quantized-activations"
+
+
+def _verify_quantized(artifact, manifest: dict, ref_path: Path, checks: list[dict], report: dict) -> None:
+    """Two separate checks for a quantized artifact (see the module docstring)."""
+    from qwen35c.quant.build import prepare
+    from qwen35c.runtime.session import ReferenceSession, load_tokenizer
+    from qwen35c.targets import GATES
+
+    record = manifest["quantization"]
+    precision = record["precision"]
+    prepared = prepare(ref_path, record)
+    emulated = prepared.emulated()
+    same = prepared.record["packed_sha256"] == record["packed_sha256"]
+    report["quantization"] = {"label": record["label"], "precision": precision,
+                              "packed_sha256": {"artifact": record["packed_sha256"],
+                                                "reproduced": prepared.record["packed_sha256"]}}
+    if not same:
+        checks.append({"name": "parity", "status": "not run",
+                       "detail": "the quantization-emulating reference could not be reproduced (packed-weight "
+                                 "digest differs from the manifest's: another torch build or CPU?); artifact "
+                                 "vs emulation not compared"})
+    else:
+        result = compare(artifact, ReferenceSession(emulated))
+        lowering = lowering_gate(record)
+        ok, failures = gate(result["total"], lowering, result["greedy_match"])
+        report["quantization"]["lowering_gate"] = lowering
+        report["parity"] = result
+        report["parity"]["against"] = "quantization-emulating reference"
+        checks.append({"name": "parity", "status": "pass" if ok else "fail",
+                       "detail": ("artifact vs quantization-emulating reference (lowering error): "
+                                  + (f"within the {lowering} gate" if ok else "; ".join(failures)))})
+    tokenizer = load_tokenizer(ref_path)
+    text = heldout_ids(tokenizer) if tokenizer is not None else None
+    if text is None:
+        checks.append({"name": "quantization", "status": "not run",
+                       "detail": "no tokenizer.json (or no held-out text) to measure quantization loss on"})
+        return
+    ids, described = text
+    metrics = quantization_loss(prepared.model, emulated, ids)
+    limits = GATES[precision]
+    ok, failures = gate(metrics, precision, None)
+    report["quantization"].update(text=described, metrics=metrics, gate=limits)
+    checks.append({"name": "quantization", "status": "pass" if ok else "fail",
+                   "detail": (f"{record['label']} emulation vs full precision (quantization loss): mean KL "
+                              f"{metrics['kl_mean']:.2e}, p99 {metrics['kl_p99']:.2e}, top-1 {metrics['top1']:.4f}, "
+                              f"ppl x{metrics['ppl_ratio']:.4f}; "
+                              + (f"within the {precision} gate" if ok else "; ".join(failures)))})
 
 
 def verify_artifact(directory: str | Path, reference: str | Path | None = None, bisect: bool = False,
@@ -160,10 +276,18 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     if mismatched:
         raise ArtifactError(f"{ref_path / mismatched[0]}: differs from the checkpoint the artifact was built from")
     checks.append({"name": "reference", "status": "pass", "detail": f"{ref_path} matches the source hashes"})
-    report = {"artifact": str(directory), "target": target.name, "precision": target.precision,
+    quantized = manifest.get("quantization")
+    report = {"artifact": str(directory), "target": target.name,
+              "precision": quantized["precision"] if quantized else target.precision,
               "checks": checks, "passed": None}
     if not runnable:
         checks.append({"name": "parity", "status": "not run", "detail": why})
+        if quantized:
+            checks.append({"name": "quantization", "status": "not run", "detail": why})
+    elif quantized:
+        from qwen35c.runtime import load
+
+        _verify_quantized(load(directory, check=False, threads=threads), manifest, ref_path, checks, report)
     else:
         from qwen35c.runtime import load
 
@@ -174,7 +298,11 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
         checks.append({"name": "parity", "status": "pass" if ok else "fail",
                        "detail": "within the fp32 gate" if ok and target.precision == "fp32" else
                        ("within the gate" if ok else "; ".join(failures))})
-    if bisect:
+    if bisect and quantized:
+        checks.append({"name": "bisect", "status": "not run",
+                       "detail": "bisect compares every pass with the full-precision model; a quantized "
+                                 "pipeline is checked by the parity / quantization checks instead"})
+    elif bisect:
         failed = any(c["name"] == "parity" and c["status"] == "fail" for c in checks)
         report["bisect"] = run_bisect(manifest, ref_path, artifact_failed=failed)
         checks.append({"name": "bisect", "status": "pass" if report["bisect"]["first_broken"] is None else "fail",
@@ -202,4 +330,5 @@ def run_bisect(manifest: dict, ref_path: Path, tolerance: float = 1e-4, artifact
     return out
 
 
-__all__ = ["ParityFailure", "compare", "gate", "quick_parity", "run_bisect", "verify_artifact"]
+__all__ = ["ParityFailure", "compare", "gate", "heldout_ids", "quantization_loss", "lowering_gate", "quick_parity", "run_bisect",
+           "verify_artifact"]

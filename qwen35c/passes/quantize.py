@@ -15,7 +15,10 @@ from qwen35c.quant.formats import Fp8Weight, Int4Weight, fake_quant_activations
 from qwen35c.quant.policy import canonical_name, plan
 from qwen35c.quant.recipe import Recipe, parse_scheme
 
-__all__ = ["QuantizePass", "quantized_weight_source", "packed_parts"]
+__all__ = ["QuantizePass", "quantized_weight_source", "packed_parts", "NOT_LOWERED_REASON"]
+
+NOT_LOWERED_REASON = ("routed experts (stacked weights of moe / grouped_linear / batched_linear) stay high "
+                      "precision: no backend has a quantized grouped-expert lowering yet")
 
 
 def packed_parts(q: Fp8Weight | Int4Weight) -> dict[str, torch.Tensor]:
@@ -108,8 +111,10 @@ class QuantizePass(Pass):
                 `scales`, [`zeros`], [`g_idx`], [`pre_scale`]); `graph.metadata["quantization"]` holds the
                 recipe (`Recipe.to_dict()`) and the quantized / kept names. The weight source must
                 answer the `#` names: `quantized_weight_source(base, recipe, quantized)`.
-      Does not quantize routed experts inside `moe` / `grouped_linear` (stacked weights) nor linears
-      with a bias; they are listed under `not_lowered`. The interpreter runs `quantized_linear` with the
+      Does not quantize routed experts inside `moe` / `grouped_linear` / `batched_linear` (stacked
+      weights) nor linears with a bias; they are listed under `not_lowered` and stay high precision
+      (NOT_LOWERED_REASON; the policy's INT4/FP8 default for experts is overridden, and the
+      emulating reference built for `verify` keeps them too, so it matches the artifact). The interpreter runs `quantized_linear` with the
       dequantize twins, i.e. it evaluates the quantization-emulating reference.
     Options: scheme, group-size, symmetric, act-order, include / exclude (globs separated by ';').
     """
@@ -121,8 +126,10 @@ class QuantizePass(Pass):
         recipe = self.options.recipe()
         candidates, not_lowered = [], []
         for node in graph.nodes:
-            if node.op in ("moe", "grouped_linear"):
-                not_lowered += [v.producer.attrs["name"] for v in node.inputs[2:]
+            if node.op in ("moe", "grouped_linear", "batched_linear"):
+                # stacked routed-expert weights (moe: x, router, gate_up, down; grouped/batched: rows, w, ...)
+                stacked = node.inputs[2:] if node.op == "moe" else node.inputs[1:2]
+                not_lowered += [v.producer.attrs["name"] for v in stacked
                                 if v.producer is not None and v.producer.op == "weight"]
             if node.op != "linear" or node.inputs[1].producer is None or node.inputs[1].producer.op != "weight":
                 continue
@@ -146,6 +153,8 @@ class QuantizePass(Pass):
             "quantized": sorted(n for n, d in decisions.items() if d.quantize),
             "kept": sorted(n for n, d in decisions.items() if not d.quantize),
             "not_lowered": sorted(set(not_lowered))}
+        if not_lowered:
+            graph.metadata["quantization"]["not_lowered_reason"] = NOT_LOWERED_REASON
         return PassResult(graph, changed=count > 0, num_matches=count)
 
     def _rewrite(self, graph: Graph, node, name: str, recipe: Recipe) -> None:

@@ -11,11 +11,22 @@ falls back to RTN in `quantize_model`). The model's own output is unchanged eith
 
 Rows are kept up to `max_rows` per unit (a seeded uniform subsample once exceeded); the per-unit
 absolute maximum is tracked over every row (static FP8 activation scales need the true amax).
+
+Built-in calibration data (`builtin_calibration`): what a build calibrates on when it is given
+nothing else. The text is bundled (`data/calibration.txt`, provenance in `data/README.md`: the
+first 4 KiB of 16 training-split stdlib files, never a held-out one), not read from the running
+interpreter, so builds on any machine see the same bytes; it is tokenized with the checkpoint's own
+tokenizer.json (each document behind `<|endoftext|>`) and cut into `seq_len` sequences up to
+`max_tokens`. A checkpoint without a tokenizer.json (random test checkpoints) calibrates on seeded
+uniform token ids instead. The record (`CalibrationSet.meta`) names the source and its sha256 and is
+written into the graph metadata and the artifact manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +35,13 @@ from torch import Tensor, nn
 from reference import ops
 from reference.model import SparseMoeBlock
 
-__all__ = ["Calibration", "collect", "calibration_batches"]
+__all__ = ["Calibration", "CalibrationSet", "collect", "calibration_batches", "builtin_calibration",
+           "CALIBRATION_TEXT", "CALIBRATION_TOKENS", "CALIBRATION_SEQ_LEN"]
+
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+CALIBRATION_TOKENS = 8192        # 32 sequences of 256 tokens (AWQ needs few; GPTQ's Hessian is K x K)
+CALIBRATION_SEQ_LEN = 256
+DOC_SEPARATOR = "<|endoftext|>"
 
 
 @dataclass
@@ -136,3 +153,39 @@ def calibration_batches(ids: list[int] | Tensor, seq_len: int, max_batches: int)
     stride = max(seq_len, (ids.numel() - seq_len) // max(count - 1, 1)) if count > 1 else seq_len
     return [ids[i * stride:i * stride + seq_len].view(1, -1) for i in range(count)
             if ids[i * stride:i * stride + seq_len].numel() == seq_len]
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration token batches plus the record of where they came from (for the manifest)."""
+
+    batches: list[Tensor]
+    meta: dict
+
+
+def builtin_calibration(model_dir: str | Path, vocab_size: int, max_tokens: int = CALIBRATION_TOKENS,
+                        seq_len: int = CALIBRATION_SEQ_LEN) -> CalibrationSet:
+    """The built-in calibration set for a checkpoint (see the module docstring); deterministic."""
+    tokenizer_file = Path(model_dir) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        raw = CALIBRATION_TEXT.read_bytes()
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        sep = tokenizer.token_to_id(DOC_SEPARATOR)
+        ids: list[int] = []
+        for doc in raw.decode("utf-8").split(DOC_SEPARATOR):
+            ids += ([sep] if sep is not None else []) + list(tokenizer.encode(doc, add_special_tokens=False).ids)
+        ids = ids[:max_tokens]
+        if ids and max(ids) >= vocab_size:
+            raise ValueError(f"{tokenizer_file}: token id {max(ids)} is outside the model's vocabulary ({vocab_size})")
+        meta = {"source": "builtin text qwen35c/quant/data/calibration.txt",
+                "text_sha256": hashlib.sha256(raw).hexdigest(),
+                "tokenizer_sha256": hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()}
+    else:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab_size, (max_tokens,), generator=generator).tolist()
+        meta = {"source": "uniform random token ids, seed 0 (the checkpoint has no tokenizer.json)"}
+    batches = calibration_batches(ids, seq_len, max(1, len(ids) // seq_len))
+    meta.update(tokens=sum(b.numel() for b in batches), seq_len=seq_len, sequences=len(batches))
+    return CalibrationSet(batches, meta)

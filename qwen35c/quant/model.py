@@ -67,14 +67,26 @@ def _canonical_source(d: Decision) -> str:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, recipe: Recipe, calibration: Calibration | None = None,
-                   progress=None) -> QuantizedModel:
+                   progress=None, only: set[str] | None = None,
+                   only_reason: str = "not lowered by the backend: kept") -> QuantizedModel:
     """Quantize every unit the policy selects. Calibrated recipes (AWQ, GPTQ, static FP8) need
-    `calibration` (from `qwen35c.quant.calibrate.collect`)."""
+    `calibration` (from `qwen35c.quant.calibrate.collect`). `only` (canonical unit names) restricts
+    it to the units a compiled graph actually quantized (the `quantize` pass's list); the policy's
+    other choices become kept, with `only_reason`."""
     if isinstance(model, QuantizedModel):
         raise QwenError("this model is already quantized (imported codes are never re-quantized)")
     if recipe.needs_calibration and calibration is None:
         raise QwenError(f"{recipe.label} needs calibration activations")
     decisions = plan_model(model, recipe)
+    if only is not None:
+        import dataclasses
+
+        missing = sorted(set(only) - {d.canonical for d in decisions if d.quantize})
+        if missing:
+            raise QwenError(f"the graph quantized {missing[0]}, which the policy keeps for this model "
+                            f"({len(missing)} such unit(s)): the pass and the model disagree")
+        decisions = [d if not d.quantize or d.canonical in only else dataclasses.replace(d, quantize=False, reason=only_reason)
+                     for d in decisions]
     params = dict(model.named_parameters())
     out = QuantizedModel(recipe, {}, decisions)
     fallback = []

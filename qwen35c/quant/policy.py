@@ -16,6 +16,13 @@ Defaults (notes §0 and §5, the official Qwen FP8 `modules_to_not_convert`):
 name (either may match); exclude wins. A glob that matches no tensor is an error (a typo must not
 silently quantize nothing). Fused expert tensors ([E, 2I, H] gate_up_proj, [E, H, I] down_proj) are
 planned per expert and part under the official per-expert names `mlp.experts.{e}.{gate,up,down}_proj.weight`.
+
+Compiled artifacts: the policy says what SHOULD be quantized; the `quantize` pass quantizes what the
+backend can lower. Routed experts (stacked weights inside `moe` / `grouped_linear`) have no quantized
+lowering yet, so every artifact today keeps them high precision: the pass lists them under
+`not_lowered` with `not_lowered_reason`, the manifest records both, and the emulating reference that
+`verify` builds keeps them too (`quantize_model(..., only=...)`). The quality table in the README
+quantizes them (the policy's choice), as a measurement of what a grouped INT4/FP8 kernel would get.
 """
 
 from __future__ import annotations

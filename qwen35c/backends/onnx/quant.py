@@ -10,7 +10,8 @@ The node is a `quantized_linear` from the `quantize` pass (qwen35c/passes/quanti
   FP8   -> W^T = DequantizeLinear(codes^T [K, N] e4m3, scale) (opset 21; blocked along K with
            block_size 128 for fp8-block, the 128-row scale grid expanded along N; per-axis for channel;
            scalar for tensor) then MatMul. When the recipe is dynamic, x is fake-quantized first per
-           token per 128-channel group (per token for tensor/channel): s = max(amax, 1e-10)/448,
+           token per 128-channel group (per token for tensor/channel; a partial last group is zero-padded,
+           as in the emulation): s = max(amax, 1e-10)/448,
            Cast(Clip(x/s, ±448) -> e4m3, saturating RNE) -> float * s — the same rounding as
            `qwen35c.quant.formats.fp8_fake_quant_activations`; static: the same with the calibrated scale.
 Each lowering is the ONNX image of the dequantize twin in `qwen35c.quant.formats`, so artifact vs
@@ -91,15 +92,21 @@ def _fake_quant_fp8(emitter, x: str, k: int, group: int | None, scale: str | Non
         back = emitter.node("Cast", [emitter.node("Cast", [q], to=f8)[0]], to=TensorProto.FLOAT)[0]
         return emitter.node("Mul", [back, scale], hint=hint + "_xq")[0]
     width = k if group is None else group
-    if k % width:
-        raise ValueError(f"dynamic FP8 activation groups need K % {width} == 0 (K={k})")
+    groups, pad = -(-k // width), (-k) % width
     shape_in = emitter.node("Shape", [x])[0]
-    grouped = emitter.node("Reshape", [x, emitter.i64([-1, k // width, width])])[0]
+    flat = emitter.node("Reshape", [x, emitter.i64([-1, k])])[0]
+    if pad:   # a partial last group: zero-padded like fp8_quantize_activations (zeros never raise amax)
+        flat = emitter.node("Pad", [flat, emitter.i64([0, 0, 0, pad])])[0]
+    grouped = emitter.node("Reshape", [flat, emitter.i64([-1, groups, width])])[0]
     amax = emitter.node("ReduceMax", [emitter.node("Abs", [grouped])[0], emitter.i64([-1])], keepdims=1)[0]
     s = emitter.node("Div", [emitter.node("Max", [amax, emitter.f32(1e-10)])[0], emitter.f32(448.0)])[0]
     q = emitter.node("Clip", [emitter.node("Div", [grouped, s])[0], emitter.f32(-448.0), emitter.f32(448.0)])[0]
     back = emitter.node("Cast", [emitter.node("Cast", [q], to=f8)[0]], to=TensorProto.FLOAT)[0]
-    return emitter.node("Reshape", [emitter.node("Mul", [back, s])[0], shape_in], hint=hint + "_xq")[0]
+    back = emitter.node("Mul", [back, s])[0]
+    if pad:
+        back = emitter.node("Reshape", [back, emitter.i64([-1, groups * width])])[0]
+        back = emitter.node("Slice", [back, emitter.i64([0]), emitter.i64([k]), emitter.i64([1])])[0]
+    return emitter.node("Reshape", [back, shape_in], hint=hint + "_xq")[0]
 
 
 def _lower_fp8(emitter, node, x: str, hint: str) -> list[str]:
@@ -115,7 +122,8 @@ def _lower_fp8(emitter, node, x: str, hint: str) -> list[str]:
         x = _fake_quant_fp8(emitter, x, k, 128 if a["granularity"] == "block" else None, None, hint)
     elif input_scale is not None:
         x = _fake_quant_fp8(emitter, x, k, None, emitter.name(input_scale), hint)
-    codes_t = _add(emitter, codes.t().contiguous(), hint + "_w8", "f8e4m3")          # [K, N]
+    # the raw E4M3 bytes (numpy has no float8; the initializer's data type says FLOAT8E4M3FN)
+    codes_t = _add(emitter, codes.t().contiguous().view(torch.uint8), hint + "_w8", "f8e4m3")   # [K, N]
     if a["granularity"] == "block":
         grid = scale.repeat_interleave(128, dim=0)[:n].t().contiguous()              # [ceil(K/128), N]
         s = _add(emitter, grid, hint + "_wscale", "f32")

@@ -1,0 +1,111 @@
+"""Quantization inside a build and a verify: the packed weights of a compiled graph, reproducibly.
+
+The `quantize` pass decides WHICH linears are quantized (its `graph.metadata["quantization"]`:
+recipe, quantized / kept / not-lowered names). `prepare(model_dir, meta)` computes the packed weights
+of exactly those units: it loads the reference model in fp32, calibrates on the built-in calibration
+set when the recipe needs data (AWQ, GPTQ, static FP8; `calibrate.builtin_calibration`), and runs
+`quantize_model(..., only=<the pass's units>)`. Calibration and quantization run single-threaded
+(`torch.set_num_threads(1)` for their duration): BLAS reductions change with the thread count, and a
+GPTQ code flips on a last-bit difference, so one thread count is what keeps builds byte-identical
+across machines with different core counts.
+
+The result is recorded (`Prepared.record`) in the graph metadata and the manifest's `quantization`
+section: the recipe, the calibration record, the unit lists and `packed_sha256`, a digest of every
+packed tensor. `verify` calls `prepare` again from the manifest and compares the digest: equal means
+its quantization-emulating reference (`emulate`) uses the very codes and scales inside the artifact,
+so artifact-vs-emulation measures the lowering alone. A different digest (another torch build, a
+different CPU ISA) is reported, and that check is not run rather than run against other weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwen35c.quant.model import QuantizedModel, emulate, quantize_model
+from qwen35c.quant.policy import canonical_name
+from qwen35c.quant.recipe import Recipe
+
+__all__ = ["Prepared", "prepare", "packed_digest", "precision_of", "DEFAULT_INT4_ALGORITHM"]
+
+# The INT4 algorithm of the `cpu-int4` / `a100-int4` targets: GPTQ (g128, symmetric, no act-order).
+# Why: (1) measured on both bundled trained models with the built-in calibration set (README table,
+# bench/bench_quant.py), GPTQ has about half of AWQ's mean KL (dense 3.3e-4 vs 6.6e-4) and the best
+# top-1; (2) it is the format of Qwen's own INT4 releases (Qwen3.5-27B-GPTQ-Int4, notes/quantization.md
+# §3.6), so imported and self-quantized INT4 share one path; (3) its codes need no explicit AWQ
+# pre-scale, i.e. no extra Mul before every MatMulNBits; (4) static groups keep it g_idx-free, which
+# TensorRT's symmetric INT4 DQ and MatMulNBits both take as is. AWQ stays one option away
+# (`--quantize int4-awq`); notes §3.1 recommend it when calibration data is scarce.
+DEFAULT_INT4_ALGORITHM = "gptq"
+
+
+@contextlib.contextmanager
+def _single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def packed_digest(quantized: QuantizedModel) -> str:
+    """sha256 over every unit's packed tensors (name, part, dtype, shape, bytes), in sorted order."""
+    from qwen35c.passes.quantize import packed_parts
+
+    digest = hashlib.sha256()
+    for name in sorted(quantized.weights):
+        for part, tensor in sorted(packed_parts(quantized.weights[name]).items()):
+            t = tensor.detach().contiguous().cpu()
+            digest.update(f"{name}#{part}:{t.dtype}:{list(t.shape)}\0".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def precision_of(recipe: Recipe) -> str:
+    """The parity gate class of a recipe (`qwen35c.targets.GATES`)."""
+    return "fp8" if recipe.is_fp8 else "int4"
+
+
+@dataclass
+class Prepared:
+    quantized: QuantizedModel
+    model: nn.Module            # the fp32 reference model (full precision)
+    record: dict                # what the manifest / graph metadata records
+
+    def emulated(self) -> nn.Module:
+        return emulate(self.model, self.quantized)
+
+
+def prepare(model_dir: str | Path, meta: dict, model: nn.Module | None = None) -> Prepared:
+    """Packed weights for the units of a `quantize` pass record `meta` (see the module docstring)."""
+    from qwen35c.quant import calibrate
+
+    recipe = Recipe.from_dict(meta["recipe"])
+    if model is None:
+        from reference.checkpoint import load_model
+
+        model = load_model(model_dir, torch.float32)
+    units = {canonical_name(n) for n in meta["quantized"]}
+    calib_record = None
+    with _single_thread():
+        calib = None
+        if recipe.needs_calibration:
+            cset = calibrate.builtin_calibration(model_dir, model.config.vocab_size)
+            calib = calibrate.collect(model, cset.batches, mode=recipe.moe_calibration)
+            calib_record = {**cset.meta, "moe_calibration": recipe.moe_calibration}
+        quantized = quantize_model(model, recipe, calib, only=units,
+                                   only_reason="not quantized in this graph (see not_lowered)")
+    record = {"recipe": recipe.to_dict(), "label": recipe.label, "precision": precision_of(recipe),
+              "algorithm": recipe.algorithm, "calibration": calib_record,
+              "quantized": sorted(meta["quantized"]), "kept": sorted(meta.get("kept", [])),
+              "not_lowered": sorted(meta.get("not_lowered", [])),
+              "packed_sha256": packed_digest(quantized), "notes": list(quantized.notes)}
+    if meta.get("not_lowered_reason"):
+        record["not_lowered_reason"] = meta["not_lowered_reason"]
+    return Prepared(quantized, model, record)

@@ -1,0 +1,147 @@
+"""Quantized builds end to end: `qwen35c build --target cpu-int4` / `--quantize fp8-block128`, then
+`verify` with its two separate checks (artifact vs quantization-emulating reference; emulation vs
+full precision), the recipe in the manifest and the ONNX metadata, byte-identical rebuilds."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from qwen35c.artifact import build_artifact
+from qwen35c.cli import main
+
+
+def _checks(report: dict) -> dict:
+    return {c["name"]: c["status"] for c in report["checks"]}
+
+
+def _verify(path) -> dict:
+    result = CliRunner().invoke(main, ["verify", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def int4_artifacts(checkpoint_factory, tmp_path_factory):
+    """The random tiny preset built twice for cpu-int4 (GPTQ g128): once through the CLI, once through the API."""
+    ckpt = checkpoint_factory("tiny")
+    root = tmp_path_factory.mktemp("int4")
+    result = CliRunner().invoke(main, ["build", "--model", str(ckpt), "--target", "cpu-int4", "-o", str(root / "a")])
+    assert result.exit_code == 0, result.output
+    build_artifact(ckpt, "cpu-int4", root / "b")
+    return root / "a", root / "b"
+
+
+def test_cpu_int4_manifest_records_the_recipe(int4_artifacts):
+    art, _ = int4_artifacts
+    manifest = json.loads((art / "manifest.json").read_text())
+    q = manifest["quantization"]
+    from qwen35c.quant.build import DEFAULT_INT4_ALGORITHM
+
+    from qwen35c.targets import TARGETS
+
+    assert DEFAULT_INT4_ALGORITHM == "gptq"
+    assert TARGETS["cpu-int4"].quantize == TARGETS["a100-int4"].quantize == "scheme=int4-gptq group-size=128"
+    assert q["recipe"]["scheme"] == "int4" and q["recipe"]["algorithm"] == "gptq" and q["recipe"]["group_size"] == 128
+    assert q["label"] == "int4-gptq-g128" and q["precision"] == "int4" and not q["recipe"]["act_order"]
+    assert "quantize{scheme=int4-gptq group-size=128" in manifest["pipeline"]
+    assert q["calibration"]["tokens"] == 8192 and "seed 0" in q["calibration"]["source"]   # no tokenizer.json
+    assert q["quantized"] == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)]   # K=128; gate/up K=64 kept
+    assert "lm_head.weight" in q["kept"] and len(q["packed_sha256"]) == 64
+    assert manifest["backend"]["ops"]["com.microsoft::MatMulNBits"] == 4
+    assert manifest["parity"]["passed"] and manifest["parity"]["against"] == "quantization-emulating reference"
+    proto = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["qwen35c.quantization"])["recipe"] == q["recipe"]       # the ONNX file says it too
+
+
+def test_cpu_int4_rebuild_is_byte_identical(int4_artifacts):
+    a, b = int4_artifacts
+    files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_cpu_int4_verify_separates_lowering_from_loss(int4_artifacts):
+    report = _verify(int4_artifacts[0])
+    checks = _checks(report)
+    assert report["passed"] and checks["parity"] == "pass" and report["precision"] == "int4"
+    total = report["parity"]["total"]
+    assert total["max_abs"] <= 1e-3 and total["top1"] == 1.0 and report["parity"]["greedy_match"] == 1.0
+    assert report["quantization"]["lowering_gate"] == "fp32"
+    assert report["quantization"]["packed_sha256"]["artifact"] == report["quantization"]["packed_sha256"]["reproduced"]
+    assert checks["quantization"] == "not run"              # random checkpoint: no tokenizer, no natural text
+
+
+def test_verify_reports_a_wrong_packed_weight_digest_as_not_run(int4_artifacts, tmp_path):
+    import shutil
+
+    from qwen35c.artifact import write_manifest
+
+    art = tmp_path / "art"
+    shutil.copytree(int4_artifacts[0], art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["quantization"]["packed_sha256"] = "0" * 64
+    write_manifest(art, manifest)
+    result = CliRunner().invoke(main, ["verify", str(art), "--json"])
+    report = json.loads(result.stdout)
+    assert _checks(report)["parity"] == "not run"           # never compared against other weights
+    assert not any(c["status"] == "pass" and c["name"] == "parity" for c in report["checks"])
+
+
+def test_fp8_block_build_on_cpu_verifies(checkpoint_factory, tmp_path):
+    ckpt = checkpoint_factory("tiny")
+    out = tmp_path / "fp8"
+    result = CliRunner().invoke(main, ["build", "--model", str(ckpt), "--target", "cpu", "--quantize", "fp8-block128",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["recipe"]["scheme"] == "fp8-block128"
+    assert manifest["quantization"]["recipe"]["activations"] == "dynamic"
+    assert manifest["quantization"]["calibration"] is None                      # data-free
+    assert manifest["backend"]["ops"]["DequantizeLinear"] == len(manifest["quantization"]["quantized"]) > 0
+    report = _verify(out)
+    assert _checks(report)["parity"] == "pass" and report["precision"] == "fp8"
+    assert report["quantization"]["lowering_gate"] == "quantized-activations"
+    assert report["parity"]["total"]["kl_mean"] <= 5e-4
+
+
+def test_fp8_gpu_targets_still_fail_clearly(checkpoint_factory, tmp_path):
+    ckpt = checkpoint_factory("tiny")
+    runner = CliRunner()
+    for args in (["--target", "h100-fp8"], ["--target", "h100-fp8", "--backend", "onnx"]):
+        result = runner.invoke(main, ["build", "--model", str(ckpt), *args, "-o", str(tmp_path / "x")])
+        assert result.exit_code == 2, result.output
+    assert "--target cpu --quantize fp8-block128" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_moe_experts_stay_high_precision_and_say_so(checkpoint_factory, tmp_path):
+    ckpt = checkpoint_factory("tiny-moe")
+    out = tmp_path / "moe"
+    build_artifact(ckpt, "cpu-int4", out, quantize="int4-rtn group-size=16")
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["quantized"] and all(".shared_expert." in n for n in q["quantized"])
+    assert q["not_lowered"] and all(".mlp.experts." in n for n in q["not_lowered"])
+    assert "routed experts" in q["not_lowered_reason"]
+    report = _verify(out)
+    assert _checks(report)["parity"] == "pass" and report["parity"]["total"]["max_abs"] <= 1e-3
+
+
+@pytest.mark.slow
+def test_cpu_int4_gate_on_the_bundled_trained_model(tmp_path):
+    """The INT4 loss gate on real trained weights (natural held-out text): ~1-2 min."""
+    from qwen35c.models import bundled
+
+    out = tmp_path / "int4"
+    build_artifact(bundled("qwen35-tiny"), "cpu-int4", out)
+    report = _verify(out)
+    checks = _checks(report)
+    assert checks["parity"] == "pass" and checks["quantization"] == "pass", report["checks"]
+    metrics = report["quantization"]["metrics"]
+    assert metrics["kl_mean"] <= 0.05 and metrics["top1"] >= 0.90
+    assert metrics["kl_mean"] > 0                             # the emulation really is quantized
