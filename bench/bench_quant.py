@@ -8,7 +8,7 @@ ratio against the full-precision reference, teacher-forced on held-out text.
 KL and top-1 come from `qwen35c.eval.perplexity.evaluate` — the same code as
 `qwen35c perplexity MODEL --kl-base` — with the base distribution saved from the fp32 reference
 (`--save-logits`, full vocabulary) and each scheme's quantization-emulating reference scored against it.
-Held-out text: the stdlib files the bundled models never trained on (`reference.train_tiny.HELD_OUT`);
+Held-out text: the stdlib files the bundled models never trained on (`reference.corpus.HELD_OUT`);
 calibration: the same built-in calibration set a build uses (`qwen35c.quant.calibrate.builtin_calibration`:
 bundled training-split text, 8192 tokens in 32 sequences of 256), so the AWQ / GPTQ rows are what
 `qwen35c build --target cpu-int4` ships. `--include GLOB` (repeatable) quantizes more than the INT4
@@ -33,7 +33,7 @@ SCHEMES = ["fp8-block128", "fp8-channel", "fp8-tensor", "int4-rtn", "int4-awq", 
 
 
 def _texts(max_tokens: int, tokenizer, calib_tokens: int):
-    from reference.train_tiny import corpus_files, read_text
+    from reference.corpus import corpus_files, read_text
 
     held = "".join(read_text(p) for p in corpus_files("heldout"))
     train_files = corpus_files("train")

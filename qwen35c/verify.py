@@ -161,11 +161,11 @@ LOSS_CONTEXT = 256
 
 def heldout_ids(tokenizer, max_tokens: int = LOSS_TOKENS) -> tuple[list[int], str] | None:
     """Token ids of the held-out text (the stdlib files the bundled models never trained on,
-    `reference.train_tiny.HELD_OUT`, from this interpreter) and its description; None if absent."""
+    `reference.corpus.HELD_OUT`, from this interpreter) and its description; None if absent."""
     import sysconfig
 
     from qwen35c.eval.perplexity import encode_text
-    from reference.train_tiny import HELD_OUT
+    from reference.corpus import HELD_OUT
 
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [root / name for name in HELD_OUT if (root / name).is_file()]

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from qwen35c.errors import QwenError
 from qwen35c.eval import perplexity as ppl
 
-# A small held-out file of the bundled models (reference/train_tiny.py HELD_OUT), present in every
+# A small held-out file of the bundled models (tools/train_tiny.py HELD_OUT), present in every
 # CPython. The bound is ~15% above the bits/byte the bundled dense model scored when it was trained
 # (see qwen35c/models/qwen35-tiny/training.json): a broken loader or tokenizer lands far above it.
 HELDOUT_FILE = Path(sysconfig.get_paths()["stdlib"]) / "bisect.py"

@@ -1,6 +1,6 @@
 """The checkpoints bundled with qwen35c, and how a command finds the model it should use.
 
-Two small Qwen3.5-architecture models, really trained (by `reference/train_tiny.py`) on the Python
+Two small Qwen3.5-architecture models, really trained (by `tools/train_tiny.py`) on the Python
 standard library, ship inside the package so that every command that takes a model works on a
 fresh install without downloading anything:
 

@@ -4,12 +4,12 @@ The checkpoints that ship in `qwen35c/models/` (`qwen35-tiny`, dense; `qwen35-ti
 top-2 plus the gated shared expert) are produced by this script, on CPU, from data that exists
 offline on every machine: the `.py` files of the running interpreter's standard library.
 
-    python reference/train_tiny.py tokenizer --out build/tiny/tokenizer.json
-    python reference/train_tiny.py train --variant dense --tokenizer build/tiny/tokenizer.json \
+    python tools/train_tiny.py tokenizer --out build/tiny/tokenizer.json
+    python tools/train_tiny.py train --variant dense --tokenizer build/tiny/tokenizer.json \
         --out qwen35c/models/qwen35-tiny
-    python reference/train_tiny.py train --variant moe --tokenizer build/tiny/tokenizer.json \
+    python tools/train_tiny.py train --variant moe --tokenizer build/tiny/tokenizer.json \
         --out qwen35c/models/qwen35-tiny-moe
-    python reference/train_tiny.py card --variant dense --out qwen35c/models/qwen35-tiny
+    python tools/train_tiny.py card --variant dense --out qwen35c/models/qwen35-tiny
 
 Everything that decides the result is recorded: the seed, the Python version and the sha256 of the
 corpus file list and contents, the tokenizer settings and every hyper-parameter (written to
@@ -34,10 +34,13 @@ import sysconfig
 import time
 from pathlib import Path
 
-# Runnable as `python reference/train_tiny.py` from the repo root.
+# Runnable as `python tools/train_tiny.py` from the repo root.
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
+
+from reference.corpus import (EXCLUDED_DIRS, HELD_OUT, corpus_digest, corpus_facts,  # noqa: E402
+                              corpus_files, read_text, stdlib_dir)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 4096  # BPE merges + 256 byte symbols + the 3 special tokens (appended last, as in Qwen)
@@ -48,63 +51,7 @@ VOCAB_SIZE = 4096  # BPE merges + 256 byte symbols + the 3 special tokens (appen
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data"}
-# Held out for evaluation (relative to the stdlib dir; present in every CPython >= 3.9).
-HELD_OUT = ["bisect.py", "colorsys.py", "fractions.py", "graphlib.py", "heapq.py", "json/encoder.py",
-            "queue.py", "shlex.py", "statistics.py", "textwrap.py"]
-
 SEED = 1234
-
-
-# ---- corpus -------------------------------------------------------------------------------------
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def corpus_files(split: str) -> list[Path]:
-    """The sorted training ('train') or held-out ('heldout') files of this interpreter's stdlib."""
-    root = stdlib_dir()
-    if split == "heldout":
-        return [root / name for name in HELD_OUT if (root / name).exists()]
-    held = {root / name for name in HELD_OUT}
-    files = []
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        rel = path.relative_to(root)
-        if set(rel.parts[:-1]) & EXCLUDED_DIRS or path in held or not path.is_file():
-            continue
-        files.append(path)
-    return files
-
-
-def read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
-
-
-def corpus_digest(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    root = stdlib_dir()
-    for f in files:
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def corpus_facts() -> dict:
-    root = stdlib_dir()
-    train, held = corpus_files("train"), corpus_files("heldout")
-    return {
-        "source": "Python standard library *.py files of the training interpreter",
-        "python": platform.python_version(),
-        "stdlib_dir": str(root),
-        "excluded_dirs": sorted(EXCLUDED_DIRS),
-        "train_files": len(train),
-        "train_bytes": sum(f.stat().st_size for f in train),
-        "train_sha256": corpus_digest(train),
-        "heldout_files": [f.relative_to(root).as_posix() for f in held],
-        "heldout_bytes": sum(f.stat().st_size for f in held),
-        "heldout_sha256": corpus_digest(held),
-    }
-
 
 # ---- tokenizer ----------------------------------------------------------------------------------
 def train_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> None:
@@ -557,7 +504,7 @@ def render_card(variant: str, out_dir: Path, rec: dict) -> str:
         "",
         "## Training",
         "",
-        f"* Script: `reference/train_tiny.py train --variant {variant}` (seed {rec['seed']}); "
+        f"* Script: `tools/train_tiny.py train --variant {variant}` (seed {rec['seed']}); "
         "all facts below are also in training.json.",
         f"* Data: {data['train_files']} `.py` files ({data['train_bytes']:,} bytes, {data['train_tokens']:,} "
         f"tokens) of the Python {data['python']} standard library, sorted by path, excluding "
