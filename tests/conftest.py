@@ -33,10 +33,15 @@ def checkpoint_factory(tmp_path_factory):
     return make
 
 
-def hf_model(path: Path, dtype: torch.dtype = torch.float32):
-    """The HF transformers model for a checkpoint (a test-only dependency)."""
+@pytest.fixture(scope="session")
+def hf_model():
+    """hf_model(path, dtype) -> the HF transformers model for a checkpoint (the test-only oracle)."""
     transformers = pytest.importorskip("transformers")
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    def load(path: Path, dtype: torch.dtype = torch.float32):
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    return load
