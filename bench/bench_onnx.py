@@ -1,73 +1,199 @@
-"""Benchmark the onnx backend on a checkpoint (not a test): build time and peak RSS of
-`qwen35c build`, then prefill tok/s (512-token prompt) and decode tok/s (64 new tokens, batch 1)
-at context 512 and 4096, with N ORT threads; medians of 3.
+"""Benchmark the onnx backend on a checkpoint (not a test), side by side with its peers.
 
     python bench/bench_onnx.py --model /work/ckpt/0.8b --out /tmp/art-0.8b --threads 2 [--skip-build]
+        [--pipeline onnx-cpu] [--contexts 512,4096] [--new 64] [--repeats 3]
+        [--genai-python /work/venv-genai/bin/python --genai-model DIR] [--peers hf,reference]
 
-Peer numbers to put beside these are in ../shared/notes/cpu-peers.md (measured on the same 2-core
-machine); run them side by side in one session for ratios, the machine is shared and noisy.
+Reports `qwen35c build` time and peak RSS (skipped with --skip-build), then for every engine prefill
+tok/s (a CONTEXT-token prompt, logits at the last position only) and decode tok/s (NEW greedy tokens,
+batch 1) at each context, with N intra-op threads, medians of the repeats, and each peer's ratio to
+ours. Every engine lives in its own worker process (its peak RSS is reported) and the workers take
+turns per repeat (ours, peer, ours, peer, ...), so the noise of a shared machine hits all alike; the
+load average is recorded before and after.
+
+Peers:
+  genai      ONNX Runtime GenAI (a model made by its builder, e.g. `python -m
+             onnxruntime_genai.models.builder -i CKPT -o DIR -p fp32 -e cpu --extra_options
+             exclude_mtp=true prune_lm_head=true`), run by --genai-python, a separate venv, so
+             this project's venv stays clean. Prefill = append_tokens(prompt); decode = NEW
+             generate_next_token() calls after one untimed call (see notes/cpu-peers).
+  hf         HF transformers eager (fp32, fla blocked, logits_to_keep=1 at prefill).
+  reference  qwen35c's reference eager model (`qwen35c run` without an artifact), fp32.
+Peer numbers measured earlier on this machine are in ../shared/notes/cpu-peers.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
+# ---- workers: one engine each, commands on stdin, one JSON line per result on stdout --------------
 
 
-def build(model: str, out: str) -> dict:
+def _rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker_ours(args):
+    import numpy as np
+    import torch
+
+    from qwen35c.runtime import load
+
+    session = load(args.model, threads=args.threads)
+
+    def run(context, new, vocab=session.config.vocab_size):
+        ids = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, (1, context)))
+        state = session.new_state(1, context + new + 8)
+        t = time.perf_counter()
+        logits = session.prefill(ids, state, last_only=True)
+        prefill = time.perf_counter() - t
+        token = logits[:, -1].argmax(-1).view(1, 1)
+        t = time.perf_counter()
+        for _ in range(new):
+            token = session.decode(token, state)[:, -1].argmax(-1).view(1, 1)
+        return prefill, time.perf_counter() - t
+    return run
+
+
+def _worker_genai(args):
+    import numpy as np
+    import onnxruntime_genai as og
+
+    cfg = og.Config(args.model)
+    cfg.clear_providers()
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": args.threads, "inter_op_num_threads": 1}}}}))
+    model = og.Model(cfg)
+
+    def run(context, new):
+        ids = np.random.default_rng(0).integers(0, 240000, size=context, dtype=np.int32)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=context + new + 2, min_length=context + new + 2, do_sample=False,
+                                  batch_size=1)
+        gen = og.Generator(model, params)
+        t = time.perf_counter()
+        gen.append_tokens(ids)
+        prefill = time.perf_counter() - t
+        gen.generate_next_token()  # selects the first token from the prefill logits (no forward)
+        t = time.perf_counter()
+        for _ in range(new):
+            gen.generate_next_token()
+        return prefill, time.perf_counter() - t
+    return run
+
+
+def _worker_hf(args):
+    import torch
+
+    sys.modules.setdefault("fla", None)
+    import transformers
+    from transformers import DynamicCache
+
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def run(context, new):
+        ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+        cache = DynamicCache(config=model.config)
+        t = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - t
+        token = out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(new):
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        return prefill, time.perf_counter() - t
+    return run
+
+
+def _worker_reference(args):
+    import torch
+
+    from qwen35c.runtime import load
+
+    torch.set_num_threads(args.threads)
+    session = load(args.model, "float32")
+
+    def run(context, new):
+        prompt = torch.randint(0, session.config.vocab_size, (context,),
+                               generator=torch.Generator().manual_seed(0)).tolist()
+        result = session.generate([prompt], new + 1, stop_ids=())
+        return context / result.prefill_tokens_per_second, new / result.decode_tokens_per_second
+    return run
+
+
+def worker_main(args) -> None:
+    t = time.perf_counter()
+    run = globals()[f"_worker_{args.worker}"](args)
+    print(json.dumps({"ready": True, "load_seconds": time.perf_counter() - t}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("quit"):
+            break
+        prefill, decode = run(cmd["context"], cmd["new"])
+        print(json.dumps({"prefill_tok_s": cmd["context"] / prefill, "decode_tok_s": cmd["new"] / decode,
+                          "rss_mib": _rss_mib()}), flush=True)
+    print(json.dumps({"peak_rss_mib": _rss_mib()}), flush=True)
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def build(model: str, out: str, pipeline: str | None) -> dict:
     cmd = ["/usr/bin/time", "-v", shutil.which("qwen35c") or "qwen35c", "build", "--model", model,
-           "--target", "cpu", "-o", out, "--force", "--no-check"]
+           "--target", "cpu", "-o", out, "--force", "--no-check"] + (["--pipeline", pipeline] if pipeline else [])
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"build failed:\n{proc.stderr[-3000:]}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return {"build_seconds": seconds, "build_peak_rss_mib": int(rss.group(1)) / 1024 if rss else None,
-            "stages": proc.stderr.strip().splitlines()[-8:]}
+    return {"build_seconds": round(seconds, 1), "build_peak_rss_mib": int(rss.group(1)) / 1024 if rss else None,
+            "pipeline": pipeline or "(target default)"}
 
 
-def bench(out: str, threads: int, contexts=(512, 4096), new_tokens: int = 64, repeats: int = 3) -> dict:
-    import torch
+class Worker:
+    def __init__(self, name: str, python: str, model: str, threads: int, kind: str | None = None,
+                 env: dict | None = None):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), **(env or {}))
+        self.name = name
+        self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--worker", kind or name, "--model", model,
+                                      "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self.ready = self._read()
 
-    from qwen35c.runtime import load
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"worker {self.name} died (exit {self.proc.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)
 
-    t0 = time.perf_counter()
-    session = load(out, threads=threads)
-    result = {"load_seconds": time.perf_counter() - t0, "threads": threads}
-    rng = np.random.default_rng(0)
-    vocab = session.config.vocab_size
-    for context in contexts:
-        ids = torch.from_numpy(rng.integers(0, vocab, (1, context)))
-        prefill = []
-        for _ in range(repeats if context <= 512 else 1):
-            state = session.new_state(1, context + repeats * new_tokens + 8)
-            t = time.perf_counter()
-            logits = session.prefill(ids, state, last_only=True)
-            prefill.append(context / (time.perf_counter() - t))
-        token = logits[:, -1].argmax(-1).view(1, 1)
-        decode = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for _ in range(new_tokens):
-                token = session.decode(token, state)[:, -1].argmax(-1).view(1, 1)
-            decode.append(new_tokens / (time.perf_counter() - t))
-        result[f"prefill_tok_s@{context}"] = statistics.median(prefill)
-        result[f"decode_tok_s@{context}"] = statistics.median(decode)
-        result[f"raw@{context}"] = {"prefill": prefill, "decode": decode}
-    import resource
+    def run(self, context: int, new: int) -> dict:
+        self.proc.stdin.write(json.dumps({"context": context, "new": new}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
 
-    result["bench_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+    def close(self) -> dict:
+        self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        self.proc.wait()
+        return out
 
 
 def main() -> None:
@@ -76,10 +202,56 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/qwen35c-bench-0.8b")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--contexts", default="512,4096")
+    ap.add_argument("--new", type=int, default=64, help="decode tokens per measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="at context <= 512; 1 above (prefill is long)")
+    ap.add_argument("--pipeline", default="onnx-cpu", help="build pipeline ('' = the target's default)")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--genai-python", default=None, help="python of a venv with onnxruntime-genai")
+    ap.add_argument("--genai-model", default=None, help="an ORT GenAI model directory (builder output)")
+    ap.add_argument("--peers", default="", help="comma list of in-venv peers: hf, reference")
+    ap.add_argument("--baseline", default=None, metavar="ARTIFACT:SRC",
+                    help="also run ARTIFACT with the qwen35c sources at SRC (a checkout of an older commit, "
+                         "put first on PYTHONPATH) as engine 'before'")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    report = {} if args.skip_build else build(args.model, args.out)
-    report.update(bench(args.out, args.threads, tuple(int(c) for c in args.contexts.split(","))))
+    if args.worker:
+        return worker_main(args)
+
+    report = {"load_average_before": os.getloadavg()}
+    if not args.skip_build:
+        report.update(build(args.model, args.out, args.pipeline or None))
+    engines = [("ours", sys.executable, args.out, "ours", None)]
+    if args.baseline:
+        artifact, src = args.baseline.split(":", 1)
+        engines.append(("before", sys.executable, artifact, "ours", {"PYTHONPATH": src}))
+    if args.genai_python and args.genai_model:
+        engines.append(("genai", args.genai_python, args.genai_model, "genai", None))
+    for peer in filter(None, args.peers.split(",")):
+        engines.append((peer, sys.executable, args.model, peer, None))
+    workers = []
+    for name, python, model, kind, env in engines:  # loaded one after another, not interleaved
+        w = Worker(name, python, model, args.threads, kind, env)
+        report[f"{name}.load_seconds"] = round(w.ready["load_seconds"], 1)
+        workers.append(w)
+    results = {w.name: {} for w in workers}
+    for context in (int(c) for c in args.contexts.split(",")):
+        runs = {w.name: [] for w in workers}
+        for rep in range(args.repeats if context <= 512 else 1):
+            for w in workers:
+                runs[w.name].append(w.run(context, args.new))
+                print(f"# ctx {context} rep {rep} {w.name}: {runs[w.name][-1]}", file=sys.stderr, flush=True)
+        for name, rs in runs.items():
+            results[name][f"prefill_tok_s@{context}"] = round(statistics.median(r["prefill_tok_s"] for r in rs), 2)
+            results[name][f"decode_tok_s@{context}"] = round(statistics.median(r["decode_tok_s"] for r in rs), 3)
+            results[name][f"raw@{context}"] = [(round(r["prefill_tok_s"], 2), round(r["decode_tok_s"], 3)) for r in rs]
+    for w in workers:
+        results[w.name]["peak_rss_mib"] = round(w.close()["peak_rss_mib"])
+    report["engines"] = results
+    ours = results["ours"]
+    report["ratio_peer_to_ours"] = {
+        name: {k: round(v / ours[k], 3) for k, v in r.items() if k in ours and "tok_s" in k and ours[k]}
+        for name, r in results.items() if name != "ours"}
+    report["load_average_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 
 

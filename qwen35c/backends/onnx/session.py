@@ -1,9 +1,16 @@
 """The ONNX Runtime session over a built artifact: prefill / decode / generate.
 
 State buffers are owned by the session and allocated once per `new_state(batch, max_len)`: two
-sets of OrtValues (A and B) of every state tensor. A step reads one set and writes the other
-through IOBinding, then they swap roles, so no state tensor is allocated per token and ORT never
-reads and writes one buffer in the same step. Only the logits (a fresh [B, P, V]) are new per step.
+sets of OrtValues (A and B) of every conv / recurrent state tensor. A step reads one set and writes
+the other through IOBinding, then they swap roles, so no state tensor is allocated per token and
+ORT never reads and writes one of those buffers in the same step. The KV caches are the exception:
+one buffer each, bound as both input and output, because the graph writes only the new positions
+into it (GroupQueryAttention detects past/present sharing one buffer; the ScatterElements fallback
+skips its copy when they alias); two sets would copy the whole cache every step. Only the logits
+(a fresh [B, P, V]) are new per step.
+
+Threads: `threads` or QWEN35C_THREADS (default: ORT's, one per core); QWEN35C_ORT_SPIN=0 turns
+off the intra-op pool's spin-waiting (better on an oversubscribed machine, slower on an idle one).
 """
 
 from __future__ import annotations
@@ -20,6 +27,13 @@ from qwen35c.runtime.session import Session, load_tokenizer
 _NP = {"f32": np.float32, "f16": np.float16, "i64": np.int64}
 
 
+def in_place(spec: dict) -> bool:
+    """KV caches are updated in place: the graph's ScatterElements writes only the new positions
+    when its output buffer is its input buffer (ORT skips the copy when they alias), and nothing
+    else reads the old cache. Double-buffering them would copy the whole cache every step."""
+    return "S" in spec["shape"]
+
+
 class OnnxState:
     """Per-row token counts and the double-buffered state OrtValues."""
 
@@ -29,13 +43,14 @@ class OnnxState:
         self.batch, self.capacity = batch, max_len
         self.q_start = np.zeros(batch, dtype=np.int64)
         sizes = {"B": batch, "S": max_len}
-        self.buffers = []
-        for _ in range(2):
-            bufs = {}
-            for spec in specs:
-                shape = [sizes[d] if isinstance(d, str) else d for d in spec["shape"]]
-                bufs[spec["name"]] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=_NP[spec["dtype"]]))
-            self.buffers.append(bufs)
+        self.buffers = [{}, {}]
+        for spec in specs:
+            shape = [sizes[d] if isinstance(d, str) else d for d in spec["shape"]]
+            for i, bufs in enumerate(self.buffers):
+                if i and in_place(spec):
+                    bufs[spec["name"]] = self.buffers[0][spec["name"]]
+                else:
+                    bufs[spec["name"]] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=_NP[spec["dtype"]]))
         self.current = 0
 
     def read(self):
@@ -70,6 +85,9 @@ class OnnxSession(Session):
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        spin = os.environ.get("QWEN35C_ORT_SPIN")
+        if spin is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "0" else "1")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         try:
@@ -78,6 +96,7 @@ class OnnxSession(Session):
         except Exception as err:  # ORT raises its own exception types
             raise QwenError(f"{self.directory / backend['model']}: onnxruntime cannot load the model ({err})") from None
         self.vocab = self.config.vocab_size
+        self.gqa = "com.microsoft::GroupQueryAttention" in backend.get("ops", {})
 
     def new_state(self, batch: int, max_len: int) -> OnnxState:
         return OnnxState(self.specs, batch, max_len)
@@ -106,15 +125,47 @@ class OnnxSession(Session):
         return logits
 
     def prefill(self, ids, state, lengths=None, last_only=False):
+        """Prompts longer than QWEN35C_PREFILL_CHUNK (default 1024) tokens run as consecutive chunks
+        (the graph continues from q_start), which bounds the activations ORT holds at once (at 4K
+        tokens: the attention scores alone are heads x T x T floats) at no cost in speed. A row whose
+        prompt ended in an earlier chunk gets length 0 in the later ones: its state is left as it is."""
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
         batch, length = ids.shape
         lengths = np.full(batch, length, np.int64) if lengths is None else \
             np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths, dtype=np.int64)
+        chunk = max(1, int(os.environ.get("QWEN35C_PREFILL_CHUNK", "1024") or 1024))
+        if self.gqa and batch > 1:
+            # ORT's CPU GroupQueryAttention takes T > 1 on top of a non-empty cache only for batch 1
+            # ("batch_size must be 1 when sequence_length > 1 and past context is given"): a batched
+            # prompt runs whole from an empty cache, and a batched continuation one step at a time.
+            chunk = 1 if length > 1 and state.q_start.any() else length
+        if length > chunk:
+            return self._prefill_chunked(ids, state, lengths, last_only, chunk)
         if last_only:
             positions = (lengths - 1).reshape(batch, 1)
         else:
             positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
         return torch.from_numpy(self._run(ids, state, lengths, positions))
+
+    def _prefill_chunked(self, ids, state, lengths, last_only, chunk):
+        batch, length = ids.shape
+        last = lengths - 1
+        parts, result = [], None
+        for c0 in range(0, length, chunk):
+            n = min(length, c0 + chunk) - c0
+            lens = np.clip(lengths - c0, 0, n).astype(np.int64)
+            if last_only:
+                positions = np.clip(last - c0, 0, n - 1).reshape(batch, 1)
+            else:
+                positions = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n))
+            logits = self._run(np.ascontiguousarray(ids[:, c0:c0 + n]), state, lens, positions)
+            if last_only:
+                result = np.zeros_like(logits) if result is None else result
+                here = (last >= c0) & (last < c0 + n)
+                result[here] = logits[here]
+            else:
+                parts.append(logits)
+        return torch.from_numpy(result if last_only else np.concatenate(parts, axis=1))
 
     def decode(self, ids, state):
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
