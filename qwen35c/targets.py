@@ -76,7 +76,7 @@ class Target:
 
 _T = Target
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    _T("cpu", "any CPU", None, "onnx", "fp32", "fp32", "fp32", "standard", "ubuntu-latest"),
+    _T("cpu", "any CPU", None, "onnx", "fp32", "fp32", "fp32", "onnx-cpu", "ubuntu-latest"),
     _T("cpu-int4", "any CPU", None, "onnx", "int4 g128 GPTQ (symmetric)", "fp32", "int4", "standard",
        "ubuntu-latest", quantize="scheme=int4-gptq group-size=128"),
     _T("a100-bf16", "NVIDIA A100", 80, "triton", "bf16", "bf16", "bf16", "standard", "gpu-a100"),
