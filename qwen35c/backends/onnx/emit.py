@@ -26,7 +26,6 @@ Linear weights are stored transposed ([in, out]) for MatMul; a weight shared wit
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -875,14 +874,6 @@ def _np_dtype(dtype: str):
 
 def emit_onnx(graph: Graph, weights, out_dir: Path, **kwargs) -> EmitResult:
     return OnnxEmitter(graph, weights, out_dir, **kwargs).emit()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 __all__ = ["EmitError", "EmitResult", "OnnxEmitter", "StateSpec", "emit_onnx", "OPSET"]
