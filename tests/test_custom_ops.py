@@ -31,7 +31,8 @@ def _samples():
 @pytest.mark.parametrize("op, args", list(_samples()), ids=lambda x: getattr(x, "__name__", ""))
 def test_opcheck(op, args):
     """torch.library.opcheck: schema, fake tensor and dispatch consistency."""
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    assert results == {"test_schema": "SUCCESS", "test_faketensor": "SUCCESS"}, results
 
 
 def test_registry_names_and_docs():
