@@ -3,6 +3,7 @@
     python bench/bench_onnx.py --model /work/ckpt/0.8b --out /tmp/art-0.8b --threads 2 [--skip-build]
         [--pipeline onnx-cpu] [--contexts 512,4096] [--new 64] [--repeats 3]
         [--genai-python /work/venv-genai/bin/python --genai-model DIR] [--peers hf,reference]
+        [--llama-bench BUILD/bin/llama-bench --gguf F32.gguf]
 
 Reports `qwen35c build` time and peak RSS (skipped with --skip-build), then for every engine prefill
 tok/s (a CONTEXT-token prompt, logits at the last position only) and decode tok/s (NEW greedy tokens,
@@ -17,6 +18,10 @@ Peers:
              exclude_mtp=true prune_lm_head=true`), run by --genai-python, a separate venv, so
              this project's venv stays clean. Prefill = append_tokens(prompt); decode = NEW
              generate_next_token() calls after one untimed call (see notes/cpu-peers).
+  llama      llama.cpp's `llama-bench` on an F32 GGUF of the same checkpoint (made with llama.cpp's
+             convert_hf_to_gguf.py): prefill = `-p CONTEXT -n 0`, decode = `-p 0 -n NEW -d CONTEXT`
+             (the depth-CONTEXT prefill is untimed), one repetition per turn after its warm-up run;
+             peak RSS is the largest llama-bench child's (the GGUF is memory-mapped).
   hf         HF transformers eager (fp32, fla blocked, logits_to_keep=1 at prefill).
   reference  qwen35c's reference eager model (`qwen35c run` without an artifact), fp32.
 Peer numbers measured earlier on this machine are in ../shared/notes/cpu-peers.md.
@@ -38,9 +43,10 @@ import time
 
 
 def _rss_mib() -> float:
+    """Peak RSS of this worker or of its largest finished child (llama-bench), whichever is larger."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
 
 
 def _worker_ours(args):
@@ -89,6 +95,21 @@ def _worker_genai(args):
         for _ in range(new):
             gen.generate_next_token()
         return prefill, time.perf_counter() - t
+    return run
+
+
+def _worker_llama(args):
+    def tokens_per_second(*flags) -> float:
+        cmd = [args.llama_bench, "-m", args.model, "-t", str(args.threads), "-r", "1", "-o", "json", *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        return json.loads(proc.stdout)[0]["avg_ts"]
+
+    def run(context, new):
+        prefill = tokens_per_second("-p", str(context), "-n", "0")
+        decode = tokens_per_second("-p", "0", "-n", str(new), "-d", str(context))
+        return context / prefill, new / decode
     return run
 
 
@@ -167,12 +188,12 @@ def build(model: str, out: str, pipeline: str | None) -> dict:
 
 class Worker:
     def __init__(self, name: str, python: str, model: str, threads: int, kind: str | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, extra: tuple = ()):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), **(env or {}))
         self.name = name
         self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--worker", kind or name, "--model", model,
-                                      "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+                                      "--threads", str(threads), *extra], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -208,6 +229,8 @@ def main() -> None:
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--genai-python", default=None, help="python of a venv with onnxruntime-genai")
     ap.add_argument("--genai-model", default=None, help="an ORT GenAI model directory (builder output)")
+    ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary")
+    ap.add_argument("--gguf", default=None, help="an F32 GGUF of the same checkpoint, for llama-bench")
     ap.add_argument("--peers", default="", help="comma list of in-venv peers: hf, reference")
     ap.add_argument("--baseline", default=None, metavar="ARTIFACT:SRC",
                     help="also run ARTIFACT with the qwen35c sources at SRC (a checkout of an older commit, "
@@ -220,17 +243,19 @@ def main() -> None:
     report = {"load_average_before": os.getloadavg()}
     if not args.skip_build:
         report.update(build(args.model, args.out, args.pipeline or None))
-    engines = [("ours", sys.executable, args.out, "ours", None)]
+    engines = [("ours", sys.executable, args.out, "ours", None, ())]
     if args.baseline:
         artifact, src = args.baseline.split(":", 1)
-        engines.append(("before", sys.executable, artifact, "ours", {"PYTHONPATH": src}))
+        engines.append(("before", sys.executable, artifact, "ours", {"PYTHONPATH": src}, ()))
     if args.genai_python and args.genai_model:
-        engines.append(("genai", args.genai_python, args.genai_model, "genai", None))
+        engines.append(("genai", args.genai_python, args.genai_model, "genai", None, ()))
+    if args.llama_bench and args.gguf:
+        engines.append(("llama", sys.executable, args.gguf, "llama", None, ("--llama-bench", args.llama_bench)))
     for peer in filter(None, args.peers.split(",")):
-        engines.append((peer, sys.executable, args.model, peer, None))
+        engines.append((peer, sys.executable, args.model, peer, None, ()))
     workers = []
-    for name, python, model, kind, env in engines:  # loaded one after another, not interleaved
-        w = Worker(name, python, model, args.threads, kind, env)
+    for name, python, model, kind, env, extra in engines:  # loaded one after another, not interleaved
+        w = Worker(name, python, model, args.threads, kind, env, extra)
         report[f"{name}.load_seconds"] = round(w.ready["load_seconds"], 1)
         workers.append(w)
     results = {w.name: {} for w in workers}

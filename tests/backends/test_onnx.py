@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qwen35c.artifact import build_artifact
+from qwen35c.errors import QwenError
 from qwen35c.runtime import load
 from reference.checkpoint import load_model
 
@@ -44,7 +45,6 @@ def test_batch_prefill_then_decode(built):
     got, want = session.prefill(ids, state, lens), ref(ids, cache, lens)
     for b, n in enumerate(lengths):
         assert (got[b, :n] - want[b, :n]).abs().max() <= TOL
-    last = session.prefill  # noqa: F841
     nxt = torch.stack([want[b, n - 1] for b, n in enumerate(lengths)]).argmax(-1)
     for _ in range(8):
         got, want = session.decode(nxt.view(3, 1), state), ref(nxt.view(3, 1), cache)
@@ -66,6 +66,28 @@ def test_last_only_and_batch_equals_alone(built):
     assert torch.allclose(last[0, 0], full[0, 39], atol=1e-6) and torch.allclose(last[1, 0], full[1, 16], atol=1e-6)
     alone = session.logits(ids[1:, :17])
     assert (alone[0] - full[1, :17]).abs().max() <= 1e-5
+
+
+def test_chunked_prefill_equals_whole(built, monkeypatch):
+    """A prompt longer than QWEN35C_PREFILL_CHUNK runs as consecutive chunks continuing from
+    q_start (chunk boundaries at 16 and 32 cut the 64-token GDN chunk and the attention window);
+    logits and the state it leaves match the prompt run whole, and decoding goes on from it."""
+    session, ref = built
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, session.config.vocab_size, (1, 40), generator=gen)
+    whole_state = session.new_state(1, 48)
+    whole = session.prefill(ids, whole_state)
+    monkeypatch.setenv("QWEN35C_PREFILL_CHUNK", "16")
+    state = session.new_state(1, 48)
+    chunked = session.prefill(ids, state)
+    assert (chunked - whole).abs().max() <= 1e-5
+    last = session.prefill(ids, session.new_state(1, 48), last_only=True)
+    assert (last[0, 0] - whole[0, 39]).abs().max() <= 1e-5
+    nxt = whole[:, -1].argmax(-1).view(1, 1)
+    assert (session.decode(nxt, state) - session.decode(nxt, whole_state)).abs().max() <= 1e-5
+    monkeypatch.setenv("QWEN35C_PREFILL_CHUNK", "zero")
+    with pytest.raises(QwenError, match="QWEN35C_PREFILL_CHUNK"):
+        session.prefill(ids, session.new_state(1, 48))
 
 
 def test_generate_greedy_and_sampling(built):

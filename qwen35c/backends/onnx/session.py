@@ -9,13 +9,12 @@ into it (GroupQueryAttention detects past/present sharing one buffer; the Scatte
 skips its copy when they alias); two sets would copy the whole cache every step. Only the logits
 (a fresh [B, P, V]) are new per step.
 
-Threads: `threads` or QWEN35C_THREADS (default: ORT's, one per core); QWEN35C_ORT_SPIN=0 turns
-off the intra-op pool's spin-waiting (better on an oversubscribed machine, slower on an idle one).
+Threads, spin-waiting and the prefill chunk come from `qwen35c.settings` (QWEN35C_THREADS,
+QWEN35C_ORT_SPIN, QWEN35C_PREFILL_CHUNK) unless the caller passes them.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 
 from qwen35c.errors import QwenError
 from qwen35c.runtime.session import Session, load_tokenizer
+from qwen35c.settings import settings
 
 _NP = {"f32": np.float32, "f16": np.float16, "i64": np.int64}
 
@@ -80,14 +80,14 @@ class OnnxSession(Session):
         self.config = load_config(self.directory)
         self.tokenizer = load_tokenizer(self.directory)
         self.specs = backend["states"]
+        knobs = settings()
         options = ort.SessionOptions()
-        threads = threads or int(os.environ.get("QWEN35C_THREADS", "0") or 0)
+        threads = threads or knobs.threads
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        spin = os.environ.get("QWEN35C_ORT_SPIN")
-        if spin is not None:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spin == "0" else "1")
+        if knobs.ort_spin is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", str(int(knobs.ort_spin)))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         try:
@@ -125,7 +125,7 @@ class OnnxSession(Session):
         return logits
 
     def prefill(self, ids, state, lengths=None, last_only=False):
-        """Prompts longer than QWEN35C_PREFILL_CHUNK (default 1024) tokens run as consecutive chunks
+        """Prompts longer than `settings().prefill_chunk` (default 1024) tokens run as consecutive chunks
         (the graph continues from q_start), which bounds the activations ORT holds at once (at 4K
         tokens: the attention scores alone are heads x T x T floats) at no cost in speed. A row whose
         prompt ended in an earlier chunk gets length 0 in the later ones: its state is left as it is."""
@@ -133,7 +133,7 @@ class OnnxSession(Session):
         batch, length = ids.shape
         lengths = np.full(batch, length, np.int64) if lengths is None else \
             np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths, dtype=np.int64)
-        chunk = max(1, int(os.environ.get("QWEN35C_PREFILL_CHUNK", "1024") or 1024))
+        chunk = settings().prefill_chunk
         if self.gqa and batch > 1:
             # ORT's CPU GroupQueryAttention takes T > 1 on top of a non-empty cache only for batch 1
             # ("batch_size must be 1 when sequence_length > 1 and past context is given"): a batched
