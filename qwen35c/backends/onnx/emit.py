@@ -527,11 +527,37 @@ class OnnxEmitter:
         x, w = self._x(node, 0), node.inputs[1]
         scale = self.evaluate(w).float() + node.attrs.get("offset", 0.0) if self.is_static(w) else None
         scale_name = self.initializer(w, "rms", tensor=scale) if scale is not None else self.name(w)
-        return self.node("RMSNormalization", [x, scale_name], axis=-1, epsilon=float(node.attrs["eps"]))
+        eps = float(node.attrs["eps"])
+        residual = self._residual_add(node.inputs[0])
+        if residual is not None:
+            # residual add + norm → one SkipSimplifiedLayerNormalization, which also outputs the sum
+            # (under the Add's own name, for the next residual); fp32, the same sum and norm
+            out = self.node("SkipSimplifiedLayerNormalization", [residual.input[0], residual.input[1], scale_name],
+                            n_out=4, domain=MS_DOMAIN, epsilon=eps, outputs=[self.fresh("skip_norm"), "", "", x])
+            self.nodes[self.nodes.index(residual)] = self.nodes.pop()  # in the Add's place: still topological
+            self.ops["Add"] -= 1
+            return out[:1]
+        return self.node("RMSNormalization", [x, scale_name], axis=-1, epsilon=eps)
+
+    def _residual_add(self, value):
+        """The ONNX Add that made `value` when it is a residual sum: an f32 `add` of two tensors of
+        the output's own shape (no broadcast), emitted as a plain Add. None otherwise."""
+        producer = value.producer
+        if producer is None or producer.op != "add" or value.dtype != "f32" or \
+                any(v.type.shape != value.type.shape or self.is_static(v) for v in producer.inputs):
+            return None
+        name = self.names.get(id(value))
+        return next((n for n in reversed(self.nodes) if n.op_type == "Add" and list(n.output) == [name]), None)
 
     def op_gated_rms_norm(self, node):
-        """w ⊙ x̂ ⊙ silu(z) (the GDN output norm, plain weight): RMSNormalization, then the gate."""
+        """w ⊙ x̂ ⊙ silu(z) (the GDN output norm, plain weight). In fp32 one
+        com.microsoft::GatedRMSNorm (norm over the trailing len(w) elements, times silu(z), all in
+        fp32: the reference's order). Other dtypes round the norm to the input dtype before the gate,
+        as the reference does, which that op cannot: RMSNormalization, casts, then the gate."""
         x, w, z = self._x(node, 0), self.name(node.inputs[1]), self._x(node, 2)
+        if node.inputs[0].dtype == "f32" and node.inputs[2].dtype == "f32":
+            return self.node("GatedRMSNorm", [x, w, z], domain=MS_DOMAIN, epsilon=float(node.attrs["eps"]),
+                             hint=node.outputs[0].name)
         n = self.node("RMSNormalization", [x, w], axis=-1, epsilon=float(node.attrs["eps"]))[0]
         if node.inputs[0].dtype != "f32":
             n = self.node("Cast", [n], to=ONNX_DTYPE[node.inputs[0].dtype])[0]
@@ -736,8 +762,8 @@ class OnnxEmitter:
         The gates are computed here with standard ops: padded steps (t >= lengths[b]) must get
         g = 0 and beta = 0 so they never touch the state. The values are the reference's own fp32
         formula, g = -exp(A_log) · softplus(a + dt_bias), beta = sigmoid(b). q and k are
-        L2-normalised with the reference's x·rsqrt(Σx² + 1e-6) (ORT's in-op norm differs where |x|
-        is small) and q is scaled by dk^-0.5 in-op. The new conv state is gathered at each row's
+        L2-normalised as the reference's x·rsqrt(Σx² + 1e-6), written as one RMSNormalization (ORT's
+        in-op norm has no epsilon and differs where |x| is small), and q is scaled by dk^-0.5 in-op. The new conv state is gathered at each row's
         end of concat(state, x), so right padding never enters it.
         """
         a = node.attrs
@@ -773,16 +799,18 @@ class OnnxEmitter:
             self.shared[cache_key] = self.node("Add", [self.node("Unsqueeze", [base, self.i64([1])])[0],
                                                        self.i64([list(range(kernel - 1))])])[0]  # [B, K-1]
         new_conv = self.node("Gather", [flat, self.shared[cache_key]], axis=0)[0]            # [B, K-1, C]
-        q, k, v = self.node("Split", [y, self.i64([nk * dk, nk * dk, nv * dv])], n_out=3, axis=2)
-        q = self.node("Reshape", [q, self.i64([0, 0, nk, dk])])[0]
-        k = self.node("Reshape", [k, self.i64([0, 0, nk, dk])])[0]
-        q, k = (self._l2(t, 1e-6) for t in (q, k))
+        # q and k share one L2 norm: l2(x) = x·rsqrt(Σx² + ε) is RMSNormalization over dk with
+        # epsilon ε/dk and scale dk^-0.5 (sqrt(Σx²/dk + ε/dk) = sqrt(Σx² + ε)·dk^-0.5; the /dk is
+        # exact for a power-of-two dk), one node over [B, T, 2·nk, dk] instead of seven per tensor.
+        qk, v = self.node("Split", [y, self.i64([2 * nk * dk, nv * dv])], n_out=2, axis=2)
+        qk = self.node("Reshape", [qk, self.i64([0, 0, 2 * nk, dk])])[0]
+        qk = self.node("RMSNormalization", [qk, self.f32(np.full(dk, dk ** -0.5))], axis=-1,
+                       epsilon=1e-6 / dk)[0]
         if nv != nk:  # the reference repeats k heads interleaved (head h of v uses k head h // (nv/nk))
-            q, k = (self.node("Reshape", [self.node("Expand", [self.node("Unsqueeze", [t, self.i64([3])])[0],
-                                                                self.i64([1, 1, 1, nv // nk, 1])])[0],
-                                          self.i64([0, 0, nv, dk])])[0] for t in (q, k))
-        q = self.node("Reshape", [q, self.i64([0, 0, nv * dk])])[0]
-        k = self.node("Reshape", [k, self.i64([0, 0, nv * dk])])[0]
+            qk = self.node("Expand", [self.node("Unsqueeze", [qk, self.i64([3])])[0],
+                                      self.i64([1, 1, 1, nv // nk, 1])])[0]
+        qk = self.node("Reshape", [qk, self.i64([0, 0, 2 * nv * dk])])[0]
+        q, k = self.node("Split", [qk, self.i64([nv * dk, nv * dk])], n_out=2, axis=2)
         neg_a = self.initializer(a_log, "neg_exp", tensor=-self.evaluate(a_log).float().exp())
         dtb = self.name(dt_bias)
         g = self.node("Mul", [neg_a, self.node("Softplus", [self.node("Add", [a_in, dtb])[0]])[0]])[0]
