@@ -625,25 +625,23 @@ class OnnxEmitter:
         return self.node("MatMul", [self._x(node, 0), self._x(node, 1)])
 
     def op_rope(self, node):
-        # rotate-half partial RoPE on [B, T, h, hd] with positions [B, T], fp32 cos/sin
+        """Rotate-half partial RoPE on [B, T, h, hd] with positions [B, T]: the standard
+        RotaryEmbedding-23 (non-interleaved, rotary_embedding_dim = rd) on the packed [B, T, h·hd]
+        view, fed per-step cos/sin [B, T, rd/2] computed once for every layer's q and k in fp32 as
+        the reference computes them (positions · inv_freq, then cos and sin)."""
         x, pos = self._x(node, 0), self._x(node, 1)
         rd, theta = node.attrs["rotary_dim"], node.attrs["theta"]
-        half = rd // 2
-        if ("rope", pos, rd, theta) not in self.shared:   # one cos/sin table for every layer's q and k
+        if ("rope", pos, rd, theta) not in self.shared:
             inv = 1.0 / (theta ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd))
             freqs = self.node("Mul", [self.node("Unsqueeze", [self.node("Cast", [pos], to=TensorProto.FLOAT)[0],
                                                               self.i64([-1])])[0], self.f32(inv.astype(np.float32))])[0]
-            emb = self.node("Concat", [freqs, freqs], axis=-1)[0]
-            self.shared[("rope", pos, rd, theta)] = (
-                self.node("Unsqueeze", [self.node("Cos", [emb])[0], self.i64([2])])[0],
-                self.node("Unsqueeze", [self.node("Sin", [emb])[0], self.i64([2])])[0])
+            self.shared[("rope", pos, rd, theta)] = (self.node("Cos", [freqs])[0], self.node("Sin", [freqs])[0])
         cos, sin = self.shared[("rope", pos, rd, theta)]
-        hd = node.inputs[0].type.shape[3]
-        parts = self.node("Split", [x, self.i64([half, half, hd - rd])], n_out=3, axis=3)
-        rotated = self.node("Concat", [self.node("Neg", [parts[1]])[0], parts[0]], axis=3)[0]
-        rot = self.node("Concat", [parts[0], parts[1]], axis=3)[0]
-        y = self.node("Add", [self.node("Mul", [rot, cos])[0], self.node("Mul", [rotated, sin])[0]])[0]
-        return self.node("Concat", [y, parts[2]], axis=3)
+        heads, hd = node.inputs[0].type.shape[2], node.inputs[0].type.shape[3]
+        packed = self.node("Reshape", [x, self.i64([0, 0, heads * hd])])[0]
+        y = self.node("RotaryEmbedding", [packed, cos, sin], interleaved=0, num_heads=heads,
+                      rotary_embedding_dim=rd)[0]
+        return self.node("Reshape", [y, self.i64([0, 0, heads, hd])], hint=node.outputs[0].name)
 
     # ---- state-carrying ops ----------------------------------------------------------------------
 
@@ -759,9 +757,9 @@ class OnnxEmitter:
         K shifted multiply-adds over concat(state, x) is far faster at prefill than
         CausalConvWithState (84-136 ms a layer at T = 512) and the same at T = 1.
 
-        The gates are computed here with standard ops: padded steps (t >= lengths[b]) must get
-        g = 0 and beta = 0 so they never touch the state. The values are the reference's own fp32
-        formula, g = -exp(A_log) · softplus(a + dt_bias), beta = sigmoid(b). q and k are
+        The gates are com.microsoft::LinearAttentionGate, the reference's fp32 formula
+        g = -exp(A_log) · softplus(a + dt_bias), beta = sigmoid(b) (within 1e-6), then zeroed on
+        padded steps (t >= lengths[b]) so those never touch the state. q and k are
         L2-normalised as the reference's x·rsqrt(Σx² + 1e-6), written as one RMSNormalization (ORT's
         in-op norm has no epsilon and differs where |x| is small), and q is scaled by dk^-0.5 in-op. The new conv state is gathered at each row's
         end of concat(state, x), so right padding never enters it.
@@ -813,8 +811,7 @@ class OnnxEmitter:
         q, k = self.node("Split", [qk, self.i64([nv * dk, nv * dk])], n_out=2, axis=2)
         neg_a = self.initializer(a_log, "neg_exp", tensor=-self.evaluate(a_log).float().exp())
         dtb = self.name(dt_bias)
-        g = self.node("Mul", [neg_a, self.node("Softplus", [self.node("Add", [a_in, dtb])[0]])[0]])[0]
-        beta = self.node("Sigmoid", [b_in])[0]
+        g, beta = self.node("LinearAttentionGate", [a_in, dtb, neg_a, b_in], n_out=2, domain=MS_DOMAIN)
         if ("valid", lengths) not in self.shared:
             steps = self.node("Unsqueeze", [self._steps(), self.i64([0])])[0]                 # [1, T]
             self.shared[("valid", lengths)] = self.node("Unsqueeze", [self.node("Less", [
