@@ -138,16 +138,22 @@ def model_config(variant: str, vocab_size: int, eos_id: int):
     raise SystemExit(f"unknown variant {variant!r} (dense or moe)")
 
 
-# Training runs in phases; the shipped checkpoints are one phase each. To train longer when the
-# CPU is free, append a phase (e.g. a warm restart: batch_size=8, steps=300, lr=1.5e-3, warmup=10,
-# and for the MoE router_aux_loss="mean of per-layer losses", coefficient 0.02) and run
-# `train --resume`, which runs the phases that build/tiny/VARIANT/training.json does not list yet
-# from build/tiny/VARIANT/state.pt with a fresh AdamW and data windows seeded with seed + phase index.
+# Training runs in phases; each phase is a warm restart (fresh AdamW, its own warmup and cosine,
+# data windows seeded with seed + phase index) from the previous phase's weights. `train --resume`
+# runs the phases that build/tiny/VARIANT/training.json does not list yet, from
+# build/tiny/VARIANT/state.pt. Phase 1 was a short first run; phase 2 trains ~6x longer (the
+# dense and MoE runs side by side, one thread each, about an hour on the 2-core build machine) and
+# balances the MoE per layer: the auxiliary loss is the mean of each layer's own Switch loss
+# rather than HF's loss pooled over all layers, which let single layers collapse onto one expert.
 _COMMON = dict(seq_len=256, min_lr_ratio=0.1, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
+_PHASE1 = dict(_COMMON, batch_size=6, steps=200, lr=3e-3, warmup=20)
+_PHASE2 = dict(_COMMON, batch_size=8, lr=2e-3, warmup=30)
 PHASES = {
-    "dense": [dict(_COMMON, batch_size=6, steps=200, lr=3e-3, warmup=20, router_aux_loss_coef=0.0)],
-    "moe": [dict(_COMMON, batch_size=6, steps=200, lr=3e-3, warmup=20, router_aux_loss_coef=0.01,
-                 router_aux_loss="pooled over layers (HF load_balancing_loss_func)")],
+    "dense": [dict(_PHASE1, router_aux_loss_coef=0.0),
+              dict(_PHASE2, steps=1050, router_aux_loss_coef=0.0)],
+    "moe": [dict(_PHASE1, router_aux_loss_coef=0.01,
+                 router_aux_loss="pooled over layers (HF load_balancing_loss_func)"),
+            dict(_PHASE2, steps=950, router_aux_loss_coef=0.05, router_aux_loss="mean of per-layer losses")],
 }
 HPARAMS = PHASES  # variant names
 

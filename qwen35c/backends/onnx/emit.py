@@ -14,6 +14,13 @@ Backend-specific state layouts (recorded in the manifest; the session owns these
                      com.microsoft::GroupQueryAttention (the session binds input and output to one
                      buffer), so a step writes only its new positions
 
+Node count is decode overhead (each kernel launch costs microseconds; a 0.8B decode step is ~50 ms),
+so fused kernels are used wherever they compute the reference's fp32 values: LinearAttention and
+LinearAttentionGate for the delta rule, GroupQueryAttention, RotaryEmbedding-23,
+SkipSimplifiedLayerNormalization for residual add + norm, GatedRMSNorm, one RMSNormalization for
+the q/k L2 norms. Where a kernel is slower or its numerics differ (CausalConvWithState at prefill,
+ORT's epsilon-free L2 norm), standard ops are emitted and the lowering says why.
+
 Graph outputs are the producers' own tensors (no Identity copies). Decode cost per step is then the
 weights plus the recurrent states; see bench/bench_onnx.py for the numbers against ORT GenAI.
 
