@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -173,6 +174,35 @@ def worker_main(args) -> None:
 # ---- driver ------------------------------------------------------------------------------------
 
 
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth (GB/s) as torch sums a float32 array larger than the caches, median."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(int(gib * (1 << 30)) // 4)
+    a.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t)
+    return a.numel() * 4 / statistics.median(times) / 1e9
+
+
+def decode_bytes(artifact: str, context: int) -> int:
+    """Bytes a decode step must read at least: every weight once (the artifact's external data; a
+    tied embedding counts once, as the LM head reads all of it), the recurrent and conv states
+    read and written, and the KV cache up to `context`."""
+    manifest = json.load(open(os.path.join(artifact, "manifest.json")))
+    weights = sum(f["size"] for name, f in manifest["files"].items() if name.endswith(".data"))
+    total = weights
+    for spec in manifest["backend"]["states"]:
+        shape = [context if d == "S" else 1 if d == "B" else d for d in spec["shape"]]
+        size = 4 * math.prod(shape)
+        total += size if "S" in spec["shape"] else 2 * size
+    return total
+
+
 def build(model: str, out: str, pipeline: str | None) -> dict:
     cmd = ["/usr/bin/time", "-v", shutil.which("qwen35c") or "qwen35c", "build", "--model", model,
            "--target", "cpu", "-o", out, "--force", "--no-check"] + (["--pipeline", pipeline] if pipeline else [])
@@ -240,7 +270,7 @@ def main() -> None:
     if args.worker:
         return worker_main(args)
 
-    report = {"load_average_before": os.getloadavg()}
+    report = {"load_average_before": os.getloadavg(), "read_gb_s_before": round(read_bandwidth(args.threads), 1)}
     if not args.skip_build:
         report.update(build(args.model, args.out, args.pipeline or None))
     engines = [("ours", sys.executable, args.out, "ours", None, ())]
@@ -277,6 +307,10 @@ def main() -> None:
         name: {k: round(v / ours[k], 3) for k, v in r.items() if k in ours and "tok_s" in k and ours[k]}
         for name, r in results.items() if name != "ours"}
     report["load_average_after"] = os.getloadavg()
+    report["read_gb_s_after"] = round(read_bandwidth(args.threads), 1)
+    bandwidth = max(report["read_gb_s_before"], report["read_gb_s_after"]) * 1e9
+    report["decode_roofline_tok_s"] = {  # the better bandwidth of the two probes over our bytes per step
+        f"@{c}": round(bandwidth / decode_bytes(args.out, int(c)), 2) for c in args.contexts.split(",")}
     print(json.dumps(report, indent=2))
 
 
