@@ -766,10 +766,10 @@ class OnnxEmitter:
 
         The gates are com.microsoft::LinearAttentionGate, the reference's fp32 formula
         g = -exp(A_log) · softplus(a + dt_bias), beta = sigmoid(b) (within 1e-6), then zeroed on
-        padded steps (t >= lengths[b]) so those never touch the state. q and k are
-        L2-normalised as the reference's x·rsqrt(Σx² + 1e-6), written as one RMSNormalization (ORT's
-        in-op norm has no epsilon and differs where |x| is small), and q is scaled by dk^-0.5 in-op. The new conv state is gathered at each row's
-        end of concat(state, x), so right padding never enters it.
+        padded steps (t >= lengths[b]) so those never touch the state. q and k are L2-normalised as
+        the reference's x·rsqrt(Σx² + 1e-6), written as one RMSNormalization (ORT's in-op norm has
+        no epsilon and differs where |x| is small), and q is scaled by dk^-0.5 in-op. The new conv
+        state is gathered at each row's end of concat(state, x), so right padding never enters it.
         """
         a = node.attrs
         nk, nv, dk, dv = a["num_k_heads"], a["num_v_heads"], a["head_k_dim"], a["head_v_dim"]
