@@ -13,6 +13,7 @@ Every problem raises `CheckpointError` naming the file, key or tensor and what w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -315,14 +316,28 @@ def save_checkpoint(model: Qwen35ForCausalLM, out_dir: str | Path, dtype: torch.
     return _write_checkpoint(model.config, out_dir, model_specs, produce, dtype, layout, shard_bytes)
 
 
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """Yields a fresh temporary sibling of `out_dir` to write into; on success it replaces `out_dir`
+    (absent or an empty directory; the caller checks), on any exception it is removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _write_checkpoint(config: Qwen35Config, out_dir: str | Path, specs, produce, dtype, layout,
                       shard_bytes: int = 4 << 30) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir}: exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp:
         shards, current, size = [], [], 0
         for name, key, shape in specs:
             nbytes = dtype.itemsize
@@ -346,12 +361,6 @@ def _write_checkpoint(config: Qwen35Config, out_dir: str | Path, specs, produce,
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(layout), indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -142,6 +141,7 @@ def write_quantized(source_dir, out_dir, recipe: Recipe, fmt: str = "hf-fp8",
     """Write `source_dir`'s checkpoint quantized: units the plan selects come from `quantized`
     (canonical names) or, for data-free FP8 without it, are quantized on the fly, one tensor at a
     time (peak memory: one tensor). Other tensors are copied bit for bit. Atomic: temp dir + rename."""
+    from reference.checkpoint import staged_directory
     from reference.safetensors_io import write_safetensors
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
@@ -184,20 +184,12 @@ def write_quantized(source_dir, out_dir, recipe: Recipe, fmt: str = "hf-fp8",
         if not any(n == "lm_head.weight" for n in shapes) or "lm_head" in not_converted:
             not_converted = sorted(set(not_converted) | {"lm_head"})
         config["quantization_config"] = _quant_config(recipe, fmt, sorted(set(not_converted)), gptq_version)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with staged_directory(out_dir) as tmp:
             write_safetensors(tmp / "model.safetensors", specs, lambda name: producers[name](), {"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
                 if (source_dir / extra).is_file():
                     shutil.copyfile(source_dir / extra, tmp / extra)
-            if out_dir.exists():
-                out_dir.rmdir()
-            tmp.rename(out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         ckpt.close()
     return out_dir
