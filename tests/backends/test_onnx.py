@@ -3,6 +3,7 @@ lengths around the 64-token chunk, prefill + 8 decode steps, and a batch of diff
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 
@@ -53,6 +54,18 @@ def test_batch_prefill_then_decode(built):
         nxt = want[:, 0].argmax(-1)
     # the session reuses its two buffer sets: no state tensor was reallocated
     assert [id(v) for bufs in state.buffers for v in bufs.values()] == buffers
+
+
+def test_no_cancelling_layout_ops(built):
+    """simplify.py left no Transpose (the IR's [B, h, T, hd] attention layout cancels against the
+    packed kernels) and no Reshape of a Reshape."""
+    session, _ref = built
+    graph = onnx.load(session.directory / session.manifest["backend"]["model"], load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    assert "Transpose" not in {n.op_type for n in graph.node}
+    for n in graph.node:
+        if n.op_type == "Reshape" and n.input[0] in producer:
+            assert producer[n.input[0]].op_type != "Reshape", n.name
 
 
 def test_last_only_and_batch_equals_alone(built):

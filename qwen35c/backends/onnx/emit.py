@@ -42,6 +42,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from qwen35c.backends.onnx.simplify import simplify
 from qwen35c.errors import QwenError
 from qwen35c.graph.ir import Graph, Value
 from qwen35c.graph.ops import OPS
@@ -146,6 +147,7 @@ class OnnxEmitter:
         self._static: dict[int, bool] = {}
         self.deferred_kv: dict[int, tuple[str, str, str]] = {}   # id(cache') -> (cache, new, name)
         self.shared: dict[tuple, object] = {}                    # subgraphs every layer shares
+        self.known_shapes: dict[str, tuple] = {}                 # ONNX name -> symbolic dims, for simplify
 
     # ---- names and small helpers --------------------------------------------------------------
 
@@ -314,9 +316,12 @@ class OnnxEmitter:
                 outs = handler(node)
                 for value, name in zip(node.outputs, outs):
                     self.names[id(value)] = name
+                    if id(value) not in self.state_values:   # states may have a backend layout
+                        self.known_shapes.setdefault(name, tuple(value.type.shape))
             self._finish_outputs(outputs)
         finally:
             self.data.close()
+        self._simplify(outputs)
         graph_proto = helper.make_graph(self.nodes, g.name or "qwen35", inputs, outputs, self.initializers)
         model = helper.make_model(graph_proto, producer_name="qwen35c",
                                   opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
@@ -324,6 +329,22 @@ class OnnxEmitter:
         self.model_file.write_bytes(model.SerializeToString(deterministic=True))
         return EmitResult(self.model_file, self.out_dir / self.data_name, states, len(self.nodes),
                           len(self.initializers), self.data.offset, dict(sorted(self.ops.items())))
+
+    def _simplify(self, outputs) -> None:
+        """Drop the layout ops that cancel between neighbouring lowerings (see simplify.py), then
+        the inline constants nobody reads; recount the ops for the manifest."""
+        constants = {name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+                     for (dtype, shape, data), name in self.consts.items() if np.dtype(dtype) == np.int64}
+        shape_tensors = {name: dims for dims, name in self.shapes.items()}
+        self.nodes = simplify(self.nodes, self.known_shapes, shape_tensors, constants,
+                              {o.name for o in outputs})
+        used = {i for n in self.nodes for i in n.input}
+        self.initializers = [t for t in self.initializers
+                             if t.name in used or t.data_location == TensorProto.EXTERNAL]
+        self.ops = {}
+        for n in self.nodes:
+            key = f"{n.domain + '::' if n.domain else ''}{n.op_type}"
+            self.ops[key] = self.ops.get(key, 0) + 1
 
     def _interface(self):
         g = self.graph
@@ -339,7 +360,7 @@ class OnnxEmitter:
         inputs.append(helper.make_tensor_value_info("logit_positions", TensorProto.INT64, ["B", "P"]))
         for name in ("input_ids", "q_start", "lengths"):
             self.names[id(by_name[name])] = name
-        self.gdn_layout: dict[str, str] = {}
+        self.state_values = {id(v) for _key, value, out in g.state_pairs() for v in (value, out)}
         for key, value, _out in g.state_pairs():
             shape = list(value.type.shape)
             layout = "as-ir"
@@ -563,7 +584,14 @@ class OnnxEmitter:
         as the reference does, which that op cannot: RMSNormalization, casts, then the gate."""
         x, w, z = self._x(node, 0), self.name(node.inputs[1]), self._x(node, 2)
         if node.inputs[0].dtype == "f32" and node.inputs[2].dtype == "f32":
-            return self.node("GatedRMSNorm", [x, w, z], domain=MS_DOMAIN, epsilon=float(node.attrs["eps"]),
+            # on the packed [.., h·d] view (the op norms each group of len(w)): the GDN output and
+            # z arrive packed and out_proj wants them packed, so simplify drops all these Reshapes
+            shape = node.inputs[0].type.shape
+            packed = self.i64([0] * (len(shape) - 2) + [-1])
+            y = self.node("GatedRMSNorm", [self.node("Reshape", [x, packed])[0], w,
+                                           self.node("Reshape", [z, packed])[0]],
+                          domain=MS_DOMAIN, epsilon=float(node.attrs["eps"]))[0]
+            return self.node("Reshape", [y, self.i64([0] * (len(shape) - 2) + list(shape[-2:]))],
                              hint=node.outputs[0].name)
         n = self.node("RMSNormalization", [x, w], axis=-1, epsilon=float(node.attrs["eps"]))[0]
         if node.inputs[0].dtype != "f32":
@@ -830,6 +858,8 @@ class OnnxEmitter:
         o, new_state = self.node("LinearAttention", [q, k, v, state, g, beta], n_out=2, domain=MS_DOMAIN,
                                  q_num_heads=nv, kv_num_heads=nv, update_rule="gated_delta", scale=float(dk) ** -0.5,
                                  hint=f"L{a['layer']}.gdn")
+        batch, steps = node.inputs[0].type.shape[:2]
+        self.known_shapes[o] = (batch, steps, nv * dv)
         o = self.node("Reshape", [o, self.i64([0, 0, nv, dv])])[0]
         return [o, new_conv, new_state]
 

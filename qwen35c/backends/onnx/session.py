@@ -6,8 +6,9 @@ the other through IOBinding, then they swap roles, so no state tensor is allocat
 ORT never reads and writes one of those buffers in the same step. The KV caches are the exception:
 one buffer each, bound as both input and output, because the graph writes only the new positions
 into it (GroupQueryAttention detects past/present sharing one buffer; the ScatterElements fallback
-skips its copy when they alias); two sets would copy the whole cache every step. Only the logits
-(a fresh [B, P, V]) are new per step.
+skips its copy when they alias); two sets would copy the whole cache every step. Each direction (A -> B, B -> A) has its own
+IOBinding with every state tensor bound once; a step rebinds only the four small inputs and the
+logits, the one fresh tensor ([B, P, V]) per step.
 
 Threads, spin-waiting and the prefill chunk come from `qwen35c.settings` (QWEN35C_THREADS,
 QWEN35C_ORT_SPIN, QWEN35C_PREFILL_CHUNK) unless the caller passes them.
@@ -52,6 +53,7 @@ class OnnxState:
                 else:
                     bufs[spec["name"]] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=_NP[spec["dtype"]]))
         self.current = 0
+        self.bindings = [None, None]   # per read set: an IOBinding with every state tensor bound
 
     def read(self):
         return self.buffers[self.current]
@@ -108,16 +110,19 @@ class OnnxSession(Session):
         need = int((state.q_start + length).max())
         if need > state.capacity:
             raise QwenError(f"the state holds {state.capacity} positions; this step needs {need}")
-        binding = self.ort.io_binding()
+        binding = state.bindings[state.current]
+        if binding is None:  # the state tensors are bound once per direction (A -> B, B -> A)
+            binding = state.bindings[state.current] = self.ort.io_binding()
+            binding.bind_output("logits", "cpu")   # first: get_outputs() follows the binding order
+            read, write = state.read(), state.write()
+            for spec in self.specs:
+                binding.bind_ortvalue_input(spec["name"], read[spec["name"]])
+                binding.bind_ortvalue_output(spec["output"], write[spec["name"]])
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("q_start", state.q_start.copy())
         binding.bind_cpu_input("lengths", np.ascontiguousarray(lengths, dtype=np.int64))
         binding.bind_cpu_input("logit_positions", np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_output("logits", "cpu")
-        read, write = state.read(), state.write()
-        for spec in self.specs:
-            binding.bind_ortvalue_input(spec["name"], read[spec["name"]])
-            binding.bind_ortvalue_output(spec["output"], write[spec["name"]])
         self.ort.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         state.swap()
