@@ -35,6 +35,19 @@ def in_place(spec: dict) -> bool:
     return "S" in spec["shape"]
 
 
+def zeros(shape, dtype, commit: bool) -> np.ndarray:
+    """np.zeros maps a large array to the shared zero page, so its page faults come when a kernel
+    first writes it. The double-buffered states are written whole every step: they are written
+    now (else the first decode steps take the faults: 0.8B, 36 MiB of recurrent state, ~1 ms a
+    step averaged over 16 steps). The KV caches are written a position at a time and stay lazy,
+    so a large capacity costs memory only as it fills."""
+    if not commit:
+        return np.zeros(shape, dtype=dtype)
+    array = np.empty(shape, dtype=dtype)
+    array.fill(0)
+    return array
+
+
 class OnnxState:
     """Per-row token counts and the double-buffered state OrtValues."""
 
@@ -51,7 +64,8 @@ class OnnxState:
                 if i and in_place(spec):
                     bufs[spec["name"]] = self.buffers[0][spec["name"]]
                 else:
-                    bufs[spec["name"]] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=_NP[spec["dtype"]]))
+                    array = zeros(shape, _NP[spec["dtype"]], commit=not in_place(spec))
+                    bufs[spec["name"]] = ort.OrtValue.ortvalue_from_numpy(array)
         self.current = 0
         self.bindings = [None, None]   # per read set: an IOBinding with every state tensor bound
 
