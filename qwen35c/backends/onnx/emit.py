@@ -820,18 +820,13 @@ class OnnxEmitter:
         taps = self.initializer(conv_w_value, "taps", tensor=w.t().contiguous())                # [K, C]
         acc = self.node("ReduceSum", [self.node("Mul", [windows, taps])[0], self.i64([2])], keepdims=0)[0]
         y = self.node("Mul", [acc, self.node("Sigmoid", [acc])[0]], hint=f"L{a['layer']}.conv")[0]
-        # new conv state: rows lengths[b] .. lengths[b] + K-2 of concat(state, x) along time
-        flat = self.node("Reshape", [joined, self.i64([-1, channels])])[0]
-        cache_key = ("conv_index", kernel, lengths)
-        if cache_key not in self.shared:   # the same rows for every layer: computed once
-            span = self.node("Add", [self.dim("T"), self.i64([kernel - 1])])[0]              # [1]
-            rows = self.node("Range", [self.const(np.asarray(0, np.int64)),
-                                       self.node("Squeeze", [self.dim("B"), self.i64([0])])[0],
-                                       self.const(np.asarray(1, np.int64))])[0]
-            base = self.node("Add", [self.node("Mul", [rows, span])[0], lengths])[0]          # [B]
-            self.shared[cache_key] = self.node("Add", [self.node("Unsqueeze", [base, self.i64([1])])[0],
-                                                       self.i64([list(range(kernel - 1))])])[0]  # [B, K-1]
-        new_conv = self.node("Gather", [flat, self.shared[cache_key]], axis=0)[0]            # [B, K-1, C]
+        # new conv state: steps lengths[b] .. lengths[b] + K-2 of row b of concat(state, x)
+        if ("conv_state", kernel, lengths) not in self.shared:   # the same steps for every layer
+            ends = self.node("Add", [self.node("Unsqueeze", [lengths, self.i64([1])])[0],
+                                     self.i64([list(range(kernel - 1))])])[0]                  # [B, K-1]
+            self.shared[("conv_state", kernel, lengths)] = self.node("Unsqueeze", [ends, self.i64([2])])[0]
+        new_conv = self.node("GatherND", [joined, self.shared[("conv_state", kernel, lengths)]],
+                             batch_dims=1)[0]                                                  # [B, K-1, C]
         # q and k share one L2 norm: l2(x) = x·rsqrt(Σx² + ε) is RMSNormalization over dk with
         # epsilon ε/dk and scale dk^-0.5 (sqrt(Σx²/dk + ε/dk) = sqrt(Σx² + ε)·dk^-0.5; the /dk is
         # exact for a power-of-two dk), one node over [B, T, 2·nk, dk] instead of seven per tensor.
