@@ -108,6 +108,8 @@ class Simplifier:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(x)
             for name, size in zip(out, self.constants[node.input[1]].tolist()):
                 self.shapes.setdefault(name, x[:axis] + (dim(size),) + x[axis + 1:])
+        elif node.op_type in ("Add", "Sub", "Mul", "Div") and self.shapes.get(node.input[1]) == x:
+            self.shapes.setdefault(out[0], x)
         elif node.op_type == "GroupQueryAttention":
             self.shapes.setdefault(out[0], x)
         elif node.op_type == "LinearAttention" and node.input[2] in self.shapes:
