@@ -6,9 +6,9 @@ the other through IOBinding, then they swap roles, so no state tensor is allocat
 ORT never reads and writes one of those buffers in the same step. The KV caches are the exception:
 one buffer each, bound as both input and output, because the graph writes only the new positions
 into it (GroupQueryAttention detects past/present sharing one buffer; the ScatterElements fallback
-skips its copy when they alias); two sets would copy the whole cache every step. Each direction (A -> B, B -> A) has its own
-IOBinding with every state tensor bound once; a step rebinds only the four small inputs and the
-logits, the one fresh tensor ([B, P, V]) per step.
+skips its copy when they alias); two sets would copy the whole cache every step. Each direction
+(A -> B, B -> A) has its own IOBinding with every state tensor bound once; a step rebinds only
+the four small inputs and the logits, the one fresh tensor ([B, P, V]) per step.
 
 Threads, spin-waiting and the prefill chunk come from `qwen35c.settings` (QWEN35C_THREADS,
 QWEN35C_ORT_SPIN, QWEN35C_PREFILL_CHUNK) unless the caller passes them.

@@ -1,8 +1,8 @@
 """Layout clean-up on the emitted ONNX node list: drop the Reshapes and Transposes that cancel.
 
 The emitter lowers one IR op at a time, so the layout glue of neighbouring ops meets in pairs that
-undo each other: the IR's attention works on [B, h, T, hd], GroupQueryAttention and
-RotaryEmbedding on packed [B, T, h·hd], GatedRMSNorm on either. ORT's optimizer cancels
+undo each other: the IR's attention works on [B, h, T, hd], GroupQueryAttention, RotaryEmbedding
+and LinearAttention on packed [B, T, h·hd], per-head norms on [B, T, h, hd]. ORT's optimizer cancels
 Transpose pairs but leaves the Reshape chains they separated, and each Reshape is still a kernel
 launch (~15 µs on the 2-core CPU). Three rewrites, repeated until none applies:
 
@@ -25,7 +25,7 @@ import onnx
 Dim = tuple[int, tuple[str, ...]]      # coefficient and sorted symbol factors: "2*B*T" -> (2, ("B", "T"))
 
 SAME_SHAPE = {  # output 0 has input 0's shape
-    "Sigmoid", "QuickGelu", "Cast", "RMSNormalization", "GatedRMSNorm", "RotaryEmbedding",
+    "Sigmoid", "QuickGelu", "Cast", "RMSNormalization", "RotaryEmbedding",
     "SkipSimplifiedLayerNormalization", "Identity", "Neg", "Exp", "Sqrt", "Reciprocal",
 }
 
