@@ -1,7 +1,7 @@
 """Benchmark the onnx backend on a checkpoint (not a test), side by side with its peers.
 
     python bench/bench_onnx.py --model /work/ckpt/0.8b --out /tmp/art-0.8b --threads 2 [--skip-build]
-        [--pipeline onnx-cpu] [--contexts 512,4096] [--new 64] [--repeats 3]
+        [--pipeline onnx-cpu] [--contexts 512,4096] [--new 64] [--repeats 3] [--long-repeats 1]
         [--genai-python /work/venv-genai/bin/python --genai-model DIR] [--peers hf,reference]
         [--llama-bench BUILD/bin/llama-bench --gguf F32.gguf]
 
@@ -9,8 +9,9 @@ Reports `qwen35c build` time and peak RSS (skipped with --skip-build), then for 
 tok/s (a CONTEXT-token prompt, logits at the last position only) and decode tok/s (NEW greedy tokens,
 batch 1) at each context, with N intra-op threads, medians of the repeats, and each peer's ratio to
 ours. Every engine lives in its own worker process (its peak RSS is reported) and the workers take
-turns per repeat (ours, peer, ours, peer, ...), so the noise of a shared machine hits all alike; the
-load average is recorded before and after.
+turns per repeat (ours, peer, ours, peer, ...), so the noise of a shared machine hits all alike; each
+makes one short untimed run first (page faults of the first pass over the weights); the load
+average is recorded before and after.
 
 Peers:
   genai      ONNX Runtime GenAI (a model made by its builder, e.g. `python -m
@@ -160,7 +161,9 @@ def _worker_reference(args):
 def worker_main(args) -> None:
     t = time.perf_counter()
     run = globals()[f"_worker_{args.worker}"](args)
-    print(json.dumps({"ready": True, "load_seconds": time.perf_counter() - t}), flush=True)
+    load_seconds = time.perf_counter() - t
+    run(32, 2)  # warm-up, untimed: the first pass over the weights takes their page faults
+    print(json.dumps({"ready": True, "load_seconds": load_seconds}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("quit"):
@@ -254,7 +257,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--contexts", default="512,4096")
     ap.add_argument("--new", type=int, default=64, help="decode tokens per measurement")
-    ap.add_argument("--repeats", type=int, default=3, help="at context <= 512; 1 above (prefill is long)")
+    ap.add_argument("--repeats", type=int, default=3, help="at context <= 512")
+    ap.add_argument("--long-repeats", type=int, default=1, help="at context > 512 (prefill is long)")
     ap.add_argument("--pipeline", default="onnx-cpu", help="build pipeline ('' = the target's default)")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--genai-python", default=None, help="python of a venv with onnxruntime-genai")
@@ -291,7 +295,7 @@ def main() -> None:
     results = {w.name: {} for w in workers}
     for context in (int(c) for c in args.contexts.split(",")):
         runs = {w.name: [] for w in workers}
-        for rep in range(args.repeats if context <= 512 else 1):
+        for rep in range(args.repeats if context <= 512 else args.long_repeats):
             for w in workers:
                 runs[w.name].append(w.run(context, args.new))
                 print(f"# ctx {context} rep {rep} {w.name}: {runs[w.name][-1]}", file=sys.stderr, flush=True)
