@@ -21,7 +21,7 @@ SkipSimplifiedLayerNormalization for residual add + norm, one RMSNormalization f
 norms. Where a kernel is slower or its numerics differ (CausalConvWithState and GatedRMSNorm,
 ORT's epsilon-free L2 norm), standard ops are emitted and the lowering says why. The layout glue
 that neighbouring lowerings leave in cancelling pairs (Reshape/Transpose chains) is removed at the
-end by simplify.py; the 0.8B graph has 692 nodes, 646 kernels a decode step after ORT's optimizer.
+end by simplify.py; the 0.8B graph has 782 nodes, 718 kernels a decode step after ORT's optimizer.
 
 Graph outputs are the producers' own tensors (no Identity copies). Decode cost per step is then the
 weights plus the recurrent states; see bench/bench_onnx.py for the numbers against ORT GenAI.

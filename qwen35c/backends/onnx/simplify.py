@@ -68,23 +68,20 @@ class Simplifier:
     def target(self, node) -> tuple[Dim | None, ...] | None:
         """The dims a Reshape asks for: 0 copies the input's dim, -1 is solved when it can be."""
         name, x = node.input[1], self.shapes.get(node.input[0])
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            return None
         if name in self.shape_tensors:
             return self.shape_tensors[name]
         if name not in self.constants:
             return None
-        dims: list[Dim | None] = []
-        for i, v in enumerate(self.constants[name].tolist()):
-            if v == 0:
-                dims.append(x[i] if x is not None and i < len(x) else None)
-            else:
-                dims.append(None if v == -1 else dim(v))
-        if -1 in self.constants[name].tolist() and x is not None and all(d is not None for j, d in enumerate(dims)
-                                                                            if self.constants[name][j] != -1):
-            rest = (1, ())
-            for j, d in enumerate(dims):
-                if self.constants[name][j] != -1:
-                    rest = _mul(rest, d)
-            dims[self.constants[name].tolist().index(-1)] = _div(prod_dims(x), rest)
+        values = self.constants[name].tolist()
+        dims: list[Dim | None] = [
+            (x[i] if x is not None and i < len(x) else None) if v == 0 else None if v == -1 else dim(v)
+            for i, v in enumerate(values)]
+        if -1 in values and x is not None:
+            known = [d for d, v in zip(dims, values) if v != -1]
+            if all(d is not None for d in known):
+                dims[values.index(-1)] = _div(prod_dims(x), prod_dims(known))
         return tuple(dims)
 
     def infer(self, node) -> None:
@@ -98,7 +95,7 @@ class Simplifier:
         elif x is None:
             return
         elif node.op_type == "Transpose":
-            perm = next(a.ints for a in node.attribute if a.name == "perm")
+            perm = _perm(node) or range(len(x) - 1, -1, -1)
             self.shapes.setdefault(out[0], tuple(x[p] for p in perm))
         elif node.op_type in SAME_SHAPE:
             self.shapes.setdefault(out[0], x)
@@ -134,9 +131,9 @@ class Simplifier:
             self.infer(node)
             keep = node.output[0] in self.outputs
             inner = producer.get(node.input[0]) if node.input else None
-            if node.op_type == "Transpose" and inner is not None and inner.op_type == "Transpose":
-                p = list(next(a.ints for a in inner.attribute if a.name == "perm"))
-                q = list(next(a.ints for a in node.attribute if a.name == "perm"))
+            if node.op_type == "Transpose" and inner is not None and inner.op_type == "Transpose" \
+                    and _perm(node) and _perm(inner):
+                p, q = _perm(inner), _perm(node)
                 perm = [p[i] for i in q]
                 node.input[0] = inner.input[0]
                 del node.attribute[:]
@@ -177,6 +174,11 @@ class Simplifier:
                 kept.append(node)
                 needed.update(i for i in node.input if i)
         return kept[::-1]
+
+
+def _perm(node) -> list[int] | None:
+    """A Transpose's perm, None when it relies on the default (reverse) order."""
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
 def prod_dims(dims) -> Dim:
