@@ -35,6 +35,7 @@ Linear weights are stored transposed ([in, out]) for MatMul; a weight shared wit
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -139,7 +140,6 @@ class OnnxEmitter:
         self.static_cache: dict[int, torch.Tensor] = {}
         self.init_cache: dict[tuple, str] = {}
         self.counter = 0
-        self.ops: dict[str, int] = {}
         self.consts: dict[tuple, str] = {}
         self.dims: dict[str, str] = {}
         self.shapes: dict[tuple, str] = {}
@@ -162,8 +162,6 @@ class OnnxEmitter:
         outs = outputs or [self.fresh(hint or op) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op, list(inputs), outs, name=self.fresh("n_" + op),
                                            domain=domain or None, **attrs))
-        key = f"{domain + '::' if domain else ''}{op}"
-        self.ops[key] = self.ops.get(key, 0) + 1
         return outs
 
     def const(self, array: np.ndarray, hint: str = "const") -> str:
@@ -334,7 +332,7 @@ class OnnxEmitter:
 
     def _simplify(self, outputs) -> None:
         """Drop the layout ops that cancel between neighbouring lowerings (see simplify.py), then
-        the inline constants nobody reads; recount the ops for the manifest."""
+        the inline constants nobody reads; count the ops left, for the manifest."""
         constants = {name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
                      for (dtype, shape, data), name in self.consts.items() if np.dtype(dtype) == np.int64}
         shape_tensors = {name: dims for dims, name in self.shapes.items()}
@@ -343,10 +341,7 @@ class OnnxEmitter:
         used = {i for n in self.nodes for i in n.input}
         self.initializers = [t for t in self.initializers
                              if t.name in used or t.data_location == TensorProto.EXTERNAL]
-        self.ops = {}
-        for n in self.nodes:
-            key = f"{n.domain + '::' if n.domain else ''}{n.op_type}"
-            self.ops[key] = self.ops.get(key, 0) + 1
+        self.ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in self.nodes)
 
     def _interface(self):
         g = self.graph
@@ -565,7 +560,6 @@ class OnnxEmitter:
             out = self.node("SkipSimplifiedLayerNormalization", [residual.input[0], residual.input[1], scale_name],
                             n_out=4, domain=MS_DOMAIN, epsilon=eps, outputs=[self.fresh("skip_norm"), "", "", x])
             self.nodes[self.nodes.index(residual)] = self.nodes.pop()  # in the Add's place: still topological
-            self.ops["Add"] -= 1
             return out[:1]
         return self.node("RMSNormalization", [x, scale_name], axis=-1, epsilon=eps)
 
