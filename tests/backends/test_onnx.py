@@ -56,6 +56,56 @@ def test_batch_prefill_then_decode(built):
     assert [id(v) for bufs in state.buffers for v in bufs.values()] == buffers
 
 
+def count_runs(session, monkeypatch) -> list:
+    """Record the [B, T] of each graph run the session makes for the rest of the test."""
+    runs, run = [], session._run
+    monkeypatch.setattr(session, "_run", lambda ids, *rest: runs.append(ids.shape) or run(ids, *rest))
+    return runs
+
+
+def test_batch_continuation(built, monkeypatch):
+    """A second prompt on top of a batched cache (ORT's CPU GQA takes that only for batch 1: the
+    session runs it row by row over the same buffers), then decoding: all match the reference."""
+    session, ref = built
+    gen = torch.Generator().manual_seed(5)
+    first, second = torch.tensor([5, 64, 33]), torch.tensor([7, 1, 20])
+    state, cache = session.new_state(3, 100), ref.new_cache(3, 100)
+    ids = torch.randint(0, ref.config.vocab_size, (3, 64), generator=gen)
+    session.prefill(ids, state, first), ref(ids, cache, first)
+    ids = torch.randint(0, ref.config.vocab_size, (3, 20), generator=gen)
+    runs = count_runs(session, monkeypatch)
+    got, want = session.prefill(ids, state, second), ref(ids, cache, second)
+    assert len(runs) == 3   # one run a row, not one a token
+    for b, n in enumerate(second.tolist()):
+        assert (got[b, :n] - want[b, :n]).abs().max() <= TOL
+    last = session.prefill(ids, session.new_state(3, 20), second, last_only=True)
+    assert last.shape == (3, 1, ref.config.vocab_size)
+    nxt = torch.stack([want[b, n - 1] for b, n in enumerate(second.tolist())]).argmax(-1).view(3, 1)
+    for _ in range(3):
+        got, want = session.decode(nxt, state), ref(nxt, cache)
+        assert (got - want).abs().max() <= TOL
+        nxt = want[:, 0].argmax(-1).view(3, 1)
+
+
+def test_batch_prompt_longer_than_chunk(built, monkeypatch):
+    """A batched prompt longer than QWEN35C_PREFILL_CHUNK runs row by row in chunks: the same
+    logits and state as the batch run whole."""
+    session, _ref = built
+    ids = torch.randint(0, session.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
+    lens = torch.tensor([40, 17])
+    whole_state = session.new_state(2, 48)
+    whole = session.prefill(ids, whole_state, lens)
+    monkeypatch.setenv("QWEN35C_PREFILL_CHUNK", "16")
+    state = session.new_state(2, 48)
+    runs = count_runs(session, monkeypatch)
+    rows = session.prefill(ids, state, lens)
+    assert runs == [(1, 16), (1, 16), (1, 8), (1, 16), (1, 1)]
+    for b, n in enumerate(lens.tolist()):
+        assert (rows[b, :n] - whole[b, :n]).abs().max() <= 1e-5
+    nxt = torch.tensor([[3], [4]])
+    assert (session.decode(nxt, state) - session.decode(nxt, whole_state)).abs().max() <= 1e-5
+
+
 def test_no_cancelling_layout_ops(built):
     """simplify.py left no Transpose (the IR's [B, h, T, hd] attention layout cancels against the
     packed kernels) and no Reshape of a Reshape."""

@@ -52,22 +52,46 @@ class OnnxState:
     """Per-row token counts and the double-buffered state OrtValues."""
 
     def __init__(self, specs, batch: int, max_len: int):
-        import onnxruntime as ort
-
         self.batch, self.capacity = batch, max_len
         self.q_start = np.zeros(batch, dtype=np.int64)
         sizes = {"B": batch, "S": max_len}
-        self.buffers = [{}, {}]
+        self.arrays = [{}, {}]         # the memory: OrtValues from numpy share it, no copy
         for spec in specs:
             shape = [sizes[d] if isinstance(d, str) else d for d in spec["shape"]]
-            for i, bufs in enumerate(self.buffers):
+            for i, arrays in enumerate(self.arrays):
                 if i and in_place(spec):
-                    bufs[spec["name"]] = self.buffers[0][spec["name"]]
+                    arrays[spec["name"]] = self.arrays[0][spec["name"]]
                 else:
-                    array = zeros(shape, _NP[spec["dtype"]], commit=not in_place(spec))
-                    bufs[spec["name"]] = ort.OrtValue.ortvalue_from_numpy(array)
-        self.current = 0
+                    arrays[spec["name"]] = zeros(shape, _NP[spec["dtype"]], commit=not in_place(spec))
+        self._bind(0)
+
+    def _bind(self, current: int):
+        import onnxruntime as ort
+
+        first = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in self.arrays[0].items()}
+        self.buffers = [first, {name: first[name] if a is self.arrays[0][name] else ort.OrtValue.ortvalue_from_numpy(a)
+                                for name, a in self.arrays[1].items()}]
+        self.current = current
         self.bindings = [None, None]   # per read set: an IOBinding with every state tensor bound
+
+    def row(self, b: int) -> "OnnxState":
+        """Row b as a batch-1 state over the same memory (every state tensor is batch-major)."""
+        view = object.__new__(OnnxState)
+        view.batch, view.capacity, view.q_start = 1, self.capacity, self.q_start[b:b + 1].copy()
+        zero = {name: a[b:b + 1] for name, a in self.arrays[0].items()}
+        view.arrays = [zero, {name: zero[name] if a is self.arrays[0][name] else a[b:b + 1]
+                              for name, a in self.arrays[1].items()}]
+        view._bind(self.current)
+        return view
+
+    def settle(self, target: int):
+        """Make set `target` hold the newest state (copying the double-buffered tensors if needed)."""
+        if self.current != target:
+            newest, other = self.arrays[self.current], self.arrays[target]
+            for name, a in newest.items():
+                if other[name] is not a:
+                    np.copyto(other[name], a)
+            self.current = target
 
     def read(self):
         return self.buffers[self.current]
@@ -153,11 +177,8 @@ class OnnxSession(Session):
         lengths = np.full(batch, length, np.int64) if lengths is None else \
             np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths, dtype=np.int64)
         chunk = settings().prefill_chunk
-        if self.gqa and batch > 1:
-            # ORT's CPU GroupQueryAttention takes T > 1 on top of a non-empty cache only for batch 1
-            # ("batch_size must be 1 when sequence_length > 1 and past context is given"): a batched
-            # prompt runs whole from an empty cache, and a batched continuation one step at a time.
-            chunk = 1 if length > 1 and state.q_start.any() else length
+        if self.gqa and batch > 1 and length > 1 and (length > chunk or state.q_start.any()):
+            return self._prefill_rows(ids, state, lengths, last_only)
         if length > chunk:
             return self._prefill_chunked(ids, state, lengths, last_only, chunk)
         if last_only:
@@ -185,6 +206,24 @@ class OnnxSession(Session):
             else:
                 parts.append(logits)
         return torch.from_numpy(result if last_only else np.concatenate(parts, axis=1))
+
+    def _prefill_rows(self, ids, state, lengths, last_only):
+        """ORT's CPU GroupQueryAttention takes T > 1 on top of a non-empty cache only for batch 1
+        ("batch_size must be 1 when sequence_length > 1 and past context is given"), so a batched
+        continuation, or a batched prompt longer than the prefill chunk, runs row by row: each row
+        as a batch-1 state over the same buffers, chunked as a single prompt would be. Logits past
+        a row's length are zero."""
+        batch, length = ids.shape
+        result = np.zeros((batch, 1 if last_only else length, self.vocab), np.float32)
+        for b, n in enumerate(lengths.tolist()):
+            row = state.row(b)
+            if n:
+                logits = self.prefill(np.ascontiguousarray(ids[b:b + 1, :n]), row, None, last_only)
+                result[b, :logits.shape[1]] = logits[0].numpy()
+            row.settle(1 - state.current)
+        state.swap()
+        state.q_start = state.q_start + lengths
+        return torch.from_numpy(result)
 
     def decode(self, ids, state):
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
