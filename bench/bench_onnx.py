@@ -3,7 +3,7 @@
     python bench/bench_onnx.py --model /work/ckpt/0.8b --out /tmp/art-0.8b --threads 2 [--skip-build]
         [--pipeline onnx-cpu] [--contexts 512,4096] [--new 64] [--repeats 3] [--long-repeats 1]
         [--genai-python /work/venv-genai/bin/python --genai-model DIR] [--peers hf,reference]
-        [--llama-bench BUILD/bin/llama-bench --gguf F32.gguf]
+        [--llama-bench BUILD/bin/llama-bench --gguf F32.gguf] [--gemv-bound]
 
 Reports `qwen35c build` time and peak RSS (skipped with --skip-build), then for every engine prefill
 tok/s (a CONTEXT-token prompt, logits at the last position only) and decode tok/s (NEW greedy tokens,
@@ -25,6 +25,8 @@ Peers:
              peak RSS is the largest llama-bench child's (the GGUF is memory-mapped).
   hf         HF transformers eager (fp32, fla blocked, logits_to_keep=1 at prefill).
   reference  qwen35c's reference eager model (`qwen35c run` without an artifact), fp32.
+With --gemv-bound, engine `gemv-bound` runs only the artifact's MatMul/Gemm nodes (decode only): the
+step time ONNX Runtime's GEMV kernels need for these weights, whatever the rest of the graph does.
 Peer numbers measured earlier on this machine are in ../shared/notes/cpu-peers.md.
 """
 
@@ -45,10 +47,13 @@ import time
 
 
 def _rss_mib() -> float:
-    """Peak RSS of this worker or of its largest finished child (llama-bench), whichever is larger."""
+    """Peak RSS of this worker or of its largest finished child (llama-bench), whichever is larger.
+    The worker's own peak is VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so it
+    would start at the driver's size."""
     import resource
 
-    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
+    own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
 
 
 def _worker_ours(args):
@@ -158,6 +163,61 @@ def _worker_reference(args):
     return run
 
 
+def _worker_gemv(args):
+    """ONNX Runtime's own bound on a decode step: the artifact's MatMul and Gemm nodes alone, on
+    their weights (ORT prepacks them as in the artifact), one run a step, outputs bound once. No
+    attention, recurrence, norms or small kernels: what is left is the GEMV kernel's weight stream."""
+    import atexit
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    manifest = json.load(open(os.path.join(args.model, "manifest.json")))
+    graph = onnx.load(os.path.join(args.model, manifest["backend"]["model"]), load_external_data=False).graph
+    weights = {w.name: w for w in graph.initializer}
+    nodes, inputs, outputs = [], {}, []
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) == 2 and node.input[1] in weights:
+            w = weights[node.input[1]]
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            k = w.dims[1] if trans_b else w.dims[0]
+            inputs[k] = helper.make_tensor_value_info(f"x{k}", onnx.TensorProto.FLOAT, [1, k])
+            outputs.append((f"y{len(nodes)}", w.dims[0] if trans_b else w.dims[1]))
+            nodes.append(helper.make_node(node.op_type, [f"x{k}", w.name], [outputs[-1][0]], name=node.name))
+            nodes[-1].attribute.extend(node.attribute)
+    used = {n.input[1] for n in nodes}
+    model = helper.make_model(helper.make_graph(
+        nodes, "gemv_bound", list(inputs.values()),
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, n]) for name, n in outputs],
+        [w for w in graph.initializer if w.name in used]), opset_imports=[helper.make_opsetid("", 21)])
+    folder = tempfile.mkdtemp(prefix=".gemv-bound-", dir=os.path.dirname(os.path.abspath(args.model)))
+    atexit.register(shutil.rmtree, folder, True)
+    for name in {e.value for w in model.graph.initializer for e in w.external_data if e.key == "location"}:
+        os.link(os.path.join(args.model, name), os.path.join(folder, name))  # ORT wants the data beside the model
+    onnx.save(model, os.path.join(folder, "model.onnx"))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+    session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options, providers=["CPUExecutionProvider"])
+    binding = session.io_binding()
+    keep = []
+    for k, info in inputs.items():
+        keep.append(np.full((1, k), 0.01, np.float32))
+        binding.bind_cpu_input(info.name, keep[-1])
+    for name, n in outputs:
+        keep.append(ort.OrtValue.ortvalue_from_numpy(np.empty((1, n), np.float32)))
+        binding.bind_ortvalue_output(name, keep[-1])
+
+    def run(context, new):
+        t = time.perf_counter()
+        for _ in range(new):
+            session.run_with_iobinding(binding)
+        return None, time.perf_counter() - t
+    return run
+
+
 def worker_main(args) -> None:
     t = time.perf_counter()
     run = globals()[f"_worker_{args.worker}"](args)
@@ -169,7 +229,7 @@ def worker_main(args) -> None:
         if cmd.get("quit"):
             break
         prefill, decode = run(cmd["context"], cmd["new"])
-        print(json.dumps({"prefill_tok_s": cmd["context"] / prefill, "decode_tok_s": cmd["new"] / decode,
+        print(json.dumps({"prefill_tok_s": prefill and cmd["context"] / prefill, "decode_tok_s": cmd["new"] / decode,
                           "rss_mib": _rss_mib()}), flush=True)
     print(json.dumps({"peak_rss_mib": _rss_mib()}), flush=True)
 
@@ -266,6 +326,8 @@ def main() -> None:
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary")
     ap.add_argument("--gguf", default=None, help="an F32 GGUF of the same checkpoint, for llama-bench")
     ap.add_argument("--peers", default="", help="comma list of in-venv peers: hf, reference")
+    ap.add_argument("--gemv-bound", action="store_true",
+                    help="also time the artifact's MatMul/Gemm nodes alone: ORT's bound on a decode step")
     ap.add_argument("--baseline", default=None, metavar="ARTIFACT:SRC",
                     help="also run ARTIFACT with the qwen35c sources at SRC (a checkout of an older commit, "
                          "put first on PYTHONPATH) as engine 'before'")
@@ -287,6 +349,8 @@ def main() -> None:
         engines.append(("llama", sys.executable, args.gguf, "llama", None, ("--llama-bench", args.llama_bench)))
     for peer in filter(None, args.peers.split(",")):
         engines.append((peer, sys.executable, args.model, peer, None, ()))
+    if args.gemv_bound:
+        engines.append(("gemv-bound", sys.executable, args.out, "gemv", None, ()))
     workers = []
     for name, python, model, kind, env, extra in engines:  # loaded one after another, not interleaved
         w = Worker(name, python, model, args.threads, kind, env, extra)
@@ -300,9 +364,11 @@ def main() -> None:
                 runs[w.name].append(w.run(context, args.new))
                 print(f"# ctx {context} rep {rep} {w.name}: {runs[w.name][-1]}", file=sys.stderr, flush=True)
         for name, rs in runs.items():
-            results[name][f"prefill_tok_s@{context}"] = round(statistics.median(r["prefill_tok_s"] for r in rs), 2)
+            if rs[0]["prefill_tok_s"]:  # the GEMV bound has no prefill
+                results[name][f"prefill_tok_s@{context}"] = round(statistics.median(r["prefill_tok_s"] for r in rs), 2)
             results[name][f"decode_tok_s@{context}"] = round(statistics.median(r["decode_tok_s"] for r in rs), 3)
-            results[name][f"raw@{context}"] = [(round(r["prefill_tok_s"], 2), round(r["decode_tok_s"], 3)) for r in rs]
+            results[name][f"raw@{context}"] = [(r["prefill_tok_s"] and round(r["prefill_tok_s"], 2),
+                                                round(r["decode_tok_s"], 3)) for r in rs]
     for w in workers:
         results[w.name]["peak_rss_mib"] = round(w.close()["peak_rss_mib"])
     report["engines"] = results
