@@ -87,6 +87,14 @@ def test_batch_continuation(built, monkeypatch):
         nxt = want[:, 0].argmax(-1).view(3, 1)
 
 
+def test_bad_lengths(built):
+    session, _ref = built
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    for lengths in ([8, 9], [8, -1], [8]):
+        with pytest.raises(QwenError, match="lengths"):
+            session.prefill(ids, session.new_state(2, 16), torch.tensor(lengths))
+
+
 def test_batch_prompt_longer_than_chunk(built, monkeypatch):
     """A batched prompt longer than QWEN35C_PREFILL_CHUNK runs row by row in chunks: the same
     logits and state as the batch run whole."""

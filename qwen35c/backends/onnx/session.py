@@ -176,6 +176,8 @@ class OnnxSession(Session):
         batch, length = ids.shape
         lengths = np.full(batch, length, np.int64) if lengths is None else \
             np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths, dtype=np.int64)
+        if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > length).any():
+            raise QwenError(f"lengths {lengths.tolist()} must give each of the {batch} rows 0..{length} tokens")
         chunk = settings().prefill_chunk
         if self.gqa and batch > 1 and length > 1 and (length > chunk or state.q_start.any()):
             return self._prefill_rows(ids, state, lengths, last_only)
