@@ -55,42 +55,37 @@ class OnnxState:
         self.batch, self.capacity = batch, max_len
         self.q_start = np.zeros(batch, dtype=np.int64)
         sizes = {"B": batch, "S": max_len}
-        self.arrays = [{}, {}]         # the memory: OrtValues from numpy share it, no copy
-        for spec in specs:
-            shape = [sizes[d] if isinstance(d, str) else d for d in spec["shape"]]
-            for i, arrays in enumerate(self.arrays):
-                if i and in_place(spec):
-                    arrays[spec["name"]] = self.arrays[0][spec["name"]]
-                else:
-                    arrays[spec["name"]] = zeros(shape, _NP[spec["dtype"]], commit=not in_place(spec))
-        self._bind(0)
+        self.shared = {spec["name"] for spec in specs if in_place(spec)}   # one buffer for both sets
+        arrays = {spec["name"]: zeros([sizes[d] if isinstance(d, str) else d for d in spec["shape"]],
+                                      _NP[spec["dtype"]], commit=not in_place(spec)) for spec in specs}
+        others = {name: a if name in self.shared else zeros(a.shape, a.dtype, commit=True)
+                  for name, a in arrays.items()}
+        self._bind([arrays, others], 0)
 
-    def _bind(self, current: int):
+    def _bind(self, arrays: list[dict], current: int):
+        """`arrays` (the memory, two sets) as OrtValues, which share it without a copy."""
         import onnxruntime as ort
 
-        first = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in self.arrays[0].items()}
-        self.buffers = [first, {name: first[name] if a is self.arrays[0][name] else ort.OrtValue.ortvalue_from_numpy(a)
-                                for name, a in self.arrays[1].items()}]
-        self.current = current
+        self.arrays, self.current = arrays, current
+        first = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays[0].items()}
+        self.buffers = [first, {name: first[name] if name in self.shared else ort.OrtValue.ortvalue_from_numpy(a)
+                                for name, a in arrays[1].items()}]
         self.bindings = [None, None]   # per read set: an IOBinding with every state tensor bound
 
     def row(self, b: int) -> "OnnxState":
         """Row b as a batch-1 state over the same memory (every state tensor is batch-major)."""
         view = object.__new__(OnnxState)
         view.batch, view.capacity, view.q_start = 1, self.capacity, self.q_start[b:b + 1].copy()
-        zero = {name: a[b:b + 1] for name, a in self.arrays[0].items()}
-        view.arrays = [zero, {name: zero[name] if a is self.arrays[0][name] else a[b:b + 1]
-                              for name, a in self.arrays[1].items()}]
-        view._bind(self.current)
+        view.shared = self.shared
+        view._bind([{name: a[b:b + 1] for name, a in arrays.items()} for arrays in self.arrays], self.current)
         return view
 
     def settle(self, target: int):
         """Make set `target` hold the newest state (copying the double-buffered tensors if needed)."""
         if self.current != target:
-            newest, other = self.arrays[self.current], self.arrays[target]
-            for name, a in newest.items():
-                if other[name] is not a:
-                    np.copyto(other[name], a)
+            for name, a in self.arrays[self.current].items():
+                if name not in self.shared:
+                    np.copyto(self.arrays[target][name], a)
             self.current = target
 
     def read(self):
