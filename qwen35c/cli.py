@@ -14,19 +14,42 @@ import sys
 
 import click
 
+from qwen35c import signals
 from qwen35c.errors import QwenError
 from reference.errors import CheckpointError
 
 
 class _Group(click.Group):
+    """Turns the errors a user can act on into one line and an exit code: QwenError / CheckpointError
+    (their code, 2 unless a parity failure), an OSError (2, naming the path), SIGINT / SIGTERM (130 /
+    143, after every cleanup has run)."""
+
+    def main(self, *args, **kwargs):
+        signals.install()
+        try:
+            return super().main(*args, **kwargs)
+        except signals.Interrupted as err:   # arrived outside a command (while parsing options)
+            click.echo(f"qwen35c: interrupted ({err})", err=True)
+            sys.exit(err.exit_code)
+
     def invoke(self, ctx: click.Context):
+        debug = bool(ctx.obj and ctx.obj.get("debug"))
         try:
             return super().invoke(ctx)
         except (QwenError, CheckpointError) as err:
-            if ctx.obj and ctx.obj.get("debug"):
+            if debug:
                 raise
             click.echo(f"qwen35c: error: {err}", err=True)
             sys.exit(err.exit_code)
+        except signals.Interrupted as err:
+            click.echo(f"qwen35c: interrupted ({err}); nothing half-written was left", err=True)
+            sys.exit(err.exit_code)
+        except OSError as err:
+            if debug:
+                raise
+            where = err.filename or "input/output"
+            click.echo(f"qwen35c: error: {where}: {err.strerror or err}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)

@@ -1,7 +1,7 @@
 """Every run-time knob qwen35c reads from the environment, in one place.
 
     QWEN35C_THREADS        intra-op threads of an ONNX Runtime session when the caller gives none
-                           (default 0: ORT's choice, one per physical core).
+                           (default 0: ORT's choice, one per physical core; at most 256).
     QWEN35C_ORT_SPIN       0 turns off spin-waiting in ORT's intra-op pool (better on an
                            oversubscribed machine, slower on an idle one); 1 forces it on; unset:
                            ORT's default.
@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from qwen35c.errors import QwenError
 
 
-def _int(name: str, default: int, minimum: int) -> int:
+MAX_THREADS = 256      # far above any core count; 100000 made ONNX Runtime crash creating its pool
+
+
+def _int(name: str, default: int, minimum: int, maximum: int = 1 << 30) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -27,8 +30,8 @@ def _int(name: str, default: int, minimum: int) -> int:
         value = int(raw)
     except ValueError:
         raise QwenError(f"environment variable {name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise QwenError(f"environment variable {name}={value} must be at least {minimum}")
+    if not minimum <= value <= maximum:
+        raise QwenError(f"environment variable {name}={value} must be in [{minimum}, {maximum}]")
     return value
 
 
@@ -50,6 +53,6 @@ class Settings:
 
 def settings() -> Settings:
     """The settings as the environment has them now (read at each call, so tests can set them)."""
-    return Settings(threads=_int("QWEN35C_THREADS", 0, 0),
+    return Settings(threads=_int("QWEN35C_THREADS", 0, 0, MAX_THREADS),
                     ort_spin=_switch("QWEN35C_ORT_SPIN"),
                     prefill_chunk=_int("QWEN35C_PREFILL_CHUNK", 1024, 1))

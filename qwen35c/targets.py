@@ -12,9 +12,6 @@ from dataclasses import asdict, dataclass
 
 from qwen35c.errors import QwenError
 
-IMPLEMENTED_BACKENDS = ("onnx",)
-
-
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -34,44 +31,48 @@ class Target:
     def build_blocker(self, backend: str | None = None, quantize: str | None = None) -> str | None:
         """Why this target cannot be built by this install, or None. `quantize` overrides the
         target's quantize options (`qwen35c build --quantize`)."""
+        from qwen35c.backends import REGISTRY
+
         backend = backend or self.backend
-        if backend not in IMPLEMENTED_BACKENDS:
+        if backend not in REGISTRY:
             return (f"target '{self.name}' needs the '{backend}' backend, which is not implemented yet "
-                    f"(implemented: {', '.join(IMPLEMENTED_BACKENDS)})")
+                    f"(implemented: {', '.join(REGISTRY)})")
         if self.sm is not None and backend == "onnx":
             # why: an ONNX Runtime CPU artifact labelled with a GPU target would be neither verifiable
             # on that GPU nor what the target promises; the CPU emulation is asked for explicitly.
             hint = (f"; for a CPU-runnable {self.weights} emulation artifact use --target cpu --quantize "
                     f"{self.quantize.split('=', 1)[1]}" if self.quantize else "")
             return f"target '{self.name}' is a GPU target; the onnx backend builds CPU targets only{hint}"
-        quantize = quantize or self.quantize
-        if quantize is not None:
-            try:
-                from qwen35c.passes.manager import parse_pipeline
+        if self.sm is None and backend != "onnx":
+            return f"target '{self.name}' is a CPU target; only the onnx backend builds CPU targets"
+        if quantize is not None or self.quantize is not None:
+            from qwen35c.passes.manager import parse_pipeline
 
+            try:
                 parse_pipeline(self.full_pipeline(quantize))
             except QwenError as err:
-                return f"target '{self.name}' needs {self.weights} quantization, not available in this install ({err})"
-            try:
-                import qwen35c.backends.onnx.quant  # noqa: F401
-            except ImportError:
-                return (f"target '{self.name}' needs {self.weights} quantized linears in the onnx backend "
-                        f"(qwen35c/backends/onnx/quant.py), not available in this install")
-        if self.precision != "fp32" and backend == "onnx" and quantize is None:
+                what = f"--quantize '{quantize}'" if quantize is not None else f"the {self.weights} recipe"
+                return f"target '{self.name}': {what} is not a valid quantization ({err})"
+        elif self.precision != "fp32" and backend == "onnx":
             return f"target '{self.name}' ({self.precision}) is not supported by the onnx backend"
         return None
 
     def full_pipeline(self, quantize: str | None = None) -> str:
-        """The pipeline text; `quantize` ("SCHEME [opt=value ...]" or "scheme=SCHEME ...") replaces
-        the target's quantize options. The quantize pass runs after lower-moe (the shared expert's
-        linears are plain by then) and before insert-state."""
+        """The target's named pipeline with `quantize{...}` inserted right before `insert-state`
+        (after lower-moe, so the shared expert's linears are plain by then), replacing a quantize
+        pass already there. `quantize` ("SCHEME [opt=value ...]" or "scheme=SCHEME ...") replaces
+        the target's own quantize options."""
+        from qwen35c.passes.manager import parse_pipeline
+
         if quantize is not None and not quantize.startswith("scheme="):
             quantize = "scheme=" + quantize
         quantize = quantize or self.quantize
         if quantize is None:
             return self.pipeline
-        return (f"cleanup,fuse-deltanet{{chunk-size=64}},lower-moe,quantize{{{quantize}}},"
-                f"insert-state,cleanup")
+        passes = [p.to_text() for p in parse_pipeline(self.pipeline) if p.name != "quantize"]
+        names = [text.split("{", 1)[0] for text in passes]
+        at = names.index("insert-state") if "insert-state" in names else len(passes)
+        return ",".join(passes[:at] + [f"quantize{{{quantize}}}"] + passes[at:])
 
 
 _T = Target

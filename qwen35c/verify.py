@@ -1,14 +1,19 @@
 """`verify`: is a built artifact intact, and does it compute what the reference model computes?
 
-Checks, in order (each reported as pass / fail / not run, never a pass it did not run):
-  manifest   schema version, every file's size and sha256, no unlisted files      (bad -> exit 2)
+Checks, in order (each reported as pass / fail / not run / skipped, never a pass it did not run):
+  manifest   types of every key, paths inside the artifact, no symlinks, every file's size and sha256,
+             no unlisted files, the backend's own section                      (bad -> exit 2)
+  reference  the reference checkpoint exists and its files hash as the manifest says (bad -> exit 2)
   target     can this machine execute the artifact (CPU targets: always)
-  reference  the reference checkpoint exists and its files hash as the manifest says
   parity     artifact vs reference on a built-in prompt set: single prompts around the 64-token
              chunk boundaries (full prefill logits at every position), a batch of different lengths
              (prefill, then teacher-forced decode steps), and greedy continuations
 Metrics per case: max / mean |Δlogit|, min cosine, KL(ref || artifact) mean and p99, top-1
-agreement; gated by the target's precision (`qwen35c.targets.GATES`). Parity failure -> exit 1.
+agreement; gated by the target's precision (`qwen35c.targets.GATES`).
+
+Exit codes: 0 only when the artifact was executed and every check that ran passed; 1 when a check
+failed; 2 when the input is bad or a check could not run (the report says why). Asking for less is
+explicit and printed as such: `--structure-only` (no execution), `--skip quantization`.
 
 A quantized artifact (manifest `quantization` section) is checked twice, separately:
   parity        artifact vs the quantization-emulating reference (the reference model with the same
@@ -21,7 +26,6 @@ A quantized artifact (manifest `quantization` section) is checked twice, separat
   quantization  the emulation vs the full-precision reference, teacher-forced on held-out text
                 (`heldout_ids`), at the recipe's precision gate (fp8 / int4): the quantization loss.
                 Not run for a checkpoint without a tokenizer.json.
-Either failing -> exit 1.
 """
 
 from __future__ import annotations
@@ -132,16 +136,10 @@ def _reference_session(path: Path):
     return ReferenceSession.from_checkpoint(path, "float32")
 
 
-def quick_parity(artifact_dir: Path, model_dir: Path, precision: str, reference=None,
-                 against: str = "reference") -> dict:
-    """The build's own check: a few short prompts; numbers rounded so builds stay byte-identical.
-    `reference` (a session) replaces the checkpoint's fp32 reference (quantized builds pass the
-    quantization-emulating reference, named by `against`)."""
-    from qwen35c.backends.onnx.session import OnnxSession
-    from qwen35c.artifact import read_manifest
-
-    session = OnnxSession(artifact_dir, read_manifest(artifact_dir), threads=1)
-    reference = reference if reference is not None else _reference_session(model_dir)
+def quick_parity(session, reference, precision: str, against: str = "reference") -> dict:
+    """The build's own check of a loaded artifact `session` against `reference` (a session: the
+    checkpoint's fp32 reference, or the quantization-emulating one for quantized builds, named by
+    `against`): a few short prompts; numbers rounded so builds stay byte-identical."""
     result = compare(session, reference, single=(1, 65), batch=(3, 9), steps=4)
     ok, failures = gate(result["total"], precision, result["greedy_match"])
     total = {k: (float(f"{v:.2g}") if isinstance(v, float) else v) for k, v in result["total"].items()}
@@ -203,7 +201,8 @@ def lowering_gate(record: dict) -> str:
     return "fp32" if record["recipe"].get("activations", "none") == "none" else "quantized-activations"
 
 
-def _verify_quantized(artifact, manifest: dict, ref_path: Path, checks: list[dict], report: dict) -> None:
+def _verify_quantized(artifact, manifest: dict, ref_path: Path, checks: list[dict], report: dict,
+                      skip: tuple[str, ...] = (), say=lambda message: None) -> None:
     """Two separate checks for a quantized artifact (see the module docstring)."""
     from qwen35c.quant.build import prepare
     from qwen35c.runtime.session import ReferenceSession, load_tokenizer
@@ -211,6 +210,7 @@ def _verify_quantized(artifact, manifest: dict, ref_path: Path, checks: list[dic
 
     record = manifest["quantization"]
     precision = record["precision"]
+    say(f"rebuilding the quantization-emulating reference ({record['label']})")
     prepared = prepare(ref_path, record)
     emulated = prepared.emulated()
     same = prepared.record["packed_sha256"] == record["packed_sha256"]
@@ -223,6 +223,7 @@ def _verify_quantized(artifact, manifest: dict, ref_path: Path, checks: list[dic
                                  "digest differs from the manifest's: another torch build or CPU?); artifact "
                                  "vs emulation not compared"})
     else:
+        say("parity: artifact vs the quantization-emulating reference")
         result = compare(artifact, ReferenceSession(emulated))
         lowering = lowering_gate(record)
         ok, failures = gate(result["total"], lowering, result["greedy_match"])
@@ -232,13 +233,18 @@ def _verify_quantized(artifact, manifest: dict, ref_path: Path, checks: list[dic
         checks.append({"name": "parity", "status": "pass" if ok else "fail",
                        "detail": ("artifact vs quantization-emulating reference (lowering error): "
                                   + (f"within the {lowering} gate" if ok else "; ".join(failures)))})
+    if "quantization" in skip:
+        checks.append({"name": "quantization", "status": "skipped", "detail": "--skip quantization"})
+        return
     tokenizer = load_tokenizer(ref_path)
     text = heldout_ids(tokenizer) if tokenizer is not None else None
     if text is None:
         checks.append({"name": "quantization", "status": "not run",
-                       "detail": "no tokenizer.json (or no held-out text) to measure quantization loss on"})
+                       "detail": f"{ref_path}: no tokenizer.json (or no held-out text) to measure the quantization "
+                                 f"loss on; --skip quantization to verify without it"})
         return
     ids, described = text
+    say(f"quantization loss on {described}")
     metrics = quantization_loss(prepared.model, emulated, ids)
     limits = GATES[precision]
     ok, failures = gate(metrics, precision, None)
@@ -250,28 +256,40 @@ def _verify_quantized(artifact, manifest: dict, ref_path: Path, checks: list[dic
                               + (f"within the {precision} gate" if ok else "; ".join(failures)))})
 
 
+SKIPPABLE = ("quantization", "bisect")
+
+
 def verify_artifact(directory: str | Path, reference: str | Path | None = None, bisect: bool = False,
-                    threads: int | None = None) -> dict:
-    """The full verification; raises ArtifactError (exit 2) on bad input, returns the report."""
-    from qwen35c.artifact import ArtifactError, check_files, read_manifest, sha256_file
+                    threads: int | None = None, structure_only: bool = False, skip: tuple[str, ...] = (),
+                    progress=None) -> dict:
+    """The full verification; raises ArtifactError (exit 2) on bad input, returns the report.
+
+    report["status"]: "pass" (the artifact was executed and every check that ran passed), "fail"
+    (a check failed: exit 1) or "incomplete" (a check could not run: exit 2, with the reason).
+    `structure_only` checks the manifest, files and reference without executing the artifact (its
+    status says so); `skip` names checks the caller does not want (reported as skipped)."""
+    from qwen35c.artifact import ArtifactError, sha256_file
+    from qwen35c.runtime import open_checked
     from qwen35c.targets import get_target, runnable_here
 
+    say = progress or (lambda message: None)
+    unknown = sorted(set(skip) - set(SKIPPABLE))
+    if unknown:
+        raise QwenError(f"--skip {unknown[0]}: not a skippable check ({', '.join(SKIPPABLE)})")
     directory = Path(directory)
     checks: list[dict] = []
-    manifest = read_manifest(directory)
-    files = check_files(directory, manifest)
+    say("checking the manifest and hashing every file")
+    manifest, backend = open_checked(directory)
     checks.append({"name": "manifest", "status": "pass",
-                   "detail": f"schema {manifest['schema_version']}, {len(files)} files hash as recorded"})
+                   "detail": f"schema {manifest['schema_version']}, {len(manifest['files'])} files hash as recorded"})
     target = get_target(manifest["target"]["name"])
-    runnable, why = runnable_here(target)
-    checks.append({"name": "target", "status": "pass" if runnable else "not run", "detail": why})
-    ref_path = Path(reference) if reference else Path(manifest.get("source", {}).get("path", ""))
-    if not reference and not manifest.get("source", {}).get("path"):
+    ref_path = Path(reference) if reference else Path(manifest["source"]["path"])
+    if not reference and not manifest["source"]["path"]:
         raise ArtifactError(f"{directory}: the manifest names no source checkpoint; pass --reference DIR")
     if not (ref_path / "config.json").is_file():
         raise ArtifactError(f"{ref_path}: reference checkpoint missing (no config.json); pass --reference DIR")
-    recorded = manifest.get("source", {}).get("files", {})
-    mismatched = [n for n, h in sorted(recorded.items())
+    say(f"hashing the reference checkpoint {ref_path}")
+    mismatched = [n for n, h in sorted(manifest["source"]["files"].items())
                   if not (ref_path / n).is_file() or sha256_file(ref_path / n) != h]
     if mismatched:
         raise ArtifactError(f"{ref_path / mismatched[0]}: differs from the checkpoint the artifact was built from")
@@ -279,36 +297,52 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     quantized = manifest.get("quantization")
     report = {"artifact": str(directory), "target": target.name,
               "precision": quantized["precision"] if quantized else target.precision,
-              "checks": checks, "passed": None}
+              "checks": checks, "status": None, "passed": None}
+    if structure_only:
+        checks.append({"name": "execution", "status": "skipped",
+                       "detail": "--structure-only: the artifact was not executed, no parity checked"})
+        return _finish(report, structure_only=True)
+    runnable, why = runnable_here(target)
+    checks.append({"name": "target", "status": "pass" if runnable else "not run", "detail": why})
     if not runnable:
         checks.append({"name": "parity", "status": "not run", "detail": why})
-        if quantized:
-            checks.append({"name": "quantization", "status": "not run", "detail": why})
-    elif quantized:
-        from qwen35c.runtime import load
-
-        _verify_quantized(load(directory, check=False, threads=threads), manifest, ref_path, checks, report)
+        return _finish(report)
+    say(f"loading the artifact ({manifest['backend']['name']})")
+    artifact = backend.load(directory, manifest, threads=threads)
+    if quantized:
+        _verify_quantized(artifact, manifest, ref_path, checks, report, skip, say)
     else:
-        from qwen35c.runtime import load
-
-        artifact = load(directory, check=False, threads=threads)
+        say("parity: artifact vs the reference on the prompt set")
         result = compare(artifact, _reference_session(ref_path))
         ok, failures = gate(result["total"], target.precision, result["greedy_match"])
         report["parity"] = result
         checks.append({"name": "parity", "status": "pass" if ok else "fail",
                        "detail": "within the fp32 gate" if ok and target.precision == "fp32" else
                        ("within the gate" if ok else "; ".join(failures))})
+    if bisect and "bisect" in skip:
+        raise QwenError("--bisect and --skip bisect contradict each other")
     if bisect and quantized:
         checks.append({"name": "bisect", "status": "not run",
                        "detail": "bisect compares every pass with the full-precision model; a quantized "
                                  "pipeline is checked by the parity / quantization checks instead"})
     elif bisect:
+        say("bisect: interpreting the IR after every pass")
         failed = any(c["name"] == "parity" and c["status"] == "fail" for c in checks)
         report["bisect"] = run_bisect(manifest, ref_path, artifact_failed=failed)
         checks.append({"name": "bisect", "status": "pass" if report["bisect"]["first_broken"] is None else "fail",
                        "detail": f"first broken: {report['bisect']['first_broken'] or 'none'}"})
-    ran = [c for c in checks if c["status"] != "not run"]
-    report["passed"] = all(c["status"] == "pass" for c in ran)
+    return _finish(report)
+
+
+def _finish(report: dict, structure_only: bool = False) -> dict:
+    statuses = [c["status"] for c in report["checks"]]
+    if "fail" in statuses:
+        report["status"] = "fail"
+    elif "not run" in statuses:
+        report["status"] = "incomplete"
+    else:
+        report["status"] = "structure-only" if structure_only else "pass"
+    report["passed"] = report["status"] in ("pass", "structure-only")
     return report
 
 

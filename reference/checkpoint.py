@@ -35,6 +35,7 @@ __all__ = ["Checkpoint", "WeightLoader", "load_model", "save_checkpoint", "make_
 
 VLM_PREFIX, TEXT_PREFIX = "model.language_model.", "model."
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_FINITE_CHECKED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)   # weights must be finite
 
 
 class Checkpoint:
@@ -56,8 +57,14 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise CheckpointError(f"{index}: malformed index (expected a JSON object with 'weight_map')") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: key 'weight_map' must be an object of tensor name -> shard file")
+            for tensor, shard in weight_map.items():
+                if not _plain_file_name(shard):
+                    raise CheckpointError(f"{index}: tensor '{tensor}' names shard {shard!r}; a shard must be a "
+                                          f"plain .safetensors file name inside the checkpoint directory")
             shards = sorted(set(weight_map.values()))
         else:
             shards = [name for name in entries if name.endswith(".safetensors")]
@@ -69,8 +76,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
         for shard in shards:
             path = self.directory / shard
-            if not path.exists():
-                raise CheckpointError(f"{path}: listed in the index but missing")
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in the index but missing (or not a file)")
             self.files[shard] = SafetensorsFile(path)
             for name in self.files[shard].keys():
                 self.location[name] = shard
@@ -97,6 +104,11 @@ class Checkpoint:
             file.close()
 
 
+def _plain_file_name(name) -> bool:
+    return (isinstance(name, str) and name.endswith(".safetensors") and "/" not in name and "\\" not in name
+            and name not in (".", "..") and "\0" not in name)
+
+
 # ---- name mapping ---------------------------------------------------------------------------------
 def text_prefix(names: list[str]) -> str:
     return VLM_PREFIX if any(n.startswith(VLM_PREFIX) for n in names) else TEXT_PREFIX
@@ -113,6 +125,13 @@ class WeightLoader:
     def __init__(self, ckpt: Checkpoint, config: Qwen35Config):
         self.ckpt, self.config = ckpt, config
         self.prefix = text_prefix(ckpt.names())
+        self.used: set[str] = set()     # checkpoint tensors read so far
+
+    def unused(self) -> list[str]:
+        """Checkpoint tensors no parameter was read from (vision and MTP tensors excepted)."""
+        skip = ("model.visual.", "mtp.") if self.config.mtp_num_hidden_layers == 0 else ("model.visual.",)
+        return sorted(n for n in self.ckpt.names() if n not in self.used and not n.startswith(skip)
+                      and not (n == "lm_head.weight" and self.config.tie_word_embeddings))
 
     def tensor(self, param: str, shape: torch.Size) -> torch.Tensor:
         name = _source_name(param, self.prefix)
@@ -135,9 +154,12 @@ class WeightLoader:
             self.ckpt.release(name)
 
     def _checked(self, name: str, tensor: torch.Tensor, shape) -> torch.Tensor:
+        where = self.ckpt.file_of(name) if name in self.ckpt else self.ckpt.directory
         if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(f"{self.ckpt.file_of(name)}: tensor '{name}' has shape {list(tensor.shape)}, "
-                                  f"expected {list(shape)}")
+            raise CheckpointError(f"{where}: tensor '{name}' has shape {list(tensor.shape)}, expected {list(shape)}")
+        if tensor.dtype in _FINITE_CHECKED and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where}: tensor '{name}' holds NaN or infinite values")
+        self.used.add(name)
         return tensor
 
     def _per_expert(self, head: str, leaf: str, shape) -> torch.Tensor:
@@ -151,6 +173,7 @@ class WeightLoader:
                 raise CheckpointError(f"{self.ckpt.directory}: missing tensor '{head}.{leaf}' (fused) and "
                                       f"'{missing[0]}' (per-expert layout)")
             rows.append(torch.cat([self.ckpt.view(n) for n in names], dim=0))
+            self.used.update(names)
         return self._checked(f"{head}.{leaf}", torch.stack(rows), shape)
 
     def _from_qwen3_next(self, head: str, shape) -> torch.Tensor | None:
@@ -217,6 +240,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             value = source.to(device=device, dtype=dtype, copy=True)
             _set_param(model, name, nn.Parameter(value, requires_grad=False))
             loader.release(name)
+        unused = loader.unused()
+        if unused:
+            notes.append(f"{len(unused)} checkpoint tensors are not part of the model and were ignored: "
+                         + ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""))
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         _rebuild_buffers(model, config, device)  # RoPE tables were built on the meta device

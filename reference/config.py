@@ -20,6 +20,32 @@ MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
 _TEXT_TYPES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
 LAYER_TYPES = ("linear_attention", "full_attention")
 
+# integer keys and their least allowed value (validated with the key's name in the message)
+_INT_KEYS = {
+    "vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 1, "linear_num_key_heads": 1, "linear_num_value_heads": 1,
+    "linear_key_head_dim": 1, "linear_value_head_dim": 1, "linear_conv_kernel_dim": 1,
+    "intermediate_size": 0, "num_experts": 0, "num_experts_per_tok": 0, "moe_intermediate_size": 0,
+    "shared_expert_intermediate_size": 0, "decoder_sparse_step": 1, "max_position_embeddings": 1,
+    "mtp_num_hidden_layers": 0,
+}
+_BOOL_KEYS = ("attention_bias", "norm_topk_prob", "tie_word_embeddings")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any, key: str, source: str) -> float:
+    """A JSON number as float; anything else (a string, a bool, null) names the key."""
+    if not _is_number(value):
+        raise CheckpointError(f"{source}: key '{key}' must be a number, got {value!r}")
+    return float(value)
+
 
 @dataclass
 class Qwen35Config:
@@ -102,12 +128,36 @@ class Qwen35Config:
 
         if self.model_type not in MODEL_TYPES:
             raise bad("model_type", f"is '{self.model_type}', expected one of {', '.join(MODEL_TYPES)}")
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
-                    "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim"):
+        for key, minimum in _INT_KEYS.items():
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise bad(key, f"must be a positive integer, got {value!r}")
+            if not _is_int(value) or value < minimum:
+                kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+                raise bad(key, f"must be {kind}, got {value!r}")
+        for key in _BOOL_KEYS:
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, f"must be true or false, got {getattr(self, key)!r}")
+        for key in ("rms_norm_eps", "rope_theta", "partial_rotary_factor"):
+            value = getattr(self, key)
+            if not _is_number(value) or not 0 < value < float("inf"):
+                raise bad(key, f"must be a positive finite number, got {value!r}")
+        if self.partial_rotary_factor > 1:
+            raise bad("partial_rotary_factor", f"must be at most 1, got {self.partial_rotary_factor!r}")
+        if not isinstance(self.layer_types, list) or not all(isinstance(t, str) for t in self.layer_types):
+            raise bad("layer_types", f"must be a list of strings, got {self.layer_types!r}")
+        for key in ("mlp_only_layers", "mrope_section"):
+            value = getattr(self, key)
+            if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value):
+                raise bad(key, f"must be a list of non-negative integers, got {value!r}")
+        eos = self.eos_token_id
+        if not (eos is None or (_is_int(eos) and eos >= 0)
+                or (isinstance(eos, list) and all(_is_int(v) and v >= 0 for v in eos))):
+            raise bad("eos_token_id", f"must be a token id or a list of token ids, got {eos!r}")
+        for key in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, key)
+            if value is not None and not (_is_int(value) and value >= 0):
+                raise bad(key, f"must be a token id or null, got {value!r}")
+        if not isinstance(self.hidden_act, str):
+            raise bad("hidden_act", f"must be a string, got {self.hidden_act!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise bad("layer_types", f"has {len(self.layer_types)} entries, expected num_hidden_layers="
                       f"{self.num_hidden_layers}")
@@ -165,24 +215,32 @@ class Qwen35Config:
                 raise CheckpointError(f"{source}: required key '{key}' is missing")
         if "layer_types" not in text:
             interval = text.get("full_attention_interval", 4)
-            kwargs["layer_types"] = layer_types_from_interval(text["num_hidden_layers"], interval)
+            try:
+                kwargs["layer_types"] = layer_types_from_interval(text["num_hidden_layers"], interval)
+            except CheckpointError as err:
+                raise CheckpointError(f"{source}{str(err).removeprefix('config')}") from None
         kwargs.update(_rope_keys(text, source))
         # The VLM's top-level flag decides tying; tie when either level says so (see the notes'
         # "loader gotcha": untying the 0.8B head creates a random 254M-parameter lm_head).
-        kwargs["tie_word_embeddings"] = bool(text.get("tie_word_embeddings", False)
-                                             or raw.get("tie_word_embeddings", False))
+        for level in (text, raw):
+            if not isinstance(level.get("tie_word_embeddings", False), bool):
+                raise CheckpointError(f"{source}: key 'tie_word_embeddings' must be true or false, "
+                                      f"got {level['tie_word_embeddings']!r}")
+        kwargs["tie_word_embeddings"] = text.get("tie_word_embeddings", False) or raw.get("tie_word_embeddings", False)
         if model_type == "qwen3_5_moe":
             kwargs["norm_topk_prob"] = True
             kwargs["mlp_only_layers"] = []
             kwargs["decoder_sparse_step"] = 1
-        if "mtp_num_hidden_layers" in text:
-            kwargs["mtp_num_hidden_layers"] = int(text["mtp_num_hidden_layers"] or 0)
+        if text.get("mtp_num_hidden_layers") is None:
+            kwargs.pop("mtp_num_hidden_layers", None)
         if "eos_token_id" not in text and "eos_token_id" in raw:
             kwargs["eos_token_id"] = raw["eos_token_id"]
         try:
             config = cls(**kwargs)
         except TypeError as err:
             raise CheckpointError(f"{source}: {err}") from None
+        except CheckpointError as err:  # raised by __post_init__'s validation, which says "config"
+            raise CheckpointError(f"{source}{str(err).removeprefix('config')}") from None
         config.validate(source)
         return config
 
@@ -219,9 +277,11 @@ class Qwen35Config:
 
 def layer_types_from_interval(num_layers: int, interval: int) -> list[str]:
     """Layer i is full attention iff (i + 1) % interval == 0 (3 linear : 1 full for interval 4)."""
-    if not isinstance(interval, int) or interval <= 0:
+    if not _is_int(interval) or interval <= 0:
         raise CheckpointError(f"config: key 'full_attention_interval' must be a positive integer, "
                               f"got {interval!r}")
+    if not _is_int(num_layers) or num_layers <= 0:
+        raise CheckpointError(f"config: key 'num_hidden_layers' must be a positive integer, got {num_layers!r}")
     return ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)]
 
 
@@ -237,11 +297,11 @@ def _rope_keys(text: dict[str, Any], source: str) -> dict[str, Any]:
     if theta is None:
         raise CheckpointError(f"{source}: key 'rope_theta' is missing (HF would silently use 10000; "
                               f"Qwen3.5 uses 1e7)")
-    out["rope_theta"] = float(theta)
-    out["partial_rotary_factor"] = float(rope.get("partial_rotary_factor",
-                                                  text.get("partial_rotary_factor", 0.25)))
+    out["rope_theta"] = _number(theta, "rope_theta", source)
+    out["partial_rotary_factor"] = _number(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)),
+                                           "partial_rotary_factor", source)
     if "mrope_section" in rope:
-        out["mrope_section"] = list(rope["mrope_section"])
+        out["mrope_section"] = rope["mrope_section"]
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qwen35c.artifact import build_artifact
+from qwen35c.build import build_artifact
 from qwen35c.cli import main
 from qwen35c.errors import QwenError
 
@@ -55,9 +55,10 @@ def test_existing_output_needs_force(ckpt, artifact, tmp_path):
         build_artifact(ckpt, "cpu", artifact)
     out = tmp_path / "forced"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    build_artifact(ckpt, "cpu", out, force=True)              # an empty directory may be replaced
+    (out / "config.json").write_text("{}")                     # so may an artifact (even a corrupt one)
     build_artifact(ckpt, "cpu", out, force=True)
-    assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
+    assert _files(out) == _files(artifact)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

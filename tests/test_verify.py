@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from qwen35c.artifact import build_artifact
+from qwen35c.build import build_artifact
 from qwen35c.cli import main
 
 

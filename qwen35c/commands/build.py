@@ -19,7 +19,8 @@ from qwen35c.commands._common import emit_json, info
               help="Quantize with SCHEME (fp8-block128, fp8-tensor, fp8-channel, int4-rtn, int4-awq, int4-gptq; "
                    "options may follow: 'int4-gptq act-order=true'), replacing the target's quantize options. "
                    "'--target cpu --quantize fp8-block128' builds a CPU artifact of the FP8 GPU targets' weights.")
-@click.option("--force", is_flag=True, help="Replace an existing artifact at OUT.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing qwen35c artifact (or empty directory) at OUT; nothing else is ever replaced.")
 @click.option("--no-check", is_flag=True, help="Skip the build's own parity check (manifest says 'not run').")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def command(model, target, output, pipeline, backend, quantize, force, no_check, as_json):
@@ -27,7 +28,7 @@ def command(model, target, output, pipeline, backend, quantize, force, no_check,
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from qwen35c.artifact import build_artifact
+    from qwen35c.build import build_artifact
     from qwen35c.models import resolve_model
 
     path = resolve_model(model)
@@ -40,15 +41,14 @@ def command(model, target, output, pipeline, backend, quantize, force, no_check,
             bar.update(task, stage=stage, description=message[-70:],
                        total=1.0 if fraction is not None else None, completed=fraction or 0)
 
-        if quantize is not None and pipeline is not None:
-            from qwen35c.errors import QwenError
-
-            raise QwenError("--quantize and --pipeline both set the pipeline; put quantize{...} in --pipeline")
         report = build_artifact(path, target, output, pipeline=pipeline, backend=backend, force=force,
                                 check=not no_check, progress=progress, quantize=quantize)
     manifest = report.manifest
+    for warning in report.warnings:
+        info(f"warning: {warning}")
     if as_json:
         emit_json({"output": str(report.out), "seconds": report.seconds, "stages": dict(report.stages),
+                   "warnings": report.warnings,
                    "target": manifest["target"]["name"], "parity": manifest["parity"],
                    "files": manifest["files"]})
         return

@@ -9,27 +9,37 @@ import click
 from qwen35c.commands._common import emit_json
 
 
-def summarize(path) -> dict:
-    """Config, layer pattern, parameter counts, weight bytes by dtype, state and KV sizes."""
+def summarize(path, preset: str | None = None, scan: bool = True) -> dict:
+    """Config, layer pattern, parameter counts, weight bytes by dtype, state and KV sizes; with
+    `scan`, the tensors holding NaN or infinite values (streamed, one tensor at a time). A preset
+    (no checkpoint) counts its weights as bf16."""
     import torch
 
-    from reference.checkpoint import Checkpoint
+    from reference.checkpoint import Checkpoint, preset_config
     from reference.config import load_config
     from reference.model import Qwen35ForCausalLM
 
-    config = load_config(path)
-    ckpt = Checkpoint(path)
-    try:
-        by_dtype: dict[str, int] = collections.Counter()
-        for name in ckpt.names():
-            file = ckpt.files[ckpt.location[name]]
-            numel = 1
-            for d in file.shape(name):
-                numel *= d
-            by_dtype[str(file.dtype(name)).removeprefix("torch.")] += numel * file.dtype(name).itemsize
-        has_mtp = any(n.startswith("mtp.") for n in ckpt.names())
-    finally:
-        ckpt.close()
+    config = preset_config(preset) if preset else load_config(path)
+    by_dtype: dict[str, int] = collections.Counter()
+    nonfinite: list[str] | None = None
+    has_mtp = bool(preset) and config.mtp_num_hidden_layers > 0
+    if not preset:
+        ckpt = Checkpoint(path)
+        nonfinite = [] if scan else None
+        try:
+            for name in ckpt.names():
+                file = ckpt.files[ckpt.location[name]]
+                numel = 1
+                for d in file.shape(name):
+                    numel *= d
+                by_dtype[str(file.dtype(name)).removeprefix("torch.")] += numel * file.dtype(name).itemsize
+                if scan and file.dtype(name) in (torch.float32, torch.bfloat16, torch.float16):
+                    if not bool(torch.isfinite(ckpt.view(name)).all()):
+                        nonfinite.append(name)
+                    ckpt.release(name)
+            has_mtp = any(n.startswith("mtp.") for n in ckpt.names())
+        finally:
+            ckpt.close()
     if not has_mtp:
         config.mtp_num_hidden_layers = 0
     with torch.device("meta"):
@@ -52,8 +62,10 @@ def summarize(path) -> dict:
     recurrent = gdn * config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
     kv_per_token = attn * 2 * config.num_key_value_heads * config.head_dim * model_bytes
     pattern = "".join("L" if t == "linear_attention" else "A" for t in config.layer_types)
+    if preset:
+        by_dtype["bfloat16 (preset, not stored)"] = total * 2
     return {
-        "path": str(path), "model_type": config.model_type, "vocab_size": config.vocab_size,
+        "path": str(path) if path else f"preset {preset}", "model_type": config.model_type, "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size, "num_layers": config.num_hidden_layers,
         "layer_pattern": pattern, "linear_attention_layers": gdn, "full_attention_layers": attn,
         "attention": {"q_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
@@ -70,6 +82,7 @@ def summarize(path) -> dict:
         "state_bytes_per_sequence": {"conv_bf16": conv_state, "recurrent_fp32": recurrent,
                                      "total": conv_state + recurrent},
         "kv_bytes_per_token_bf16": kv_per_token,
+        "nonfinite_tensors": nonfinite,
     }
 
 
@@ -84,16 +97,20 @@ def _human(n: float, unit: str = "B") -> str:
 @click.command("inspect")
 @click.argument("model", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def command(model, as_json):
-    """Summarize MODEL (a checkpoint directory; default: the bundled dense model)."""
+@click.option("--no-scan", is_flag=True, help="Do not read the weights to look for NaN / infinite values.")
+def command(model, as_json, no_scan):
+    """Summarize MODEL (a checkpoint directory, a bundled model or a preset; default: the bundled
+    dense model). Exit 2 (after the summary) when a weight holds NaN or infinite values."""
     from rich.console import Console
     from rich.table import Table
 
-    from qwen35c.models import resolve_model
+    from qwen35c.models import resolve_model_or_preset
 
-    info = summarize(resolve_model(model))
+    ref = resolve_model_or_preset(model)
+    info = summarize(ref.path, ref.preset, scan=not no_scan)
     if as_json:
         emit_json(info)
+        _refuse_nonfinite(info)
         return
     table = Table(title=f"{info['path']}  ({info['model_type']})", show_header=False)
     rows = [
@@ -118,7 +135,19 @@ def command(model, as_json):
                              f"recurrent fp32 {_human(info['state_bytes_per_sequence']['recurrent_fp32'])})"),
         ("KV cache / token", _human(info["kv_bytes_per_token_bf16"])),
         ("tied lm_head", str(info["tie_word_embeddings"])),
+        ("finite weights", "not scanned" if info["nonfinite_tensors"] is None else
+         "yes" if not info["nonfinite_tensors"] else "NO: " + ", ".join(info["nonfinite_tensors"][:5])),
     ]
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
+    _refuse_nonfinite(info)
+
+
+def _refuse_nonfinite(info: dict) -> None:
+    from qwen35c.errors import QwenError
+
+    bad = info["nonfinite_tensors"]
+    if bad:
+        raise QwenError(f"{info['path']}: tensor '{bad[0]}' holds NaN or infinite values"
+                        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))

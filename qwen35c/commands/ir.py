@@ -1,30 +1,18 @@
 """`qwen35c ir MODEL`: trace a model to the IR, run a pass pipeline, print the IR.
 
-MODEL is a checkpoint directory (only config.json is read unless --check-each-pass needs weights)
-or a preset name (tiny, tiny-moe, tiny-next, 0.8b, ...; --check-each-pass then uses seeded random
-weights). The pipeline defaults to the `standard` one (qwen35c/pipelines/standard.yaml).
+MODEL is a checkpoint directory (only config.json is read unless --check-each-pass needs weights),
+a bundled model name (the default: qwen35-tiny) or a preset name (tiny, tiny-moe, tiny-next, 0.8b,
+...; --check-each-pass then uses seeded random weights). The pipeline defaults to the `standard`
+one (qwen35c/pipelines/standard.yaml).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from qwen35c.errors import QwenError
-
-
-def _config_and_model_source(model: str):
-    from reference.checkpoint import PRESETS, preset_config
-    from reference.config import load_config
-
-    path = Path(model)
-    if path.is_dir():
-        return load_config(path), path
-    if model in PRESETS:
-        return preset_config(model), None
-    raise QwenError(f"{model}: not a checkpoint directory and not a preset ({', '.join(PRESETS)})")
 
 
 def _reference_model(config, source):
@@ -41,7 +29,7 @@ def _reference_model(config, source):
 
 
 @click.command("ir")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("--pipeline", default="standard", show_default=True, help="Pass pipeline (MLIR grammar).")
 @click.option("--print-after-all", is_flag=True, help="Print the IR after every pass (stderr).")
 @click.option("--check-each-pass", is_flag=True,
@@ -60,7 +48,10 @@ def command(model: str, pipeline: str, print_after_all: bool, check_each_pass: b
     from qwen35c.graph.trace import trace_config
     from qwen35c.passes.manager import PassManager, parse_pipeline, pipeline_to_text
 
-    config, source = _config_and_model_source(model)
+    from qwen35c.models import resolve_model_or_preset
+
+    ref = resolve_model_or_preset(model)
+    config, source = ref.config(), ref.path
     resolved = pipeline_to_text(parse_pipeline(pipeline))  # fail fast on a bad pipeline
     import torch
 
@@ -78,7 +69,7 @@ def command(model: str, pipeline: str, print_after_all: bool, check_each_pass: b
                              explain=explain).run(traced.graph)
         graph, stats = result.graph, result.stats
     if as_json:
-        doc = {"model": model, "pipeline": resolved,
+        doc = {"model": ref.label, "pipeline": resolved,
                "trace": {"export_seconds": traced.export_seconds, "import_seconds": traced.import_seconds,
                          "template_layers": traced.template_layers},
                "passes": [{"name": s.name, "options": s.pipeline_text, "changed": s.changed,

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from qwen35c.commands._common import emit_json, info, parse_ids
+from qwen35c.commands._common import SEED, FiniteFloat, emit_json, info, parse_ids
 from qwen35c.errors import QwenError
 
 
@@ -19,13 +19,12 @@ from qwen35c.errors import QwenError
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=0),
               help="Tokens to generate (0 = prefill only).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(0, 100), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0, 1, lo_open=True))
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--ignore-eos", is_flag=True, help="Keep generating after an end-of-sequence token.")
 @click.option("--save-logits", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write float32 logits [prompt + generated, vocab] as .npy.")
+              help="Write float32 logits [prompt + generated, vocab] as .npy (atomically; the directory must exist).")
 @click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
 def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p, seed, ignore_eos,
             save_logits, as_json):
@@ -50,7 +49,16 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
         ids = parse_ids(prompt_ids)
     vocab = session.config.vocab_size
     if max(ids) >= vocab or min(ids) < 0:
+        if prompt is not None:
+            raise QwenError(f"{path}: tokenizer.json gives token id {max(ids)} for --prompt, but the model's "
+                            f"vocab_size is {vocab} (tokenizer and model do not match)")
         raise QwenError(f"--prompt-ids: token ids must lie in [0, {vocab})")
+    context = session.config.max_position_embeddings
+    if len(ids) > context:
+        raise QwenError(f"the prompt has {len(ids)} tokens; the model's context (max_position_embeddings) is {context}")
+    if len(ids) + max_new_tokens > context:
+        raise QwenError(f"--max-new-tokens {max_new_tokens}: the prompt ({len(ids)} tokens) leaves room for at most "
+                        f"{context - len(ids)} new tokens (max_position_embeddings {context})")
     stop = () if ignore_eos else tuple(session.config.eos_token_ids)
 
     streamed: list[int] = []
@@ -72,8 +80,10 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
                               keep_logits=save_logits is not None, on_token=stream)
     generated = result.tokens[0]
     if save_logits is not None:
-        save_logits.parent.mkdir(parents=True, exist_ok=True)
-        np.save(save_logits, result.logits[0].numpy().astype(np.float32))
+        from qwen35c.artifact import atomic_file
+
+        with atomic_file(save_logits, "--save-logits") as f:
+            np.save(f, result.logits[0].numpy().astype(np.float32))
     text = tokenizer.decode(generated) if tokenizer is not None else None
     timings = {"prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
                "prefill_tokens_per_second": result.prefill_tokens_per_second,

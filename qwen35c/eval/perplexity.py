@@ -187,14 +187,13 @@ def _compress(logp: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
 
 
 def _save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"qwen35c": json.dumps(meta)})
-    except OSError as err:
-        raise QwenError(f"{path}: cannot write ({err.strerror})") from None
+    from qwen35c.artifact import atomic_file
+
+    data = save(tensors, metadata={"qwen35c": json.dumps(meta)})
+    with atomic_file(path, "--save-logits") as f:
+        f.write(data)
 
 
 class _BaseLogits:
@@ -264,9 +263,15 @@ def load_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32):
         from qwen35c.runtime import load
 
         session = load(model_dir)
+        if session.tokenizer is None:
+            raise QwenError(f"{model_dir}: the artifact has no tokenizer.json (built from a checkpoint without "
+                            f"one); perplexity needs it to encode --text")
         return (lambda ids: session.logits(ids).float()), session.tokenizer
     try:
         model = load_model(model_dir, dtype=dtype)
     except CheckpointError as err:
         raise QwenError(str(err)) from None
-    return checkpoint_logits_fn(model), load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise QwenError(f"{model_dir}: no tokenizer.json; perplexity needs it to encode --text")
+    return checkpoint_logits_fn(model), tokenizer

@@ -504,6 +504,10 @@ class CheckpointWeights:
         """Drop the mapped pages of a weight the caller has finished with (bounded build memory)."""
         self._loader.release(name)
 
+    def unused(self) -> list[str]:
+        """Checkpoint tensors no weight was read from so far (see `WeightLoader.unused`)."""
+        return self._loader.unused()
+
 
 __all__ = ["CheckpointWeights", "TraceError", "TraceResult", "export_meta", "import_exported",
            "instantiate", "template_config", "trace_checkpoint", "trace_config"]

@@ -21,7 +21,8 @@ from qwen35c.errors import QwenError
 DEFAULT_MODEL = "qwen35-tiny"
 BUNDLED = ("qwen35-tiny", "qwen35-tiny-moe")
 
-__all__ = ["BUNDLED", "DEFAULT_MODEL", "bundled", "default_model_path", "resolve_model"]
+__all__ = ["BUNDLED", "DEFAULT_MODEL", "ModelRef", "bundled", "default_model_path", "resolve_model",
+           "resolve_model_or_preset"]
 
 
 def bundled(name: str) -> Path:
@@ -50,3 +51,36 @@ def resolve_model(model: str | Path | None) -> Path:
     if not path.exists() and str(model) in BUNDLED:
         return bundled(str(model))
     return path
+
+
+class ModelRef:
+    """What a command's MODEL names: a checkpoint directory (`path`) or a random-weights preset."""
+
+    def __init__(self, path: Path | None, preset: str | None):
+        self.path, self.preset = path, preset
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path is not None else f"preset {self.preset}"
+
+    def config(self):
+        from reference.checkpoint import preset_config
+        from reference.config import load_config
+
+        return load_config(self.path) if self.path is not None else preset_config(self.preset)
+
+
+def resolve_model_or_preset(model: str | Path | None) -> ModelRef:
+    """`resolve_model` for the commands that also take a preset name (tiny, 0.8b, ...: a config with
+    seeded random weights): an existing path wins, then a bundled name, then a preset."""
+    from reference.checkpoint import PRESETS
+
+    if model is not None and not Path(model).exists() and str(model) not in BUNDLED:
+        if str(model) in PRESETS:
+            return ModelRef(None, str(model))
+        raise QwenError(f"{model}: not a checkpoint directory, a bundled model ({', '.join(BUNDLED)}) "
+                        f"or a preset ({', '.join(PRESETS)})")
+    path = resolve_model(model)
+    if not path.is_dir():
+        raise QwenError(f"{path}: not a checkpoint directory")
+    return ModelRef(path, None)

@@ -152,6 +152,7 @@ class QuantizePass(Pass):
             "recipe": recipe.to_dict(), "label": recipe.label,
             "quantized": sorted(n for n, d in decisions.items() if d.quantize),
             "kept": sorted(n for n, d in decisions.items() if not d.quantize),
+            "kept_reasons": {n: d.reason for n, d in sorted(decisions.items()) if not d.quantize},
             "not_lowered": sorted(set(not_lowered))}
         if not_lowered:
             graph.metadata["quantization"]["not_lowered_reason"] = NOT_LOWERED_REASON

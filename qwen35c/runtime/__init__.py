@@ -11,25 +11,42 @@ from pathlib import Path
 
 from qwen35c.runtime.session import GenerationResult, ReferenceSession, Session, load_tokenizer
 
-__all__ = ["GenerationResult", "ReferenceSession", "Session", "load", "load_tokenizer"]
+__all__ = ["GenerationResult", "ReferenceSession", "Session", "is_artifact_dir", "load", "load_tokenizer",
+           "open_checked"]
+
+
+def is_artifact_dir(path: str | Path) -> bool:
+    """A directory with a manifest.json entry (of any kind: `open_checked` says whether it is valid)."""
+    import os
+
+    return os.path.lexists(Path(path) / "manifest.json")
+
+
+def open_checked(path: str | Path, check: bool = True):
+    """The one artifact validator of `verify`, `run`, `perplexity` and `load`: the manifest's types
+    and paths, the backend's own section, then (with `check`) every file's size and sha256.
+    Returns (manifest, backend)."""
+    from qwen35c.artifact import MANIFEST, ManifestChecker, check_files, read_manifest
+    from qwen35c.backends import get_backend
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    backend = get_backend(manifest["backend"]["name"], where=f"{path / MANIFEST}: key 'backend.name'")
+    backend.validate(manifest["backend"], ManifestChecker(path / MANIFEST), manifest["files"])
+    if check:
+        check_files(path, manifest)
+    return manifest, backend
 
 
 def load(path: str | Path, dtype: str = "float32", *, check: bool = True, threads: int | None = None) -> Session:
     """Open a checkpoint directory or a compiled artifact (a directory with manifest.json).
 
-    Artifacts are checked against their manifest first (every file's size and sha256; `check=False`
-    skips it); `dtype` applies to checkpoints only (an artifact's precision is fixed by its target).
+    Artifacts are validated and checked against their manifest first (every file's size and sha256;
+    `check=False` skips the hashing, for a caller that just did it); `dtype` applies to checkpoints
+    only (an artifact's precision is fixed by its target).
     """
     path = Path(path)
-    if (path / "manifest.json").exists():
-        from qwen35c.artifact import open_artifact
-        from qwen35c.errors import QwenError
-
-        manifest = open_artifact(path, check=check)
-        backend = manifest["backend"].get("name")
-        if backend == "onnx":
-            from qwen35c.backends.onnx.session import OnnxSession
-
-            return OnnxSession(path, manifest, threads=threads)
-        raise QwenError(f"{path}: artifacts of backend '{backend}' cannot be run by this install")
+    if is_artifact_dir(path):
+        manifest, backend = open_checked(path, check=check)
+        return backend.load(path, manifest, threads=threads)
     return ReferenceSession.from_checkpoint(path, dtype)

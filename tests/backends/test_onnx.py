@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from qwen35c.artifact import build_artifact
+from qwen35c.build import build_artifact
 from qwen35c.errors import QwenError
 from qwen35c.runtime import load
 from reference.checkpoint import load_model

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwen35c.artifact import artifact_file
 from qwen35c.errors import QwenError
 from qwen35c.runtime.session import Session, load_tokenizer
 from qwen35c.settings import settings
@@ -125,11 +126,11 @@ class OnnxSession(Session):
             options.add_session_config_entry("session.intra_op.allow_spinning", str(int(knobs.ort_spin)))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        model = artifact_file(self.directory, manifest, backend["model"])
         try:
-            self.ort = ort.InferenceSession(str(self.directory / backend["model"]), options,
-                                            providers=["CPUExecutionProvider"])
+            self.ort = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own exception types
-            raise QwenError(f"{self.directory / backend['model']}: onnxruntime cannot load the model ({err})") from None
+            raise QwenError(f"{model}: onnxruntime cannot load the model ({str(err).splitlines()[0][:300]})") from None
         self.vocab = self.config.vocab_size
         self.gqa = "com.microsoft::GroupQueryAttention" in backend.get("ops", {})
 

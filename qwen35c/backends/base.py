@@ -1,0 +1,44 @@
+"""The backend interface: what `build`, `verify` and `runtime.load` call, nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from qwen35c.graph.ir import Graph
+from qwen35c.runtime.session import Session
+
+
+@dataclass
+class EmitContext:
+    """What a backend gets besides the graph: `weights(name)` answers every weight the graph names
+    (packed `name#part` tensors included for quantized graphs), `release(name)` says a weight will
+    not be asked again, `on_weight(name)` reports progress; `quantization` is the build's record."""
+
+    weights: Callable[[str], torch.Tensor]
+    release: Callable[[str], None]
+    on_weight: Callable[[str], None]
+    tied_lm_head: bool
+    target: Any                      # qwen35c.targets.Target
+    quantization: dict | None = None
+
+
+class Backend(Protocol):
+    name: str
+
+    def emit(self, graph: Graph, out_dir: Path, ctx: EmitContext) -> dict:
+        """Write the payload into `out_dir`; return the manifest's `backend` section (with `name`)."""
+
+    def validate(self, section: dict, check: Any, files: dict) -> None:
+        """Raise (through `check`, an `artifact.ManifestChecker`) on a mistyped key of `section` or a path
+        the runtime would open that is not in `files`."""
+
+    def load(self, directory: Path, manifest: dict, threads: int | None = None) -> Session:
+        """A session over a checked artifact."""
+
+    def engine_status(self, section: dict) -> dict:
+        """The manifest's `engine` section for a freshly emitted payload."""
