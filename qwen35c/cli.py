@@ -25,12 +25,18 @@ class _Group(click.Group):
     143, after every cleanup has run)."""
 
     def main(self, *args, **kwargs):
+        """Click's standalone handling, with its usage errors as our one line (exit 2)."""
         signals.install()
+        kwargs["standalone_mode"] = False
         try:
-            return super().main(*args, **kwargs)
-        except signals.Interrupted as err:   # arrived outside a command (while parsing options)
-            click.echo(f"qwen35c: interrupted ({err})", err=True)
+            code = super().main(*args, **kwargs)
+        except click.ClickException as err:
+            click.echo(f"qwen35c: error: {err.format_message()} (see --help)", err=True)
             sys.exit(err.exit_code)
+        except (click.Abort, signals.Interrupted) as err:   # arrived outside a command
+            click.echo("qwen35c: interrupted", err=True)
+            sys.exit(getattr(err, "exit_code", 130))
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.obj and ctx.obj.get("debug"))

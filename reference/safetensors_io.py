@@ -49,6 +49,9 @@ class SafetensorsFile:
             header = json.loads(self._file.read(header_size))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                                  f"expected an object of tensor entries)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._start = 8 + header_size
         self._entries = {}
