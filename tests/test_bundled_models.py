@@ -95,7 +95,7 @@ def test_matches_transformers_fp32(model_dir):
         a = ours(ids)
         b = hf(ids).logits
     assert a.shape == b.shape == (1, ids.shape[1], 4096)
-    assert (a - b).abs().max().item() <= 1e-4
+    assert (a - b).abs().max().item() <= 1e-4   # measured worst 9.5e-6 (1 and 2 threads)
 
 
 def test_moe_uses_its_experts_on_heldout_text():

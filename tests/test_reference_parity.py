@@ -17,14 +17,15 @@ def _ids(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("preset, ratio", [("tiny", 1), ("tiny", 2), ("tiny", 3), ("tiny-moe", 2), ("tiny-next", 3)])
 def test_fp32_logits_match_hf(checkpoint_factory, hf_model, preset, ratio):
-    """fp32 max |dlogit| <= 1e-4 at lengths around the chunk size, for value/key head ratios 1, 2, 3."""
+    """fp32 max |dlogit| <= 4e-6 at lengths around the chunk size, for value/key head ratios 1, 2, 3."""
     path = checkpoint_factory(preset, linear_num_key_heads=2, linear_num_value_heads=2 * ratio)
     ours, theirs = load_model(path), hf_model(path)
     for length in LENGTHS:
         ids = _ids(2, length, ours.config.vocab_size, length)
         with torch.no_grad():
             diff = (ours(ids) - theirs(ids).logits).abs().max().item()
-        assert diff <= 1e-4, f"{preset} r={ratio} T={length}: max |dlogit| = {diff:.3g}"
+        # measured worst 3.6e-7 over the grid (1 and 2 threads)
+        assert diff <= 4e-6, f"{preset} r={ratio} T={length}: max |dlogit| = {diff:.3g}"
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -40,8 +41,8 @@ def test_prefill_then_decode_equals_full_forward(checkpoint_factory, hf_model, p
         steps += [model(ids[:, t:t + 1], cache) for t in range(65, 73)]
         hf_full = hf_model(path)(ids).logits
     incremental = torch.cat(steps, dim=1)
-    assert (incremental - full).abs().max().item() <= 1e-4
-    assert (incremental - hf_full).abs().max().item() <= 1e-4
+    assert (incremental - full).abs().max().item() <= 3e-6      # measured worst 2.4e-7
+    assert (incremental - hf_full).abs().max().item() <= 3e-6   # measured worst 2.7e-7
     assert cache.seq_lens.tolist() == [73, 73]
 
 
@@ -64,9 +65,9 @@ def test_batch_with_different_lengths_equals_rows_alone(checkpoint_factory, pres
                   for t in range(3)]
         for b, (row, n) in enumerate(zip(rows, lengths)):
             alone = model(row)
-            assert (prefill[b, :n] - alone[0, :n]).abs().max().item() <= 1e-4, f"row {b} prefill"
+            assert (prefill[b, :n] - alone[0, :n]).abs().max().item() <= 2e-6, f"row {b} prefill"  # worst 1.8e-7
             got = torch.cat([d[b] for d in decode])
-            assert (got - alone[0, n:n + 3]).abs().max().item() <= 1e-4, f"row {b} decode"
+            assert (got - alone[0, n:n + 3]).abs().max().item() <= 3e-6, f"row {b} decode"  # worst 2.1e-7
 
 
 def test_chunked_and_recurrent_delta_rule_agree():
@@ -81,8 +82,8 @@ def test_chunked_and_recurrent_delta_rule_agree():
     state = torch.randn(2, 6, 16, 8, generator=gen)
     o1, s1 = ops.chunk_gated_delta_rule(q, k, v, g, beta, state)
     o2, s2 = ops.recurrent_gated_delta_rule(q, k, v, g, beta, state)
-    assert (o1 - o2).abs().max().item() < 1e-4
-    assert (s1 - s2).abs().max().item() < 1e-4
+    assert (o1 - o2).abs().max().item() < 5e-6   # measured 4.8e-7
+    assert (s1 - s2).abs().max().item() < 7e-6   # measured 7.0e-7
 
 
 def test_bf16_close_to_hf_with_identical_greedy_tokens(checkpoint_factory, hf_model):

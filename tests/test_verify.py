@@ -1,5 +1,6 @@
 """`qwen35c verify`: passes on good artifacts (dense, MoE, Qwen3-Next), exit 1 on a broken one,
-exit 2 without a reference; `--bisect` names the backend when every pass holds."""
+exit 2 without a reference; `--bisect` names the backend when every pass holds, and the pass when one
+breaks only past the 64-token chunk or only in decode."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 from qwen35c.build import build_artifact
 from qwen35c.cli import main
+from qwen35c.passes.manager import Pass, PassResult, register_pass
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-next"])
@@ -61,3 +63,79 @@ def test_missing_reference_is_exit_2(checkpoint_factory, tmp_path):
     build_artifact(ckpt, "cpu", tmp_path / "a", check=False)
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "a"), "--reference", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "nowhere" in result.output
+
+
+def _node(graph, op, inputs, attrs=None):
+    from qwen35c.graph.ops import infer_types
+
+    attrs = attrs or {}
+    return graph.add_node(op, inputs, infer_types(op, [v.type for v in inputs], attrs), attrs).outputs[0]
+
+
+def _scale_logits_where(graph, mask):
+    """logits *= 1.5 where mask (bool, broadcastable to [B, T, 1]): a pass bug confined to `mask`."""
+    maskf = _node(graph, "cast", [mask], {"dtype": "f32"})
+    if maskf.type.rank == 1:
+        maskf = _node(graph, "reshape", [maskf], {"shape": ["B", 1, 1]})
+    else:
+        maskf = _node(graph, "reshape", [maskf], {"shape": ["B", "T", 1]})
+    factor = _node(graph, "add_scalar", [_node(graph, "mul_scalar", [maskf], {"scalar": 0.5})], {"scalar": 1.0})
+    graph.outputs[0] = _node(graph, "mul", [graph.outputs[0], factor])
+    return graph
+
+
+def _input(graph, name):
+    return next(v for v in graph.inputs if v.name == name)
+
+
+@register_pass
+class _CorruptPastChunk(Pass):
+    """test-corrupt-past-64: a deliberately broken pass (logits x1.5 at positions >= 64, stateful graph)."""
+
+    name = "test-corrupt-past-64"
+
+    def run(self, graph):
+        start = _node(graph, "reshape", [_input(graph, "q_start")], {"shape": ["B", 1]})
+        positions = _node(graph, "add", [start, _node(graph, "arange", [], {"size": "T", "dtype": "i64"})])
+        edge = _node(graph, "full", [], {"shape": [1], "value": 64, "dtype": "i64"})
+        return PassResult(_scale_logits_where(graph, _node(graph, "ge", [positions, edge])), True, 1)
+
+
+@register_pass
+class _CorruptDecode(Pass):
+    """test-corrupt-decode: a deliberately broken pass (logits x1.5 in decode steps: one token on top
+    of a non-empty state, q_start > 0 and lengths == 1)."""
+
+    name = "test-corrupt-decode"
+
+    def run(self, graph):
+        zero = _node(graph, "full", [], {"shape": [1], "value": 0, "dtype": "i64"})
+        one = _node(graph, "full", [], {"shape": [1], "value": 1, "dtype": "i64"})
+        continued = _node(graph, "cast", [_node(graph, "gt", [_input(graph, "q_start"), zero])], {"dtype": "f32"})
+        single = _node(graph, "cast", [_node(graph, "eq", [_input(graph, "lengths"), one])], {"dtype": "f32"})
+        decode = _node(graph, "gt", [_node(graph, "mul", [continued, single]),
+                                     _node(graph, "full", [], {"shape": [1], "value": 0.5, "dtype": "f32"})])
+        return PassResult(_scale_logits_where(graph, decode), True, 1)
+
+
+@pytest.mark.parametrize("bad_pass", ["test-corrupt-past-64", "test-corrupt-decode"])
+def test_bisect_names_a_pass_broken_past_the_chunk_or_in_decode(checkpoint_factory, tmp_path, bad_pass):
+    """A pass whose bug shows only past the 64-token chunk or only in decode is named by `verify
+    --bisect`, not blamed on the backend (a 9-token prefill alone saw neither)."""
+    from qwen35c.passes.manager import parse_pipeline, pipeline_to_text
+    from qwen35c.targets import get_target
+
+    pipeline = pipeline_to_text(parse_pipeline(get_target("cpu").full_pipeline()))
+    assert pipeline.count("insert-state") == 1
+    pipeline = pipeline.replace("insert-state", f"insert-state,{bad_pass}")
+    out = tmp_path / "bad"
+    build_artifact(checkpoint_factory("tiny"), "cpu", out, pipeline=pipeline, check=False)
+    result = CliRunner().invoke(main, ["verify", str(out), "--json", "--bisect"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert {c["name"]: c["status"] for c in report["checks"]}["parity"] == "fail"
+    assert report["bisect"]["first_broken"] == bad_pass, report["bisect"]
+    passes = {p["name"]: p for p in report["bisect"]["passes"]}
+    assert passes["insert-state"]["ok"] and not passes[bad_pass]["ok"]
+    worst = passes[bad_pass]["worst_case"]
+    assert ("decode" in worst) if bad_pass == "test-corrupt-decode" else ("65" in worst or "129" in worst), worst

@@ -12,7 +12,8 @@ from qwen35c.errors import QwenError
 from qwen35c.runtime import load
 from reference.checkpoint import load_model
 
-TOL = 1e-4
+TOL = 3e-6       # artifact vs reference; measured worst 3.0e-7 over these tests (1 and 2 threads)
+SAME = 1e-6      # the artifact against itself run another way; measured worst 8.9e-8 (mostly 0)
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-moe", "tiny-next"])
@@ -110,9 +111,9 @@ def test_batch_prompt_longer_than_chunk(built, monkeypatch):
     rows = session.prefill(ids, state, lens)
     assert runs == [(1, 16), (1, 16), (1, 8), (1, 16), (1, 1)]
     for b, n in enumerate(lens.tolist()):
-        assert (rows[b, :n] - whole[b, :n]).abs().max() <= 1e-5
+        assert (rows[b, :n] - whole[b, :n]).abs().max() <= SAME
     nxt = torch.tensor([[3], [4]])
-    assert (session.decode(nxt, state) - session.decode(nxt, whole_state)).abs().max() <= 1e-5
+    assert (session.decode(nxt, state) - session.decode(nxt, whole_state)).abs().max() <= SAME
 
 
 def test_no_cancelling_layout_ops(built):
@@ -137,7 +138,7 @@ def test_last_only_and_batch_equals_alone(built):
     assert last.shape == (2, 1, session.config.vocab_size)
     assert torch.allclose(last[0, 0], full[0, 39], atol=1e-6) and torch.allclose(last[1, 0], full[1, 16], atol=1e-6)
     alone = session.logits(ids[1:, :17])
-    assert (alone[0] - full[1, :17]).abs().max() <= 1e-5
+    assert (alone[0] - full[1, :17]).abs().max() <= SAME
 
 
 def test_chunked_prefill_equals_whole(built, monkeypatch):
@@ -152,11 +153,11 @@ def test_chunked_prefill_equals_whole(built, monkeypatch):
     monkeypatch.setenv("QWEN35C_PREFILL_CHUNK", "16")
     state = session.new_state(1, 48)
     chunked = session.prefill(ids, state)
-    assert (chunked - whole).abs().max() <= 1e-5
+    assert (chunked - whole).abs().max() <= SAME
     last = session.prefill(ids, session.new_state(1, 48), last_only=True)
-    assert (last[0, 0] - whole[0, 39]).abs().max() <= 1e-5
+    assert (last[0, 0] - whole[0, 39]).abs().max() <= SAME
     nxt = whole[:, -1].argmax(-1).view(1, 1)
-    assert (session.decode(nxt, state) - session.decode(nxt, whole_state)).abs().max() <= 1e-5
+    assert (session.decode(nxt, state) - session.decode(nxt, whole_state)).abs().max() <= SAME
     monkeypatch.setenv("QWEN35C_PREFILL_CHUNK", "zero")
     with pytest.raises(QwenError, match="QWEN35C_PREFILL_CHUNK"):
         session.prefill(ids, session.new_state(1, 48))

@@ -9,7 +9,8 @@ import torch
 
 from qwen35c.backends.triton.attention import attention_decode, attention_prefill, naive
 
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+# Bounds ~10x the worst measured over the test grid (1 and 2 threads), the measured value beside each.
+TOL = {torch.float32: 5e-6, torch.float16: 3e-3}  # measured 4.2e-7 / 3.5e-4
 
 
 def rel_err(out, ref, floor=1e-6):
@@ -30,7 +31,7 @@ def test_naive_prefill_matches_sdpa():
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, 1), v.transpose(1, 2).repeat_interleave(2, 1),
         is_causal=True).transpose(1, 2) * torch.sigmoid(gate)
-    assert torch.allclose(naive.attention_prefill(q, k, v, gate), ref, atol=1e-5)
+    assert torch.allclose(naive.attention_prefill(q, k, v, gate), ref, atol=2e-6)  # measured max |diff| 1.2e-7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -51,7 +52,7 @@ def test_prefill_strided_q_and_gate():
     q, gate = qg[..., :64], qg[..., 64:]
     k = torch.randn(1, 40, 2, 64, generator=g)
     v = torch.randn(1, 40, 2, 64, generator=g)
-    assert rel_err(attention_prefill(q, k, v, gate), naive.attention_prefill(q, k, v, gate)) < 1e-5
+    assert rel_err(attention_prefill(q, k, v, gate), naive.attention_prefill(q, k, v, gate)) < 2e-6  # 1.3e-7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -84,4 +85,4 @@ def test_decode_empty_sequence_gives_zeros():
     q = torch.randn(2, 2, 32)
     out = attention_decode(q, k, k, torch.tensor([0, 5], dtype=torch.int32), torch.ones(2, 2, 32), num_splits=2)
     assert torch.isfinite(out).all() and out[0].abs().max() == 0
-    assert rel_err(out[1], naive.attention_decode(q, k, k, torch.tensor([0, 5]), torch.ones(2, 2, 32))[1]) < 1e-5
+    assert rel_err(out[1], naive.attention_decode(q, k, k, torch.tensor([0, 5]), torch.ones(2, 2, 32))[1]) < 2e-6  # 1.1e-7

@@ -15,7 +15,8 @@ from qwen35c.backends.triton.causal_conv1d import (
 W = 4
 
 
-def assert_close(name, ref, out, ratio=1e-5, floor=1e-6):
+# ratio measured worst 7.6e-8 (rmse / ref rmse), floor 1.4e-7 (rmse), 1 and 2 threads
+def assert_close(name, ref, out, ratio=1e-6, floor=1e-6):
     err = (out.float() - ref.float()).pow(2).mean().sqrt().item()
     base = ref.float().pow(2).mean().sqrt().item()
     assert err <= max(ratio * base, floor), f"{name}: rmse {err:.3g}, ref rmse {base:.3g}"

@@ -16,8 +16,8 @@ from qwen35c.backends.triton.gated_delta_rule import (
     naive_recurrent_gated_delta_rule,
 )
 
-RATIO = 2e-5   # fp32 kernels and references agree to ~1e-6
-FLOOR = 1e-5
+RATIO = 1.5e-5  # rmse / ref rmse; measured worst 1.4e-6 (naive chunk vs recurrent), 1 and 2 threads
+FLOOR = 3e-6    # rmse; measured worst 2.6e-7
 
 
 def assert_close(name, ref, out, ratio=RATIO, floor=FLOOR):

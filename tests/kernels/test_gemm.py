@@ -18,7 +18,8 @@ def rel_err(out, ref, floor=1e-6):
     return ((out.float() - ref.float()).pow(2).mean().sqrt() / max(ref.float().pow(2).mean().sqrt().item(), floor)).item()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+# Bounds ~10x the worst measured over the test grid (1 and 2 threads): fp32 2.2e-7, fp16 1.3e-5.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 3e-6), (torch.float16, 2e-4)])
 @pytest.mark.parametrize("m,n,k", [(1, 64, 128), (63, 96, 64), (65, 130, 200), (129, 64, 256)])
 def test_dense(m, n, k, dtype, tol):
     g = torch.Generator().manual_seed(m + n + k)
@@ -32,7 +33,7 @@ def test_dense(m, n, k, dtype, tol):
 def test_dense_strided_rows():
     x = torch.randn(17, 200)[:, :128]
     w = torch.randn(40, 128)
-    assert rel_err(linear(x, w), naive.linear(x, w)) < 1e-5
+    assert rel_err(linear(x, w), naive.linear(x, w)) < 3e-6  # measured 0
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 128, 256), (65, 200, 384), (16, 64, 200)])
@@ -44,7 +45,7 @@ def test_fp8_block_gemm_on_torch_quantized_inputs(m, n, k):
     w[: n // 2] *= 4.0  # row blocks with different scales
     x_q, x_s = naive.fp8_quantize_activations(x)
     w_q, w_s = naive.fp8_quantize_weight_blocks(w)
-    for out_dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+    for out_dtype, tol in ((torch.float32, 4e-6), (torch.float16, 2e-4)):  # measured 3.5e-7 / 1.9e-5
         out = fp8_block_linear(x_q, x_s, w_q, w_s, out_dtype=out_dtype)
         ref = naive.fp8_block_linear(x_q, x_s, w_q, w_s, out_dtype=out_dtype)
         assert out.dtype == out_dtype and rel_err(out, ref) < tol
@@ -77,7 +78,8 @@ def test_fp8_activation_quant_kernel(m, k):
         assert diff.float().mean() < 0.1
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+# measured worst fp32 2.8e-7, fp16 9.2e-6
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 3e-6), (torch.float16, 1e-4)])
 @pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("m,n,k", [(1, 64, 256), (65, 130, 384), (33, 64, 128)])
 def test_int4(m, n, k, zero_point, dtype, tol):

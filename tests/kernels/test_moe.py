@@ -9,7 +9,8 @@ import torch
 
 from qwen35c.backends.triton.moe import moe_align, moe_combine, moe_experts, moe_forward, moe_route, naive, shared_expert
 
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+# Bounds ~10x the worst measured over the test grid (1 and 2 threads), the measured value beside each.
+TOL = {torch.float32: 4e-6, torch.float16: 3e-3}  # measured 3.5e-7 / 4.4e-4
 
 
 def rel_err(out, ref, floor=1e-6):
@@ -85,5 +86,5 @@ def test_combine():
     y = torch.randn(5, 3, 40)
     shared = torch.randn(5, 40)
     gate = torch.randn(5, 1)
-    assert rel_err(moe_combine(y, shared, gate), naive.moe_combine(y, shared, gate)) < 1e-6
-    assert rel_err(moe_combine(y), naive.moe_combine(y)) < 1e-6
+    assert rel_err(moe_combine(y, shared, gate), naive.moe_combine(y, shared, gate)) < 3e-7  # measured 2.4e-8
+    assert rel_err(moe_combine(y), naive.moe_combine(y)) < 3e-7  # measured 0

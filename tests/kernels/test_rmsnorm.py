@@ -9,7 +9,8 @@ import torch
 
 from qwen35c.backends.triton.rmsnorm import gated_rmsnorm, naive, rmsnorm
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+# Bounds ~10x the worst measured over the test grid (1 and 2 threads), the measured value beside each.
+TOL = {torch.float32: 1e-6, torch.float16: 2e-5}  # measured 8.6e-8 / 2.0e-6
 
 
 def rel_err(out, ref, floor=1e-6):

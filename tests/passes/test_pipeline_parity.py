@@ -17,7 +17,12 @@ from qwen35c.graph.trace import trace_config
 from qwen35c.passes.manager import Pass, PassManager, PassResult, register_pass
 from qwen35c.passes.parity import check_each_pass
 
-TOL = 1e-4
+# Max |dlogit| bounds, ~10x the worst measured over the three presets (1 and 2 threads):
+TOL = 1e-4          # decode steps after a prefill: measured 1.5e-5
+PREFILL_TOL = 2e-5  # prefill of 1..130 tokens: measured 1.9e-6
+ROWS_TOL = 6e-5     # right-padded rows vs each row alone, prefill and decode: measured 6.1e-6
+FUSED_TOL = 3e-5    # standard-fused, prefill and decode: measured 3.0e-6
+EXACT_TOL = 1e-6    # the traced graph runs the reference's own ops: measured 0
 PRESETS = ["tiny", "tiny-moe", "tiny-next"]
 _FUSED: dict = {}   # preset -> the graph after the standard-fused pipeline (filled by the fixture)
 
@@ -40,9 +45,9 @@ def compiled(request, tmp_path_factory):
 
 
 
-def _assert_close(got, want, what):
+def _assert_close(got, want, what, tol=TOL):
     err = (got - want).abs().max().item()
-    assert err <= TOL, f"{what}: max abs logit error {err:.3g} > {TOL}"
+    assert err <= tol, f"{what}: max abs logit error {err:.3g} > {tol}"
 
 
 @pytest.mark.parametrize("length", [1, 63, 64, 65, 130])
@@ -52,7 +57,8 @@ def test_prefill_then_decode_matches_reference(compiled, length):
     ids = torch.randint(0, config.vocab_size, (2, length + 8), generator=gen)
     cache, session = model.new_cache(2, length + 8), GraphSession(graph, weights, 2, length + 8)
     with torch.no_grad():
-        _assert_close(session.step(ids[:, :length]), model(ids[:, :length], cache), f"prefill T={length}")
+        _assert_close(session.step(ids[:, :length]), model(ids[:, :length], cache), f"prefill T={length}",
+                      PREFILL_TOL)
         for step in range(8):
             token = ids[:, length + step:length + step + 1]
             _assert_close(session.step(token), model(token, cache), f"decode step {step} after T={length}")
@@ -70,8 +76,8 @@ def test_batch_of_different_lengths_matches_each_row(compiled):
         for b in range(3):  # each row alone, unpadded, is the ground truth
             n = int(lengths[b])
             cache = model.new_cache(1, 80)
-            _assert_close(got[b, :n], model(ids[b:b + 1, :n], cache)[0], f"row {b} prefill")
-            _assert_close(got_next[b], model(nxt[b:b + 1], cache)[0], f"row {b} decode after padding")
+            _assert_close(got[b, :n], model(ids[b:b + 1, :n], cache)[0], f"row {b} prefill", ROWS_TOL)
+            _assert_close(got_next[b], model(nxt[b:b + 1], cache)[0], f"row {b} decode after padding", ROWS_TOL)
 
 
 def test_traced_graph_matches_reference_stateless(compiled):
@@ -80,7 +86,7 @@ def test_traced_graph_matches_reference_stateless(compiled):
 
     ids = torch.randint(0, config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        _assert_close(run(traced, {"input_ids": ids}, weights)["logits"], model(ids), "traced")
+        _assert_close(run(traced, {"input_ids": ids}, weights)["logits"], model(ids), "traced", EXACT_TOL)
 
 
 @register_pass
@@ -108,10 +114,10 @@ def test_standard_fused_matches_reference(request, compiled):
     ids = torch.randint(0, config.vocab_size, (2, 67), generator=torch.Generator().manual_seed(65))
     cache, session = model.new_cache(2, 67), GraphSession(graph, weights, 2, 67)
     with torch.no_grad():
-        _assert_close(session.step(ids[:, :65]), model(ids[:, :65], cache), "fused prefill T=65")
+        _assert_close(session.step(ids[:, :65]), model(ids[:, :65], cache), "fused prefill T=65", FUSED_TOL)
         for step in (65, 66):
             token = ids[:, step:step + 1]
-            _assert_close(session.step(token), model(token, cache), f"fused decode at {step}")
+            _assert_close(session.step(token), model(token, cache), f"fused decode at {step}", FUSED_TOL)
 
 
 def compiled_fused(request):

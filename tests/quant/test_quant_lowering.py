@@ -148,4 +148,4 @@ def test_onnx_lowering_matches_emulation(scheme, options):
         xq = xq * q.pre_scale
     want = xq @ q.dequantize().t()
     err = float((got - want).abs().max() / want.abs().max())
-    assert err < 1e-4, err
+    assert err < 4e-5, err   # measured worst 3.8e-6 (relative to max |want|) over the schemes

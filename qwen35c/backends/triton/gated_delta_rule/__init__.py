@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from qwen35c.backends.triton.aot import KernelSpec, ModelShapes, make_spec
 from qwen35c.backends.triton.gated_delta_rule.chunk import (
-    CHUNK_SIZE, FWD_DOT_PRECISION, FWD_H_NUM_WARPS, FWD_O_NUM_WARPS, PREP_DOT_PRECISION, PREP_NUM_WARPS,
+    CHUNK_SIZE, FWD_DOT_PRECISION, FWD_H_NUM_WARPS, FWD_O_NUM_WARPS, PREP_BK, PREP_DOT_PRECISION, PREP_NUM_WARPS,
     chunk_block_sizes, chunk_gated_delta_rule, gdn_chunk_fwd_h_kernel, gdn_chunk_fwd_o_kernel, gdn_chunk_prep_kernel,
 )
 from qwen35c.backends.triton.gated_delta_rule.fused_recurrent import (
@@ -44,7 +44,7 @@ def aot_specs(shapes: ModelShapes) -> list[KernelSpec]:
         f"gdn_chunk_prep[{tag}]", gdn_chunk_prep_kernel,
         {"k": "*bf16", "g": "*bf16", "beta": "*bf16", "A_log": "*fp32", "dt_bias": "*fp32",
          "G_out": "*fp32", "beta_out": "*fp32", "Ainv": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32"},
-        dict(H=H, HV=HV, K=K, BT=CHUNK_SIZE, BK=BK, DOT_PRECISION=PREP_DOT_PRECISION, **gates),
+        dict(H=H, HV=HV, K=K, BT=CHUNK_SIZE, BK=min(PREP_BK, BK), DOT_PRECISION=PREP_DOT_PRECISION, **gates),
         num_warps=PREP_NUM_WARPS, num_stages=1,
     )
     fwd_h = make_spec(

@@ -49,9 +49,7 @@ def gdn_chunk_prep_kernel(
     t0 = bos + i_t * BT
 
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     m_t = t0 + o_t < eos
-    m_k = o_k < K
 
     # gates: padded rows get g = 0 and beta = 0, so they touch neither outputs nor state
     b_g = tl.load(g + (t0 + o_t) * HV + i_hv, mask=m_t, other=0).to(tl.float32)
@@ -68,11 +66,19 @@ def gdn_chunk_prep_kernel(
     tl.store(G_out + (t0 + o_t) * HV + i_hv, b_G, mask=m_t)
     tl.store(beta_out + (t0 + o_t) * HV + i_hv, b_b, mask=m_t)
 
-    p_k = k + ((t0 + o_t) * H + i_h)[:, None] * K + o_k[None, :]
-    b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0).to(tl.float32)
+    # k k^T over key blocks of BK, so one [BT, BK] tile is live at a time (BK < K keeps the tf32x3
+    # dot's split operands in registers on sm_80/89/100); the L2 norm scales rows and columns after.
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_ss = tl.zeros([BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        p_k = k + ((t0 + o_t) * H + i_h)[:, None] * K + o_k[None, :]
+        b_k = tl.load(p_k, mask=m_t[:, None] & (o_k < K)[None, :], other=0).to(tl.float32)
+        b_ss += tl.sum(b_k * b_k, axis=1)
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
     if USE_L2NORM:
-        b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, axis=1) + 1e-6)[:, None]
-    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
+        b_inv = tl.rsqrt(b_ss + 1e-6)
+        b_kk = b_kk * b_inv[:, None] * b_inv[None, :]
 
     # L transposed: b_LT[s, r] = L[r, s] = beta_r (k_r . k_s) exp(gamma_r - gamma_s) for r > s.
     # Holding L^T lets each substitution step read row r of L as a column, with no layout change.
@@ -206,8 +212,12 @@ def gdn_chunk_fwd_o_kernel(
     tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
-# launch configs, chosen so that no kernel spills on sm_90 at K = V = 128 (see aot_specs)
+# launch configs, chosen so that no kernel spills on sm_80/89/90/100 at K = V = 128 (see aot_specs)
 PREP_NUM_WARPS = 4
+# The prep kernel's key block: 16 (8 dots at K = 128) takes sm_80/89/90/100 to 148/168/152/179
+# registers, no spill; the whole key dim in one block (BK = 128) spilled 360-1072 bytes on
+# sm_80/89/100 with tf32x3, 32 left sm_80 at exactly 255.
+PREP_BK = 16
 FWD_H_NUM_WARPS = 8
 FWD_O_NUM_WARPS = 8
 
@@ -324,7 +334,8 @@ def chunk_gated_delta_rule(
             k, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
             G, beta_act, Ainv, cu_seqlens, chunk_indices,
             USE_GATE=use_gate_in_kernel, USE_DT_BIAS=dt_bias is not None,
-            USE_BETA_SIGMOID=use_beta_sigmoid_in_kernel, DOT_PRECISION=PREP_DOT_PRECISION, **common,
+            USE_BETA_SIGMOID=use_beta_sigmoid_in_kernel, DOT_PRECISION=PREP_DOT_PRECISION,
+            **{**common, "BK": min(PREP_BK, BK)},
             num_warps=PREP_NUM_WARPS, num_stages=1,
         )
 
