@@ -57,10 +57,11 @@ class ArtifactError(QwenError):
 
 # ---- reading -------------------------------------------------------------------------------------
 
-def _open_regular(path: Path):
-    """Open a regular file for reading without following a symlink or blocking on a FIFO."""
+def _open_regular(path: Path, follow: bool = False):
+    """Open a regular file for reading without blocking on a FIFO, nor following a symlink unless
+    `follow` (checkpoints may be symlinks into a cache; artifacts never hold one)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise ArtifactError(f"{path}: is a symlink (artifacts hold regular files only)") from None
@@ -71,9 +72,9 @@ def _open_regular(path: Path):
     return os.fdopen(fd, "rb")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, follow: bool = False) -> str:
     digest = hashlib.sha256()
-    with _open_regular(path) as f:
+    with _open_regular(path, follow) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -126,7 +127,9 @@ def file_table(directory: Path) -> dict[str, dict]:
 
 
 def source_hashes(model_dir: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(Path(model_dir).iterdir())
+    """sha256 of the checkpoint's json and safetensors files (symlinks followed: an HF cache's
+    snapshot directory links into its blob store)."""
+    return {p.name: sha256_file(p, follow=True) for p in sorted(Path(model_dir).iterdir())
             if p.is_file() and (p.suffix in (".json", ".safetensors") or p.name == "tokenizer.json")}
 
 

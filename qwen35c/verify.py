@@ -290,7 +290,7 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
         raise ArtifactError(f"{ref_path}: reference checkpoint missing (no config.json); pass --reference DIR")
     say(f"hashing the reference checkpoint {ref_path}")
     mismatched = [n for n, h in sorted(manifest["source"]["files"].items())
-                  if not (ref_path / n).is_file() or sha256_file(ref_path / n) != h]
+                  if not (ref_path / n).is_file() or sha256_file(ref_path / n, follow=True) != h]
     if mismatched:
         raise ArtifactError(f"{ref_path / mismatched[0]}: differs from the checkpoint the artifact was built from")
     checks.append({"name": "reference", "status": "pass", "detail": f"{ref_path} matches the source hashes"})

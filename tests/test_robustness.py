@@ -619,3 +619,15 @@ def test_signal_during_a_forced_rebuild_keeps_the_old_artifact(ckpt, artifact, t
     assert "Traceback" not in err and "interrupted" in err
     assert tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_checkpoint_of_symlinks_like_an_hf_cache_builds(ckpt, tmp_path):
+    """Checkpoints may link into a blob store (the HF cache layout); artifacts may not hold links."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    for file in ckpt.iterdir():
+        shutil.copy(file, blobs / file.name)
+        (snapshot / file.name).symlink_to(blobs / file.name)
+    expect(cli("build", "--model", snapshot, "-o", tmp_path / "out"), 0)
+    expect(cli("verify", tmp_path / "out", "--structure-only"), 0)
