@@ -47,8 +47,9 @@ from qwen35c.errors import QwenError
 PLAN_FORMAT = "qwen35c-triton-plan/1"
 
 # The pipeline triton targets use; `{quantize}` is "" or "quantize{...},".
-TRITON_PIPELINE = ("cleanup,fuse-deltanet{{chunk-size=64}},lower-moe{{form=grouped}},{quantize}"
-                   "match-gated-rms-norm,match-rms-norm,match-rope,match-swiglu,insert-state,cleanup")
+# quantize runs after the match passes: match-swiglu recognises SiLU(linear) * linear, not quantized_linear.
+TRITON_PIPELINE = ("cleanup,fuse-deltanet{{chunk-size=64}},lower-moe{{form=grouped}},"
+                   "match-gated-rms-norm,match-rms-norm,match-rope,match-swiglu,{quantize}insert-state,cleanup")
 
 SUPPORTED_OPS = {
     "weight", "embedding", "reshape", "permute", "split", "arange", "add", "mul", "sigmoid", "linear",
@@ -117,7 +118,7 @@ class Plan:
     weights: list[PackedWeight]
     buffers: dict[str, dict]
     states: list[dict]
-    variables: dict[str, dict[str, str]]     # per program: derived integer variables (formulas)
+    variables: dict[str, list]               # per program: [[name, formula], ...] evaluated in order
     programs: dict[str, list]                # "prefill" / "decode" -> [Launch | HostOp]
     notes: list[str] = field(default_factory=list)
 
@@ -165,7 +166,7 @@ class Plan:
             lines.append(f"state {s['name']} {s['dtype']}[{', '.join(map(str, s['shape']))}] {s['layout']}")
         for program, steps in self.programs.items():
             lines.append(f"program {program}:")
-            for k, v in self.variables.get(program, {}).items():
+            for k, v in self.variables.get(program, []):
                 lines.append(f"  let {k} = {v}")
             layer = None
             for s in steps:
@@ -714,7 +715,8 @@ def lower(graph) -> Plan:
     notes = []
     if any(w.source.endswith(("experts.gate_up_proj", "experts.down_proj")) for w in low.packed) and low.quantized:
         notes.append("routed experts stay bf16: the grouped MoE kernels have no INT4/FP8 weight path")
-    return Plan(m, low.packed, low.buffers, states, variables, programs, notes)
+    ordered = {k: [[name, f] for name, f in v.items()] for k, v in variables.items()}   # order matters
+    return Plan(m, low.packed, low.buffers, states, ordered, programs, notes)
 
 
 def plan_text(directory) -> str:

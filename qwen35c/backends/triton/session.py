@@ -233,7 +233,7 @@ class TritonSession(Session):
             env["NSPLIT"] = decode_num_splits(batch, heads, state.capacity)
         else:
             env["NSPLIT"] = 1
-        for name, formula in self.plan.variables[program].items():
+        for name, formula in self.plan.variables[program]:
             env[name] = evaluate(formula, env)
         env["R"] = batch if last_only else env["M"]
         pool = self._pool(program, env)
