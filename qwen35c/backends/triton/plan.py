@@ -67,6 +67,7 @@ HOST_OPS = {
 }
 
 CHUNK = 64
+PROGRAM_ORDER = ("prefill", "decode")
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -164,7 +165,7 @@ class Plan:
             lines.append(f"buffer {name} {b['dtype']}[{', '.join(map(str, b['shape']))}]")
         for s in self.states:
             lines.append(f"state {s['name']} {s['dtype']}[{', '.join(map(str, s['shape']))}] {s['layout']}")
-        for program, steps in self.programs.items():
+        for program, steps in sorted(self.programs.items(), key=lambda kv: PROGRAM_ORDER.index(kv[0])):
             lines.append(f"program {program}:")
             for k, v in self.variables.get(program, []):
                 lines.append(f"  let {k} = {v}")
@@ -723,10 +724,11 @@ def plan_text(directory) -> str:
     """The text form of an artifact's plan (for `qwen35c plan ART`)."""
     from pathlib import Path
 
-    from qwen35c.artifact import read_manifest
-
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise QwenError(f"{directory / 'manifest.json'}: cannot read ({err})") from None
     backend = manifest.get("backend", {})
     if backend.get("name") != "triton":
         raise QwenError(f"{directory}: not a triton artifact (backend {backend.get('name')!r})")

@@ -389,8 +389,9 @@ def _machine_sm() -> int:
     return major * 10 + minor
 
 
-def check_compiled(backend: dict) -> None:
-    """On a GPU: the artifact's kernels must have been compiled by this Triton for this SM."""
+def check_compiled(backend: dict, sm: int | None = None) -> None:
+    """On a GPU: the artifact's kernels must have been compiled by this Triton for this SM (`sm`:
+    this machine's, read from the GPU when not given)."""
     import triton
 
     kernels = backend.get("kernels") or {}
@@ -401,7 +402,7 @@ def check_compiled(backend: dict) -> None:
     if want_version != triton.__version__:
         raise QwenError(f"triton artifact: kernels compiled with Triton {want_version}, this machine has "
                         f"{triton.__version__}; rebuild the artifact (no silent recompile)")
-    sm = _machine_sm()
+    sm = _machine_sm() if sm is None else sm
     if int(want_sm) != sm:
         raise QwenError(f"triton artifact: kernels compiled for sm_{want_sm}, this GPU is sm_{sm}; rebuild for it")
 
