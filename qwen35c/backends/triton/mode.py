@@ -14,6 +14,7 @@ import sys
 
 from qwen35c.errors import QwenError
 
+AOT_ENV = "QWEN35C_TRITON_AOT"
 KERNEL_MODULES = (
     "qwen35c.backends.triton.gemm.dense", "qwen35c.backends.triton.gemm.fp8", "qwen35c.backends.triton.gemm.int4",
     "qwen35c.backends.triton.rmsnorm.kernel", "qwen35c.backends.triton.rope.kernel",
@@ -34,7 +35,10 @@ def interpreting() -> bool:
 
 
 def ensure() -> str:
-    """'interpreter' or 'cuda'; sets TRITON_INTERPRET=1 on a machine without CUDA."""
+    """'interpreter' or 'cuda'; sets TRITON_INTERPRET=1 on a machine without CUDA. 'aot' in the
+    kernel-shipping child process (AOT_ENV set): kernels compiled for a GPU target, nothing run."""
+    if os.environ.get(AOT_ENV) == "1":
+        return "aot"
     if cuda_available() and not interpreting():
         return "cuda"
     if not interpreting():
