@@ -224,3 +224,28 @@ def test_deterministic_bytes(checkpoint_factory, tmp_path):
         digests.append([hashlib.sha256((tmp_path / name / f).read_bytes()).hexdigest()
                         for f in ("plan.json", "plan.txt", "weights.safetensors")])
     assert digests[0] == digests[1]
+
+
+def test_ship_kernels_one_specialisation(artifact, tmp_path):
+    """The compile driver on one small specialisation of a real plan (sm_90, no GPU needed): cubin,
+    PTX and Triton's metadata written, hashed, the Triton version recorded. The whole plan: slow."""
+    import hashlib
+
+    import triton
+
+    from qwen35c.backends.triton.kernels import ship
+
+    session, _ref = artifact("tiny")
+    entry = ship(session.plan, 90, tmp_path, only=["swiglu"])
+    assert entry["triton_version"] == triton.__version__ and entry["sm"] == 90
+    assert entry["specialisations"] == ["swiglu"] and len(entry["files"]) == 3
+    for f in entry["files"]:
+        assert hashlib.sha256((tmp_path / f["file"]).read_bytes()).hexdigest() == f["sha256"]
+    assert (tmp_path / "kernels" / "swiglu.cubin").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_ship_kernels_whole_plan(checkpoint_factory, tmp_path):
+    manifest = build_directory(checkpoint_factory("tiny-moe"), "a100-bf16", tmp_path / "out", ship_kernels=True)
+    kernels = manifest["backend"]["kernels"]
+    assert kernels["sm"] == 80 and sorted(kernels["specialisations"]) == manifest["backend"]["specialisations"]

@@ -99,21 +99,13 @@ def compile_plan(plan_json: dict, sm: int, out_dir: Path, only: list[str] | None
         except Exception as err:  # noqa: BLE001 - named in one line
             raise QwenError(f"kernel {spec} ({launch['kernel']}) does not compile for sm_{sm}: "
                             f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}") from None
-        meta = {k: v for k, v in compiled.metadata._asdict().items() if _jsonable(v)}
-        meta.update(spec=spec, kernel=launch["kernel"], signature=full, constexprs=const)
+        meta = dict(compiled.metadata._asdict())          # Triton's own metadata (CompiledKernel reads it)
+        meta["qwen35c"] = {"spec": spec, "kernel": launch["kernel"], "signature": full, "constexprs": const}
         for ext, data in (("cubin", compiled.asm["cubin"]), ("ptx", compiled.asm["ptx"].encode()),
-                          ("json", json.dumps(meta, sort_keys=True, default=str).encode())):
+                          ("json", json.dumps(meta, sort_keys=True, default=vars).encode())):
             (out_dir / f"{spec}.{ext}").write_bytes(data)
         rows.append({"spec": spec, "kernel": launch["kernel"], "name": compiled.metadata.name})
     return rows
-
-
-def _jsonable(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False
 
 
 def ship(plan, sm: int, out_dir, only: list[str] | None = None, timeout: float = 1800) -> dict:

@@ -684,10 +684,18 @@ def lower(graph) -> Plan:
     def settle(binding: str) -> str:            # "$W_<buffer>": the buffer's final (widest) row stride
         return re.sub(r"\$W_(\w+)", lambda m: str(widths[m.group(1)]), binding)
 
+    configs: dict[str, list] = {}          # one spec name per compiled configuration
     for steps in programs.values():
         for s in steps:
             if isinstance(s, Launch):
                 s.args = [[p, settle(b)] for p, b in s.args]
+                key = json.dumps([s.kernel, s.const, s.num_warps, s.num_stages], sort_keys=True)
+                seen = configs.setdefault(s.spec, [])
+                if key not in seen:
+                    seen.append(key)
+                index = seen.index(key)
+                if index:
+                    s.spec = f"{s.spec}.{index}"
     m = low.m
     states = []
     for i, kind in enumerate(low.types):
