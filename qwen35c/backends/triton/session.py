@@ -134,6 +134,11 @@ class TritonSession(Session):
         self.counts: dict[str, int] = {}           # launches and host ops by name (tests, profiling)
         self._pools: dict[str, tuple[tuple, dict]] = {}
         self._dummy = torch.zeros(1, dtype=self.act, device=self.device)
+        self.shipped = ShippedKernels(self.directory, backend, self.kernels) if kind == "cuda" else None
+        self._graphs: dict[tuple, "_DecodeGraph"] = {}
+        # CUDA graphs need a decode step without host syncs: moe_align's bincount syncs (MoE runs eager)
+        self.graphable = kind == "cuda" and not any(getattr(st, "op", None) == "moe_align"
+                                                    for st in self.plan.programs["decode"])
 
     def _load_weights(self, path: Path) -> dict[str, torch.Tensor]:
         from reference.safetensors_io import SafetensorsFile
@@ -177,7 +182,20 @@ class TritonSession(Session):
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1, 1)
         ones = torch.ones(ids.shape[0], dtype=torch.long)
         self._check(state, ids.shape[0], ones)
+        if self.graphable:
+            return self._decode_graph(ids, state)
         logits = self._run("decode", ids, state, ones, False)
+        state.q_start += 1
+        return logits
+
+    def _decode_graph(self, ids, state):
+        """GPU decode through a CUDA graph captured once per (state, batch): the pool, the states and
+        the index tensors are static; a step copies the ids in and replays."""
+        key = (id(state), state.batch, state.capacity)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = _DecodeGraph(self, state)
+        logits = graph.step(ids)
         state.q_start += 1
         return logits
 
@@ -223,19 +241,21 @@ class TritonSession(Session):
         self._pools[program] = (key, pool)
         return pool
 
-    def _run(self, program: str, ids, state: TritonState, lengths: torch.Tensor, last_only: bool) -> torch.Tensor:
-        batch, length = ids.shape
-        env = {"B": batch, "T": length, "S": state.capacity}
+    def _env(self, program: str, batch: int, length: int, capacity: int, last_only: bool) -> dict:
+        """The program's integer variables for this shape (B, T, S, then the plan's formulas)."""
+        env = {"B": batch, "T": length, "S": capacity, "NSPLIT": 1}
         if program == "decode":
             from qwen35c.backends.triton.attention.kernel import decode_num_splits
 
-            heads = self.plan.model.get("kv_heads", 1)
-            env["NSPLIT"] = decode_num_splits(batch, heads, state.capacity)
-        else:
-            env["NSPLIT"] = 1
+            env["NSPLIT"] = decode_num_splits(batch, self.plan.model.get("kv_heads", 1), capacity)
         for name, formula in self.plan.variables[program]:
             env[name] = evaluate(formula, env)
         env["R"] = batch if last_only else env["M"]
+        return env
+
+    def _run(self, program: str, ids, state: TritonState, lengths: torch.Tensor, last_only: bool) -> torch.Tensor:
+        batch, length = ids.shape
+        env = self._env(program, batch, length, state.capacity, last_only)
         pool = self._pool(program, env)
         ctx = _Context(self, program, ids, state, lengths, last_only, env, pool)
         ctx.run_all(self.plan.programs[program])
@@ -251,6 +271,7 @@ class _Context:
         self.s, self.program, self.ids, self.state = session, program, ids, state
         self.lengths, self.last_only, self.env, self.pool = lengths, last_only, env, pool
         self.ctl: dict[str, torch.Tensor] = {}
+        self.static: dict[str, torch.Tensor] | None = None    # CUDA-graph inputs (q_start, lengths on device)
         self.alias: dict[str, str] = {}
         self.row: int | None = None            # per-row GDN launches: the row being run
         self.rows: list[dict] = []
@@ -323,23 +344,29 @@ class _Context:
             raise QwenError(f"plan launch {step.spec}: kernel {step.kernel!r} is not in the kernel library")
         args = {p: self.bind(b, step) for p, b in step.args}
         const = {k: self.constexpr(v) for k, v in step.const.items()}
-        fn[grid](**args, **const, num_warps=step.num_warps, num_stages=step.num_stages)
+        if self.s.shipped is not None:
+            self.s.shipped.launch(step.spec, grid, args, const)   # the artifact's cubin, never recompiled
+        else:
+            fn[grid](**args, **const, num_warps=step.num_warps, num_stages=step.num_stages)
         self.s.counts[step.spec] = self.s.counts.get(step.spec, 0) + 1
 
     # --- host ops (HOST_OPS)
     def host_embedding(self, step: HostOp) -> None:
         table = self.bind(step.args["table"])
         out = self.pool[step.args["out"].split(":", 1)[1]]
-        ids = self.ids.to(self.s.device).reshape(-1)
+        ids = (self.static["ids"] if self.static is not None else self.ids.to(self.s.device)).reshape(-1)
         out[:ids.numel()].copy_(table.index_select(0, ids))
 
     def host_positions(self, step: HostOp) -> None:
         device = self.s.device
-        q_start = self.state.q_start
         batch, length = self.ids.shape
-        pos = (q_start[:, None] + torch.arange(length)[None, :]).reshape(-1)
-        self.ctl.update(q_start=q_start.to(torch.int32).to(device), lengths=self.lengths.to(torch.int32).to(device),
-                        kv_lens=(q_start + self.lengths).to(torch.int32).to(device), pos=pos.to(torch.int32).to(device))
+        if self.static is not None:                       # CUDA graph: device tensors only, no host sync
+            q_start, lengths = self.static["q_start"], self.static["lengths"]
+        else:
+            q_start, lengths = self.state.q_start.to(device), self.lengths.to(device)
+        pos = (q_start[:, None] + torch.arange(length, device=device)[None, :]).reshape(-1)
+        self.ctl.update(q_start=q_start.to(torch.int32), lengths=lengths.to(torch.int32),
+                        kv_lens=(q_start + lengths).to(torch.int32), pos=pos.to(torch.int32))
 
     def host_gdn_index(self, step: HostOp) -> None:
         chunk = int(step.args["chunk"])
@@ -382,6 +409,80 @@ class _Context:
         length = self.ids.shape[1]
         index = (torch.arange(self.ids.shape[0]) * length + (self.lengths - 1).clamp_min(0)).to(self.s.device)
         self.pool[out][:index.numel()].copy_(self.pool[x].index_select(0, index))
+
+
+class ShippedKernels:
+    """The artifact's compiled kernels (kernels/<spec>.{cubin,json}), loaded through Triton's
+    CompiledKernel with the signature they were compiled with: nothing is compiled here."""
+
+    def __init__(self, directory: Path, backend: dict, table: dict):
+        import json
+
+        from triton.compiler import ASTSource
+        from triton.compiler.compiler import CompiledKernel
+
+        entry = backend["kernels"]
+        hashes = {f["file"]: f["sha256"] for f in entry["files"]}
+        self.kernels = {}
+        for spec in entry["specialisations"]:
+            meta_file = directory / entry["dir"] / f"{spec}.json"
+            cubin = directory / entry["dir"] / f"{spec}.cubin"
+            try:
+                info = json.loads(meta_file.read_text())["qwen35c"]
+            except (OSError, ValueError, KeyError) as err:
+                raise QwenError(f"{meta_file}: cannot read the kernel's metadata ({err})") from None
+            fn = table[info["kernel"]]
+            src = ASTSource(fn=fn, signature=info["signature"], constexprs=info["constexprs"])
+            group = {meta_file.name: str(meta_file), cubin.name: str(cubin)}
+            compiled = CompiledKernel(src, group, hashes.get(f"{entry['dir']}/{cubin.name}", spec))
+            self.kernels[spec] = (compiled, list(fn.arg_names))
+
+    def launch(self, spec: str, grid: tuple, args: dict, const: dict) -> None:
+        if spec not in self.kernels:
+            raise QwenError(f"the artifact ships no compiled kernel {spec!r}")
+        compiled, names = self.kernels[spec]
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        compiled[grid](*[args[n] if n in args else const[n] for n in names])
+
+
+class _DecodeGraph:
+    """One captured decode step for a state (GPU): static ids / q_start / lengths in, logits out."""
+
+    def __init__(self, session: "TritonSession", state: TritonState):
+        self.session, self.state = session, state
+        batch, device = state.batch, session.device
+        self.static = {"ids": torch.zeros(batch, 1, dtype=torch.long, device=device),
+                       "q_start": state.q_start.to(device), "lengths": torch.ones(batch, dtype=torch.long, device=device)}
+        self.graph = None
+
+    def _run(self):
+        s, state = self.session, self.state
+        env = s._env("decode", state.batch, 1, state.capacity, False)
+        pool = s._pool("decode", env)
+        ctx = _Context(s, "decode", self.static["ids"], state, torch.ones(state.batch, dtype=torch.long), False, env, pool)
+        ctx.static = self.static
+        ctx.run_all(s.plan.programs["decode"])
+        return pool["logits"]
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        self.static["ids"].copy_(ids.to(self.static["ids"].device))
+        self.static["q_start"].copy_(self.state.q_start)   # the host count is the truth (prefills move it too)
+        if self.graph is None:
+            saved = {k: t.clone() for k, t in self.state.tensors.items()}   # the warm-up must not move the state
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):               # loads the kernels' modules, allocates the pool
+                self._run()
+            torch.cuda.current_stream().wait_stream(stream)
+            for k, t in saved.items():
+                self.state.tensors[k].copy_(t)
+            del saved
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):            # recorded, not run: the replay is the step
+                self.logits = self._run()
+        self.graph.replay()
+        rows = self.state.batch
+        return self.logits[:rows].float().cpu().clone().view(rows, 1, self.session.vocab)
 
 
 def _machine_sm() -> int:
