@@ -249,3 +249,10 @@ def test_ship_kernels_whole_plan(checkpoint_factory, tmp_path):
     manifest = build_directory(checkpoint_factory("tiny-moe"), "a100-bf16", tmp_path / "out", ship_kernels=True)
     kernels = manifest["backend"]["kernels"]
     assert kernels["sm"] == 80 and sorted(kernels["specialisations"]) == manifest["backend"]["specialisations"]
+
+
+def test_generate_matches_reference(artifact):
+    """The inherited Session.generate (last_only prefill, then decode) gives the reference's greedy tokens."""
+    session, ref = artifact("tiny")
+    prompts = [[1, 2, 3], [4, 5]]
+    assert session.generate(prompts, 3).tokens == ref.generate(prompts, 3).tokens
