@@ -15,8 +15,9 @@ name of the graph (`<name>#<part>` for the quantize pass's packed parts). Files 
 
 `emulating_reference(model_dir, record=None)` is the reference this artifact is compared with: the
 fp32 reference model with every weight the plan stores in bf16 rounded to bf16 (A_log and dt_bias stay
-fp32), on top of the quantization-emulating model when `record` (the graph's quantization record) is
-given.
+fp32); with `record` (the graph's quantization record) the quantization-emulating model
+(`qwen35c.quant.build.prepare(...)`, plus the routed experts the pack quantizes, experts.py) over
+those rounded weights.
 """
 
 from __future__ import annotations
@@ -100,18 +101,37 @@ def emulating_reference(model_dir, record: dict | None = None):
     model_dir = Path(model_dir)
     if record is None:
         model = load_model(model_dir, torch.float32)
-        skip: set[str] = set()
-    else:
-        from qwen35c.quant.build import prepare
+        _round_bf16(model)
+        return ReferenceSession(model, load_tokenizer(model_dir), model_dir)
+    from qwen35c.backends.triton.experts import expert_format, quantize_stacked, why_not
+    from qwen35c.quant.build import prepare
+    from qwen35c.quant.model import emulate
 
-        prepared = prepare(model_dir, record)
-        model = prepared.emulated()
-        skip = set(prepared.quantized.weights)
+    prepared = prepare(model_dir, record)                 # quantizes from the unrounded weights
+    fmt = expert_format(record.get("recipe"))
+    params = {_canonical(n): p for n, p in prepared.model.named_parameters()}
+    for stacked in record.get("not_lowered", []):         # the routed experts the pack quantizes
+        if not stacked.endswith("experts.gate_up_proj"):
+            continue
+        block = stacked[: -len(".experts.gate_up_proj")]
+        w13, w2 = params[stacked], params[block + ".experts.down_proj"]
+        if why_not(fmt, w13.shape[2], w2.shape[2]) is not None:
+            continue
+        for w, which in ((w13, "gate_up"), (w2, "down")):
+            for (e, proj), q in quantize_stacked(w.detach(), fmt, which)[1].items():
+                prepared.quantized.weights[f"{block}.experts.{e}.{proj}.weight"] = q
+    _round_bf16(prepared.model)                            # what the pack stores in bf16
+    return ReferenceSession(emulate(prepared.model, prepared.quantized), load_tokenizer(model_dir), model_dir)
+
+
+def _round_bf16(model) -> None:
+    """Round every weight the plan stores in bf16; emulate() then replaces the quantized ones."""
+    import torch
+
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if bf16_weight(name) and _canonical(name) not in skip:
+            if bf16_weight(name):
                 param.copy_(param.to(torch.bfloat16).float())
-    return ReferenceSession(model, load_tokenizer(model_dir), model_dir)
 
 
 def _canonical(name: str) -> str:

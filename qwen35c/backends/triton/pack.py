@@ -7,6 +7,9 @@
   INT4 g128 linears                                 `#qweight` u8 [N, K/2] (low nibble = even k) +
                                                     `#scales` fp32 [N, K/g] (+ `#zeros` u8)
   GDN in_proj_qkv / conv1d                          split by rows into `@q`, `@k`, `@v` parts
+  routed experts (int4 / fp8 targets)               quantized here when the quantize pass left them
+                                                    `not_lowered` (experts.py): `<stacked>#weight|scale`
+                                                    or `#qweight|scales`, the layouts of moe/quantized.py
 
 The packed parts come from the `weights(name)` callable exactly as the quantize pass made them (no
 re-quantization). Tensors are written one at a time (reference.safetensors_io.write_safetensors:
@@ -48,6 +51,15 @@ def pack_weights(plan: Plan, weights: Callable[[str], torch.Tensor], out_dir: Pa
         w = by_name[name]
         if w.source == "rope.inv_freq":
             tensor = _inv_freq(plan)
+        elif w.quantize is not None:                    # routed experts quantized here (experts.py)
+            from qwen35c.backends.triton.experts import quantize_stacked
+
+            kind, group, which, part = w.quantize.split(":")
+            key = f"{w.source}@{kind}{group}"
+            if key not in held:
+                held.clear()
+                held[key] = quantize_stacked(weights(w.source), (kind, int(group)), which)[0]
+            tensor = held[key][part]
         else:
             if w.source not in held:
                 held.clear()
@@ -69,7 +81,7 @@ def pack_weights(plan: Plan, weights: Callable[[str], torch.Tensor], out_dir: Pa
         if on_weight is not None:
             on_weight(name)
         if last_use.get(w.source) == name:
-            held.pop(w.source, None)
+            held.clear()
             if release is not None and w.source != "rope.inv_freq":
                 release(w.source)
         return tensor

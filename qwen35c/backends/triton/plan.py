@@ -224,6 +224,11 @@ class _Lowering:
             n = unsupported[0]
             raise QwenError(f"triton backend: IR op '{n.op}' (node %{n.outputs[0].name}) has no kernel or host op; "
                             f"build with the pipeline {TRITON_PIPELINE.format(quantize='')!r}")
+        from qwen35c.backends.triton.experts import expert_format
+
+        record = self.graph.metadata.get("quantization") or {}
+        self.not_lowered = set(record.get("not_lowered", []))
+        self.expert_fmt = expert_format(record.get("recipe"))
         for n in self.graph.nodes:
             if n.op == "weight":
                 self.weights[n.attrs["name"]] = n.outputs[0].type
@@ -320,12 +325,7 @@ class _Lowering:
         kb = triton.cdiv(k, 128)
         w = self.pack(f"{weight}{part}#weight", f"{weight}#weight", "f8e4m3", [n, k], rows=rows)
         s = self.pack(f"{weight}{part}#scale", f"{weight}#scale", "f32", [triton.cdiv(n, 128), kb], rows=srows)
-        xq = self.buf("fp8_x", "M", k, "xq")
-        xs = self.buf("fp8_scale", "M", kb, "f32")
-        quant = Launch("fp8_act_quant", "fp8_act_quant_kernel", [m, f"cdiv({k}, 128)"],
-                       [["x_ptr", x], ["q_ptr", "buf:" + xq], ["s_ptr", "buf:" + xs], ["K", f"int:{k}"],
-                        ["stride_xm", f"int:{x_stride or k}"], ["stride_qm", f"int:{k}"], ["stride_sm", f"int:{kb}"]],
-                       {"GROUP": 128, "EMULATE_E4M3": "$EMULATE_E4M3"}, 1, 1, layer=layer)
+        quant, xq, xs = self.act_quant(x, k, m, layer, x_stride)
         cfg = dict(_fp8_config(phase))
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         grid = [f"cdiv({m}, {cfg['BLOCK_M']}) * cdiv({n}, {cfg['BLOCK_N']})"]
@@ -335,6 +335,21 @@ class _Lowering:
                        ["stride_asm", f"int:{kb}"], ["stride_wn", f"int:{k}"], ["stride_wsn", f"int:{kb}"],
                        ["stride_ym", f"int:{y_stride or n}"]], cfg, warps, stages, layer=layer)
         return [quant, gemm]
+
+
+def _act_quant(self, x: str, k: int, m: str, layer, x_stride=None, names=("fp8_x", "fp8_scale")):
+    """fp8_act_quant of x [m, k] into the pool's E4M3 buffers: (launch, codes buffer, scales buffer)."""
+    kb = triton.cdiv(k, 128)
+    xq = self.buf(names[0], m, k, "xq")
+    xs = self.buf(names[1], m, kb, "f32")
+    quant = Launch("fp8_act_quant", "fp8_act_quant_kernel", [m, f"cdiv({k}, 128)"],
+                   [["x_ptr", x], ["q_ptr", "buf:" + xq], ["s_ptr", "buf:" + xs], ["K", f"int:{k}"],
+                    ["stride_xm", f"int:{x_stride or k}"], ["stride_qm", f"int:{k}"], ["stride_sm", f"int:{kb}"]],
+                   {"GROUP": 128, "EMULATE_E4M3": "$EMULATE_E4M3"}, 1, 1, layer=layer)
+    return quant, xq, xs
+
+
+_Lowering.act_quant = _act_quant
 
 
 def _dense_config(phase: str) -> dict:
@@ -612,6 +627,21 @@ class _Model(_Lowering):
         moe_y = "buf:" + self.buf("moe_y", "SLOTS", h)
         sort = [["sorted_ptr", "ctl:sorted_slots"], ["block_expert_ptr", "ctl:block_expert"],
                 ["num_padded_ptr", "ctl:num_padded"]]
+        qfmt = None
+        if w13 in self.not_lowered:
+            from qwen35c.backends.triton.experts import EXPERT_ALGORITHM, why_not
+
+            reason = why_not(self.expert_fmt, h, inter)
+            if reason is None:
+                qfmt = self.expert_fmt
+                note = (f"routed experts quantized at pack time: {qfmt[0]} "
+                        f"{'block-128' if qfmt[0] == 'fp8' else f'g{qfmt[1]} symmetric'}, {EXPERT_ALGORITHM}")
+            else:
+                note = f"routed experts stay bf16: {reason}"
+            if note not in self.notes:
+                self.notes.append(note)
+        if qfmt is not None:
+            return steps + self.moe_quantized(phase, i, qfmt, sort, topk_w, moe_act, moe_y)
         steps.append(Launch(f"moe_gate_up_{phase}", "moe_gate_up_kernel", [f"CAP // {bm}", f"cdiv({inter}, {cfg['BLOCK_N']})"],
                             [["x_ptr", "buf:xn"], ["w_ptr", self.hp(w13)], *sort, ["y_ptr", moe_act], ["H", f"int:{h}"],
                              ["INTER", f"int:{inter}"], ["NUM_SLOTS", "int:SLOTS"], ["TOP_K", f"int:{k}"],
@@ -623,6 +653,14 @@ class _Model(_Lowering):
                              ["stride_am", "int:$W_moe_act"], ["stride_we", f"int:{h * inter}"],
                              ["stride_wn", f"int:{inter}"], ["stride_ym", f"int:{h}"]],
                             dict(cfg, HAS_WEIGHT=True), warps, stages, layer=i))
+        return steps + self.moe_tail(phase, i)
+
+    def moe_tail(self, phase: str, i: int) -> list:
+        """The shared expert (and its sigmoid gate) and the weighted combine into `out`."""
+        m, p = self.m, f"model.layers.{i}.mlp."
+        h, k = m["hidden"], m["top_k"]
+        moe_y = "buf:moe_y"
+        steps = []
         shared = self.has(p + "shared_expert.gate_proj.weight")
         if shared:
             steps += self.swiglu_mlp(phase, p + "shared_expert.", "buf:" + self.buf("shared", "M", h), i)
@@ -636,6 +674,69 @@ class _Model(_Lowering):
                              ["H", f"int:{h}"], ["stride_gate", "int:1"]],
                             dict(TOP_K=k, HAS_SHARED=shared, BLOCK_H=block_h), 4, 1, layer=i))
         return steps
+
+    def moe_quantized(self, phase: str, i: int, qfmt, sort, topk_w, moe_act, moe_y) -> list:
+        """Routed experts over FP8 / INT4 stacked weights (moe/quantized.py), then the shared expert + combine."""
+        from qwen35c.backends.triton.moe.quantized import quantized_expert_config
+
+        m, p = self.m, f"model.layers.{i}.mlp."
+        h, e, k = m["hidden"], m["experts"], m["top_k"]
+        w13, w2 = p + "experts.gate_up_proj", p + "experts.down_proj"
+        inter = self.shape(w2)[2]
+        kind, group = qfmt
+        cfg = quantized_expert_config(8 if phase == "decode" else 4096 * 8, kind, group)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        bm = cfg["BLOCK_M"]
+        steps = []
+        if kind == "fp8":
+            nbi, kbh, nbh, kbi = (triton.cdiv(inter, 128), triton.cdiv(h, 128), triton.cdiv(h, 128),
+                                  triton.cdiv(inter, 128))
+            parts13 = [("weight", "f8e4m3", [e, 2 * inter, h]), ("scale", "f32", [e, 2 * nbi, kbh])]
+            parts2 = [("weight", "f8e4m3", [e, h, inter]), ("scale", "f32", [e, nbh, kbi])]
+            w_strides13, s_strides13 = (2 * inter * h, h), (2 * nbi * kbh, kbh)
+            w_strides2, s_strides2 = (h * inter, inter), (nbh * kbi, kbi)
+            quant, xq, xs = self.act_quant("buf:xn", h, "M", i)
+            steps.append(quant)
+            x, xs_arg, xs_stride = "buf:" + xq, "buf:" + xs, triton.cdiv(h, 128)
+        else:
+            parts13 = [("qweight", "u8", [e, 2 * inter, h // 2]), ("scales", "f32", [e, 2 * inter, h // group])]
+            parts2 = [("qweight", "u8", [e, h, inter // 2]), ("scales", "f32", [e, h, inter // group])]
+            w_strides13, s_strides13 = (2 * inter * h // 2, h // 2), (2 * inter * (h // group), h // group)
+            w_strides2, s_strides2 = (h * inter // 2, inter // 2), (h * (inter // group), inter // group)
+            nbi = inter // group
+            x, xs_arg, xs_stride = "buf:xn", "dummy", 0
+        tag = f"{kind}:{group}"
+        w13_args = [self.pack(f"{w13}#{part}", w13, dt, shape, quantize=f"{tag}:gate_up:{part}")
+                    for part, dt, shape in parts13]
+        w2_args = [self.pack(f"{w2}#{part}", w2, dt, shape, quantize=f"{tag}:down:{part}")
+                   for part, dt, shape in parts2]
+        const = dict(cfg, FORMAT=kind, GROUP=group)
+        steps.append(Launch(f"moe_gate_up_{kind}_{phase}", "moe_gate_up_q_kernel",
+                            [f"CAP // {bm}", f"cdiv({inter}, {cfg['BLOCK_N']})"],
+                            [["x_ptr", x], ["xs_ptr", xs_arg], ["w_ptr", w13_args[0]], ["s_ptr", w13_args[1]], *sort,
+                             ["y_ptr", moe_act], ["H", f"int:{h}"], ["INTER", f"int:{inter}"], ["NUM_SLOTS", "int:SLOTS"],
+                             ["TOP_K", f"int:{k}"], ["GATE_SCALE_ROWS", f"int:{nbi}"], ["stride_xm", f"int:{h}"],
+                             ["stride_xsm", f"int:{xs_stride}"], ["stride_we", f"int:{w_strides13[0]}"],
+                             ["stride_wn", f"int:{w_strides13[1]}"], ["stride_se", f"int:{s_strides13[0]}"],
+                             ["stride_sn", f"int:{s_strides13[1]}"], ["stride_ym", "int:$W_moe_act"]],
+                            const, warps, stages, layer=i))
+        if kind == "fp8":
+            quant, aq, as_ = self.act_quant(moe_act, inter, "CAP", i, "$W_moe_act", ("fp8_moe_act", "fp8_moe_scale"))
+            steps.append(quant)
+            a, as_arg, as_stride = "buf:" + aq, "buf:" + as_, triton.cdiv(inter, 128)
+            a_stride = inter
+        else:
+            a, as_arg, as_stride, a_stride = moe_act, "dummy", 0, "$W_moe_act"
+        steps.append(Launch(f"moe_down_{kind}_{phase}", "moe_down_q_kernel",
+                            [f"CAP // {bm}", f"cdiv({h}, {cfg['BLOCK_N']})"],
+                            [["a_ptr", a], ["as_ptr", as_arg], ["w_ptr", w2_args[0]], ["s_ptr", w2_args[1]], *sort,
+                             ["topk_w_ptr", topk_w], ["y_ptr", moe_y], ["H", f"int:{h}"], ["INTER", f"int:{inter}"],
+                             ["NUM_SLOTS", "int:SLOTS"], ["stride_am", f"int:{a_stride}"],
+                             ["stride_asm", f"int:{as_stride}"], ["stride_we", f"int:{w_strides2[0]}"],
+                             ["stride_wn", f"int:{w_strides2[1]}"], ["stride_se", f"int:{s_strides2[0]}"],
+                             ["stride_sn", f"int:{s_strides2[1]}"], ["stride_ym", f"int:{h}"]],
+                            const, warps, stages, layer=i))
+        return steps + self.moe_tail(phase, i)
 
     # --- the whole model, one phase
     def program(self, phase: str) -> list:
@@ -721,9 +822,7 @@ def lower(graph) -> Plan:
         for phase, slots in (("prefill", 4096 * 8), ("decode", 8)):
             bm = expert_gemm_config(slots)["BLOCK_M"]
             variables[phase].update(SLOTS=f"M * {k}", CAP=f"cdiv(SLOTS + min({e}, SLOTS) * {bm - 1}, {bm}) * {bm}")
-    notes = []
-    if any(w.source.endswith(("experts.gate_up_proj", "experts.down_proj")) for w in low.packed) and low.quantized:
-        notes.append("routed experts stay bf16: the grouped MoE kernels have no INT4/FP8 weight path")
+    notes = list(low.notes)
     ordered = {k: [[name, f] for name, f in v.items()] for k, v in variables.items()}   # order matters
     return Plan(m, low.packed, low.buffers, states, ordered, programs, notes)
 

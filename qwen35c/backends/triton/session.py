@@ -45,6 +45,7 @@ def kernel_table() -> dict:
     from qwen35c.backends.triton.gated_delta_rule import chunk, fused_recurrent
     from qwen35c.backends.triton.gemm import dense, fp8, int4
     from qwen35c.backends.triton.moe import kernel as moe
+    from qwen35c.backends.triton.moe import quantized as moe_q
     from qwen35c.backends.triton.rmsnorm import kernel as rmsnorm
     from qwen35c.backends.triton.rope import kernel as rope
 
@@ -61,6 +62,7 @@ def kernel_table() -> dict:
         "kv_cache_write_kernel": elementwise.kv_cache_write_kernel, "swiglu_kernel": elementwise.swiglu_kernel,
         "moe_route_kernel": moe.moe_route_kernel, "moe_gate_up_kernel": moe.moe_gate_up_kernel,
         "moe_down_kernel": moe.moe_down_kernel, "moe_combine_kernel": moe.moe_combine_kernel,
+        "moe_gate_up_q_kernel": moe_q.moe_gate_up_q_kernel, "moe_down_q_kernel": moe_q.moe_down_q_kernel,
     }
 
 
