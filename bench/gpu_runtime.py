@@ -140,8 +140,10 @@ def timed(fn, repeats: int) -> float:
 
 def decode_bytes(session, batch: int, context: int) -> int:
     """Bytes one decode step must move: packed weights (not the embedding table), states, KV read."""
+    table = session.plan.weights[0].name                  # the embedding: a step gathers B rows of it
+    launched = {b[2:] for launch in session.plan.launches() for _, b in launch.args if b.startswith("w:")}
     weights = sum(t.numel() * t.element_size() for name, t in session.weights.items()
-                  if name != session.plan.weights[0].name or len(session.plan.weights) == 1)
+                  if name != table or name in launched)  # a tied table is the LM head: read whole
     state = session.new_state(batch, context + 1)
     moved = 0
     for s in session.plan.states:
