@@ -72,5 +72,5 @@ def aot_specs(shapes: ModelShapes) -> list[KernelSpec]:
     specs.append(make_spec(f"fp8_act_quant[{shapes.name}]", fp8_act_quant_kernel,
                            {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
                             "stride_xm": "i32", "stride_qm": "i32", "stride_sm": "i32"},
-                           {"GROUP": 128}, num_warps=1, num_stages=1, min_sm=89))
+                           {"GROUP": 128, "EMULATE_E4M3": False}, num_warps=1, num_stages=1, min_sm=89))
     return specs

@@ -40,8 +40,10 @@ def gemm_kernel(
         k_ok = (k0 + ks) < K
         a = tl.load(x_rows + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         b = tl.load(w_cols + (k0 + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        # The MMA takes the storage dtype again: exact, since both values came from it.
-        acc = tl.dot(a.to(x_ptr.dtype.element_ty), b.to(w_ptr.dtype.element_ty), acc)
+        # The MMA takes the activation dtype: exact for a (it came from it) and for bf16/fp16 weights
+        # under bf16/fp16 activations (the GPU case, the same dtype); fp32 activations (the CPU
+        # interpreter) widen the weights exactly. Mixed operand dtypes are not a valid tl.dot.
+        acc = tl.dot(a.to(x_ptr.dtype.element_ty), b.to(x_ptr.dtype.element_ty), acc)
     out = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -18,9 +18,23 @@ FP8_BLOCK = 128
 
 
 @triton.jit
+def round_to_e4m3(x):
+    """x (fp32, |x| <= 448) rounded to the nearest E4M3 value, ties to even, in fp32 arithmetic.
+
+    The spacing of E4M3 values at x is 2^(e - 3) with e = max(exponent(x), -6) (subnormals below
+    2^-6); x / spacing is exact and is rounded to an integer by the 1.5 * 2^23 trick (RNE).
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    spacing = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    y = x / spacing
+    return ((y + 12582912.0) - 12582912.0) * spacing
+
+
+@triton.jit
 def fp8_act_quant_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
-    GROUP: tl.constexpr,
+    GROUP: tl.constexpr, EMULATE_E4M3: tl.constexpr = False,
 ):
     """One program per (token, 128-group): s = max(amax, 1e-10)/448, q = clamp(x/s, +-448) as E4M3."""
     row = tl.program_id(0).to(tl.int64)
@@ -31,6 +45,8 @@ def fp8_act_quant_kernel(
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10)
     scale = amax / 448.0
     q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    if EMULATE_E4M3:
+        q = round_to_e4m3(q)   # an fp32 q buffer holding E4M3 values (the interpreter's fp8 stores are wrong)
     tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(s_ptr + row * stride_sm + g, scale)
 
@@ -60,7 +76,7 @@ def fp8_block_gemm_kernel(
         b = tl.load(w_cols + (kb * BLOCK_K + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         a_s = tl.load(a_s_rows + kb, mask=row_ok, other=0.0).to(tl.float32)
         w_s = tl.load(w_s_cols + kb, mask=col_ok, other=0.0).to(tl.float32)
-        acc += tl.dot(a, b) * a_s[:, None] * w_s[None, :]
+        acc += tl.dot(a, b.to(a.dtype)) * a_s[:, None] * w_s[None, :]   # fp8 x fp8; fp32 x widened fp8 (interpreter)
     out = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -72,15 +88,16 @@ def fp8_gemm_config(m: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def fp8_quantize_activations(x: torch.Tensor, group_size: int = FP8_BLOCK):
-    """x [M, K] -> (q [M, K] float8_e4m3fn, s [M, ceil(K/128)] fp32)."""
+def fp8_quantize_activations(x: torch.Tensor, group_size: int = FP8_BLOCK, emulate: bool = False):
+    """x [M, K] -> (q [M, K] float8_e4m3fn, s [M, ceil(K/128)] fp32). With `emulate`, q is fp32
+    holding the E4M3 values (rounded in fp32 arithmetic: the CPU interpreter's fp8 stores are wrong)."""
     assert group_size == FP8_BLOCK and x.dim() == 2 and x.stride(1) == 1
     m, k = x.shape
     groups = triton.cdiv(k, group_size)
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    q = torch.empty(m, k, dtype=torch.float32 if emulate else torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     fp8_act_quant_kernel[(m, groups)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
-                                      GROUP=group_size, num_warps=1)
+                                      GROUP=group_size, EMULATE_E4M3=emulate, num_warps=1)
     return q, s
 
 

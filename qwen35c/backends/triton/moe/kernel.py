@@ -80,8 +80,8 @@ def moe_gate_up_kernel(
         wg = tl.load(w_gate + (k0 + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         wu = tl.load(w_up + (k0 + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         a = a.to(x_ptr.dtype.element_ty)
-        acc_gate = tl.dot(a, wg.to(w_ptr.dtype.element_ty), acc_gate)
-        acc_up = tl.dot(a, wu.to(w_ptr.dtype.element_ty), acc_up)
+        acc_gate = tl.dot(a, wg.to(x_ptr.dtype.element_ty), acc_gate)  # MMA in the activation dtype
+        acc_up = tl.dot(a, wu.to(x_ptr.dtype.element_ty), acc_up)
     y = acc_gate * tl.sigmoid(acc_gate) * acc_up
     out = y_ptr + positions.to(tl.int64)[:, None] * stride_ym + cols[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=slot_ok[:, None] & col_ok[None, :])
@@ -115,7 +115,7 @@ def moe_down_kernel(
         k_ok = (k0 + ks) < INTER
         a = tl.load(a_rows + (k0 + ks)[None, :], mask=slot_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         b = tl.load(w_cols + (k0 + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(a.to(a_ptr.dtype.element_ty), b.to(w_ptr.dtype.element_ty), acc)
+        acc = tl.dot(a.to(a_ptr.dtype.element_ty), b.to(a_ptr.dtype.element_ty), acc)
     if HAS_WEIGHT:
         acc = acc * tl.load(topk_w_ptr + slots, mask=slot_ok, other=0.0).to(tl.float32)[:, None]
     out = y_ptr + slots.to(tl.int64)[:, None] * stride_ym + cols[None, :]

@@ -63,3 +63,20 @@ def moe_forward(x, router_w, w13, w2, top_k, shared_w13=None, shared_w2=None, sh
     shared = shared_expert(x, shared_w13, shared_w2)
     gate = (x.float() @ shared_gate_w.float().t()).to(x.dtype)
     return moe_combine(y, shared, gate)
+
+
+def moe_experts_dequantized(x, w13, w2, weights, ids, act_quant=None):
+    """Twin of moe_experts_quantized: moe_experts on the dequantized fp32 weights w13 [E, 2I, H],
+    w2 [E, H, I], with `act_quant` (fp32 -> fp32 fake quantization) applied to x and to the SwiGLU
+    output before the down projection (FP8 dynamic activations). Returns y [N, k, H] fp32."""
+    q = act_quant or (lambda t: t)
+    n, k = ids.shape
+    inter = w2.shape[2]
+    out = torch.zeros(n, k, x.shape[1], dtype=torch.float32, device=x.device)
+    xf = q(x.float())
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = xf[tok] @ w13[e].float().t()
+        act = q(F.silu(h[:, :inter]) * h[:, inter:])
+        out[tok, slot] = (act @ w2[e].float().t()) * weights[tok, slot].float()[:, None]
+    return out
