@@ -97,6 +97,7 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
     if blocker:
         raise QwenError(blocker)
     impl = get_backend(backend_name, where="--backend")
+    impl.setup()
     model = Path(model)
     if not (model / "config.json").is_file():
         raise QwenError(f"{model}: not a checkpoint directory (no config.json)")
@@ -158,7 +159,7 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
         write_manifest(tmp, manifest)
         if check:
             stages.start("check", "parity against the reference")
-            manifest["parity"] = _check(impl, tmp, manifest, model, target, prepared)
+            manifest["parity"] = _check(impl, tmp, manifest, model, prepared)
             write_manifest(tmp, manifest)
             stages.done("check")
             if not manifest["parity"]["passed"]:
@@ -195,16 +196,14 @@ def _emit_context(weights, prepared, target, graph, stages: _Stages):
                        quantization=prepared.record if prepared is not None else None)
 
 
-def _check(impl, directory: Path, manifest: dict, model: Path, target, prepared) -> dict:
-    """The build's own parity check, on the artifact as written (through the backend's loader)."""
-    from qwen35c.runtime.session import ReferenceSession
-    from qwen35c.verify import lowering_gate, quick_parity
+def _check(impl, directory: Path, manifest: dict, model: Path, prepared) -> dict:
+    """The build's own parity check, on the artifact as written (through the backend's loader),
+    against the reference the backend names (the fp32 reference or an emulating one)."""
+    from qwen35c.verify import quick_parity
 
     session = impl.load(directory, manifest, threads=1)
-    if prepared is None:
-        return quick_parity(session, ReferenceSession.from_checkpoint(model, "float32"), target.precision)
-    return quick_parity(session, ReferenceSession(prepared.emulated()), lowering_gate(prepared.record),
-                        against="quantization-emulating reference")
+    reference, precision, against = impl.reference(model, manifest, prepared, session)
+    return quick_parity(session, reference, precision, against=against)
 
 
 __all__ = ["BuildReport", "Progress", "build_artifact", "resolve_pipeline"]

@@ -80,18 +80,18 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     _T("cpu", "any CPU", None, "onnx", "fp32", "fp32", "fp32", "onnx-cpu", "ubuntu-latest"),
     _T("cpu-int4", "any CPU", None, "onnx", "int4 g128 GPTQ (symmetric)", "fp32", "int4", "standard",
        "ubuntu-latest", quantize="scheme=int4-gptq group-size=128"),
-    _T("a100-bf16", "NVIDIA A100", 80, "triton", "bf16", "bf16", "bf16", "standard", "gpu-a100"),
-    _T("a100-int4", "NVIDIA A100", 80, "triton", "int4 g128 GPTQ W4A16", "bf16", "int4", "standard", "gpu-a100",
+    _T("a100-bf16", "NVIDIA A100", 80, "triton", "bf16", "bf16", "bf16", "triton", "gpu-a100"),
+    _T("a100-int4", "NVIDIA A100", 80, "triton", "int4 g128 GPTQ W4A16", "bf16", "int4", "triton", "gpu-a100",
        quantize="scheme=int4-gptq group-size=128"),
     _T("l40s-fp8", "NVIDIA L40S", 89, "triton", "fp8 block 128x128", "fp8 dynamic per-token 1x128", "fp8",
-       "standard", "gpu-l40s", quantize="scheme=fp8-block128"),
-    _T("h100-bf16", "NVIDIA H100", 90, "tensorrt", "bf16", "bf16", "bf16", "standard", "gpu-h100"),
-    _T("h100-fp8", "NVIDIA H100", 90, "tensorrt", "fp8 block 128x128", "fp8 per-token-group 1x128", "fp8",
-       "standard", "gpu-h100", quantize="scheme=fp8-block128"),
-    _T("h200-fp8", "NVIDIA H200", 90, "tensorrt", "fp8 block 128x128", "fp8 per-token-group 1x128", "fp8",
-       "standard", "gpu-h200", quantize="scheme=fp8-block128"),
-    _T("b200-fp8", "NVIDIA B200", 100, "tensorrt", "fp8 block 128x128 (NVFP4 later)", "fp8 per-token-group 1x128",
-       "fp8", "standard", "gpu-b200", quantize="scheme=fp8-block128"),
+       "triton", "gpu-l40s", quantize="scheme=fp8-block128"),
+    _T("h100-bf16", "NVIDIA H100", 90, "triton", "bf16", "bf16", "bf16", "triton", "gpu-h100"),
+    _T("h100-fp8", "NVIDIA H100", 90, "triton", "fp8 block 128x128", "fp8 per-token-group 1x128", "fp8",
+       "triton", "gpu-h100", quantize="scheme=fp8-block128"),
+    _T("h200-fp8", "NVIDIA H200", 90, "triton", "fp8 block 128x128", "fp8 per-token-group 1x128", "fp8",
+       "triton", "gpu-h200", quantize="scheme=fp8-block128"),
+    _T("b200-fp8", "NVIDIA B200", 100, "triton", "fp8 block 128x128 (NVFP4 later)", "fp8 per-token-group 1x128",
+       "fp8", "triton", "gpu-b200", quantize="scheme=fp8-block128"),
 )}
 
 # parity gates per precision (design: notes/quantization.md §7.3)
@@ -108,6 +108,14 @@ GATES = {
     # by tests/quant/test_quant_lowering.py.
     "quantized-activations": {"kl_mean": 5e-4, "top1": 0.98},
 }
+
+
+def lowering_gate(record: dict | None) -> str:
+    """The gate of an artifact vs its emulating reference: fp32 for full-precision and weight-only
+    recipes; with run-time activation quantization, `quantized-activations` (see GATES)."""
+    if record is None:
+        return "fp32"
+    return "fp32" if record["recipe"].get("activations", "none") == "none" else "quantized-activations"
 
 
 def get_target(name: str) -> Target:
@@ -130,10 +138,14 @@ def machine_sm() -> int | None:
     return None
 
 
-def runnable_here(target: Target) -> tuple[bool, str]:
-    """Whether this machine can execute the target's artifact, and why not."""
+def runnable_here(target: Target, backend: str | None = None) -> tuple[bool, str]:
+    """Whether this machine can execute the target's artifact (built by `backend`), and why not.
+    A triton artifact runs anywhere: its own kernels on the GPU it was built for, or the same
+    kernels under the Triton interpreter where there is no CUDA GPU."""
     if target.sm is None:
         return True, "CPU target"
+    if (backend or target.backend) == "triton" and machine_sm() is None:
+        return True, f"no GPU here: the artifact's kernels run under the Triton interpreter (sm_{target.sm} not used)"
     sm = machine_sm()
     if sm is None:
         return False, f"target '{target.name}' needs an sm_{target.sm} GPU; this machine has none"
@@ -142,4 +154,4 @@ def runnable_here(target: Target) -> tuple[bool, str]:
     return True, f"sm_{sm}"
 
 
-__all__ = ["GATES", "TARGETS", "Target", "get_target", "machine_sm", "runnable_here"]
+__all__ = ["GATES", "TARGETS", "Target", "get_target", "lowering_gate", "machine_sm", "runnable_here"]

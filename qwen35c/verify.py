@@ -130,12 +130,6 @@ def compare(artifact, reference, *, single=SINGLE_LENGTHS, batch=BATCH_LENGTHS, 
     return {"cases": cases, "total": _merge(list(cases.values())), "greedy_match": greedy}
 
 
-def _reference_session(path: Path):
-    from qwen35c.runtime.session import ReferenceSession
-
-    return ReferenceSession.from_checkpoint(path, "float32")
-
-
 def quick_parity(session, reference, precision: str, against: str = "reference") -> dict:
     """The build's own check of a loaded artifact `session` against `reference` (a session: the
     checkpoint's fp32 reference, or the quantization-emulating one for quantized builds, named by
@@ -195,46 +189,55 @@ def quantization_loss(full, emulated, ids: list[int], context: int = LOSS_CONTEX
     return metrics
 
 
-def lowering_gate(record: dict) -> str:
-    """The gate of artifact vs emulation: fp32 for weight-only recipes; with run-time activation
-    quantization, `quantized-activations` (see `qwen35c.targets.GATES`)."""
-    return "fp32" if record["recipe"].get("activations", "none") == "none" else "quantized-activations"
+from qwen35c.targets import lowering_gate  # noqa: E402  (re-exported: the gate of artifact vs emulation)
 
 
-def _verify_quantized(artifact, manifest: dict, ref_path: Path, checks: list[dict], report: dict,
-                      skip: tuple[str, ...] = (), say=lambda message: None) -> None:
-    """Two separate checks for a quantized artifact (see the module docstring)."""
+def _prepare(manifest: dict, ref_path: Path, checks: list[dict], report: dict, say):
+    """The packed weights of a quantized artifact, recomputed from the reference checkpoint; None
+    (and the parity check recorded as not run) when the digest differs from the artifact's."""
     from qwen35c.quant.build import prepare
-    from qwen35c.runtime.session import ReferenceSession, load_tokenizer
+
+    record = manifest["quantization"]
+    say(f"rebuilding the quantization-emulating reference ({record['label']})")
+    prepared = prepare(ref_path, record)
+    report["quantization"] = {"label": record["label"], "precision": record["precision"],
+                              "lowering_gate": lowering_gate(record),
+                              "packed_sha256": {"artifact": record["packed_sha256"],
+                                                "reproduced": prepared.record["packed_sha256"]}}
+    if prepared.record["packed_sha256"] == record["packed_sha256"]:
+        return prepared
+    checks.append({"name": "parity", "status": "not run",
+                   "detail": "the quantization-emulating reference could not be reproduced (packed-weight "
+                             "digest differs from the manifest's: another torch build or CPU?); artifact "
+                             "vs emulation not compared"})
+    return None
+
+
+def _parity(artifact, backend, manifest: dict, ref_path: Path, prepared, checks: list[dict], report: dict, say):
+    """Artifact vs the reference its backend says it must match (the fp32 reference, or an emulating
+    one: quantized weights, bf16-rounded weights), at that reference's gate."""
+    reference, precision, against = backend.reference(ref_path, manifest, prepared, artifact)
+    say(f"parity: artifact vs the {against}")
+    result = compare(artifact, reference)
+    ok, failures = gate(result["total"], precision, result["greedy_match"])
+    report["parity"] = dict(result, against=against, gate=precision)
+    checks.append({"name": "parity", "status": "pass" if ok else "fail",
+                   "detail": f"artifact vs {against}: " + (f"within the {precision} gate" if ok else "; ".join(failures))})
+
+
+def _quantization_loss(manifest: dict, ref_path: Path, prepared, checks: list[dict], report: dict,
+                       skip: tuple[str, ...], say) -> None:
+    """The emulation vs the full-precision reference on held-out text, at the recipe's gate."""
+    from qwen35c.runtime.session import load_tokenizer
     from qwen35c.targets import GATES
 
     record = manifest["quantization"]
-    precision = record["precision"]
-    say(f"rebuilding the quantization-emulating reference ({record['label']})")
-    prepared = prepare(ref_path, record)
-    emulated = prepared.emulated()
-    same = prepared.record["packed_sha256"] == record["packed_sha256"]
-    report["quantization"] = {"label": record["label"], "precision": precision,
-                              "packed_sha256": {"artifact": record["packed_sha256"],
-                                                "reproduced": prepared.record["packed_sha256"]}}
-    if not same:
-        checks.append({"name": "parity", "status": "not run",
-                       "detail": "the quantization-emulating reference could not be reproduced (packed-weight "
-                                 "digest differs from the manifest's: another torch build or CPU?); artifact "
-                                 "vs emulation not compared"})
-    else:
-        say("parity: artifact vs the quantization-emulating reference")
-        result = compare(artifact, ReferenceSession(emulated))
-        lowering = lowering_gate(record)
-        ok, failures = gate(result["total"], lowering, result["greedy_match"])
-        report["quantization"]["lowering_gate"] = lowering
-        report["parity"] = result
-        report["parity"]["against"] = "quantization-emulating reference"
-        checks.append({"name": "parity", "status": "pass" if ok else "fail",
-                       "detail": ("artifact vs quantization-emulating reference (lowering error): "
-                                  + (f"within the {lowering} gate" if ok else "; ".join(failures)))})
     if "quantization" in skip:
         checks.append({"name": "quantization", "status": "skipped", "detail": "--skip quantization"})
+        return
+    if prepared is None:
+        checks.append({"name": "quantization", "status": "not run",
+                       "detail": "the quantized weights could not be reproduced (see parity)"})
         return
     tokenizer = load_tokenizer(ref_path)
     text = heldout_ids(tokenizer) if tokenizer is not None else None
@@ -245,10 +248,10 @@ def _verify_quantized(artifact, manifest: dict, ref_path: Path, checks: list[dic
         return
     ids, described = text
     say(f"quantization loss on {described}")
-    metrics = quantization_loss(prepared.model, emulated, ids)
-    limits = GATES[precision]
+    metrics = quantization_loss(prepared.model, prepared.emulated(), ids)
+    precision = record["precision"]
     ok, failures = gate(metrics, precision, None)
-    report["quantization"].update(text=described, metrics=metrics, gate=limits)
+    report["quantization"].update(text=described, metrics=metrics, gate=GATES[precision])
     checks.append({"name": "quantization", "status": "pass" if ok else "fail",
                    "detail": (f"{record['label']} emulation vs full precision (quantization loss): mean KL "
                               f"{metrics['kl_mean']:.2e}, p99 {metrics['kl_p99']:.2e}, top-1 {metrics['top1']:.4f}, "
@@ -302,23 +305,19 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
         checks.append({"name": "execution", "status": "skipped",
                        "detail": "--structure-only: the artifact was not executed, no parity checked"})
         return _finish(report, structure_only=True)
-    runnable, why = runnable_here(target)
+    runnable, why = runnable_here(target, manifest["backend"]["name"])
     checks.append({"name": "target", "status": "pass" if runnable else "not run", "detail": why})
     if not runnable:
         checks.append({"name": "parity", "status": "not run", "detail": why})
         return _finish(report)
     say(f"loading the artifact ({manifest['backend']['name']})")
     artifact = backend.load(directory, manifest, threads=threads)
+    report["mode"] = getattr(artifact, "mode", None)
+    prepared = _prepare(manifest, ref_path, checks, report, say) if quantized else None
+    if prepared is not None or not quantized:
+        _parity(artifact, backend, manifest, ref_path, prepared, checks, report, say)
     if quantized:
-        _verify_quantized(artifact, manifest, ref_path, checks, report, skip, say)
-    else:
-        say("parity: artifact vs the reference on the prompt set")
-        result = compare(artifact, _reference_session(ref_path))
-        ok, failures = gate(result["total"], target.precision, result["greedy_match"])
-        report["parity"] = result
-        checks.append({"name": "parity", "status": "pass" if ok else "fail",
-                       "detail": "within the fp32 gate" if ok and target.precision == "fp32" else
-                       ("within the gate" if ok else "; ".join(failures))})
+        _quantization_loss(manifest, ref_path, prepared, checks, report, skip, say)
     if bisect and "bisect" in skip:
         raise QwenError("--bisect and --skip bisect contradict each other")
     if bisect and quantized:

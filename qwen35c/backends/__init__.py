@@ -15,6 +15,7 @@ from qwen35c.errors import QwenError
 # name -> "module:attribute" of its Backend instance
 REGISTRY = {
     "onnx": "qwen35c.backends.onnx.backend:BACKEND",
+    "triton": "qwen35c.backends.triton.backend:BACKEND",
 }
 
 

@@ -30,6 +30,10 @@ class EmitContext:
 class Backend(Protocol):
     name: str
 
+    def setup(self) -> None:
+        """Process-wide preparation, called before tracing (which may import Triton through torch):
+        the triton backend picks compiled or interpreter mode before Triton is first imported."""
+
     def emit(self, graph: Graph, out_dir: Path, ctx: EmitContext) -> dict:
         """Write the payload into `out_dir`; return the manifest's `backend` section (with `name`)."""
 
@@ -42,3 +46,8 @@ class Backend(Protocol):
 
     def engine_status(self, section: dict) -> dict:
         """The manifest's `engine` section for a freshly emitted payload."""
+
+    def reference(self, model_dir: Path, manifest: dict, prepared: Any, session: Session) -> tuple[Session, str, str]:
+        """What a loaded artifact `session` must match: (reference session, gate name in
+        `qwen35c.targets.GATES`, a description). `prepared` is the build's or verify's
+        `qwen35c.quant.build.Prepared` for a quantized artifact (None otherwise); not modified."""

@@ -18,6 +18,9 @@ _MAX_DIM = 1 << 24          # a static state dimension larger than this is not a
 class OnnxBackend:
     name = "onnx"
 
+    def setup(self) -> None:
+        pass
+
     def emit(self, graph, out_dir: Path, ctx: EmitContext) -> dict:
         from qwen35c.backends.onnx.emit import emit_onnx
 
@@ -54,6 +57,17 @@ class OnnxBackend:
             for j, dim in enumerate(check.list(spec.get("shape"), f"{key}.shape")):
                 if dim not in ("B", "S"):
                     check.int(dim, f"{key}.shape[{j}]", 1, _MAX_DIM)
+
+    def reference(self, model_dir: Path, manifest: dict, prepared, session):
+        """The fp32 reference at the target's gate, or for a quantized artifact the quantization-
+        emulating reference at the recipe's lowering gate (ORT computes in fp32)."""
+        from qwen35c.runtime.session import ReferenceSession
+        from qwen35c.targets import get_target, lowering_gate
+
+        if prepared is None:
+            return (ReferenceSession.from_checkpoint(model_dir, "float32"),
+                    get_target(manifest["target"]["name"]).precision, "reference")
+        return ReferenceSession(prepared.emulated()), lowering_gate(prepared.record), "quantization-emulating reference"
 
     def load(self, directory: Path, manifest: dict, threads: int | None = None):
         from qwen35c.backends.onnx.session import OnnxSession

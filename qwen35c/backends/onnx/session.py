@@ -112,6 +112,7 @@ class OnnxSession(Session):
         from reference.config import load_config
 
         self.directory, self.manifest = Path(directory), manifest
+        self.mode = "onnxruntime CPUExecutionProvider, fp32"
         backend = manifest["backend"]
         self.config = load_config(self.directory)
         self.tokenizer = load_tokenizer(self.directory)
