@@ -40,6 +40,11 @@ from qwen35c.errors import QwenError
 SINGLE_LENGTHS = (1, 63, 64, 65, 127, 129)
 BATCH_LENGTHS = (5, 64, 33)
 DECODE_STEPS = 8
+# The prompt sets of the parity check. "full" straddles both chunk boundaries at prefill; "short" is
+# the build's own check (for slow runtimes, e.g. a triton artifact under the interpreter): it still
+# crosses the first chunk boundary (65), runs a padded batch and decodes past the prompt.
+PROMPT_SETS = {"full": {"single": SINGLE_LENGTHS, "batch": BATCH_LENGTHS, "steps": DECODE_STEPS},
+               "short": {"single": (1, 65), "batch": (3, 9), "steps": 4}}
 
 
 class ParityFailure(QwenError):
@@ -134,7 +139,7 @@ def quick_parity(session, reference, precision: str, against: str = "reference")
     """The build's own check of a loaded artifact `session` against `reference` (a session: the
     checkpoint's fp32 reference, or the quantization-emulating one for quantized builds, named by
     `against`): a few short prompts; numbers rounded so builds stay byte-identical."""
-    result = compare(session, reference, single=(1, 65), batch=(3, 9), steps=4)
+    result = compare(session, reference, **PROMPT_SETS["short"])
     ok, failures = gate(result["total"], precision, result["greedy_match"])
     total = {k: (float(f"{v:.2g}") if isinstance(v, float) else v) for k, v in result["total"].items()}
     summary = "pass" if ok else "; ".join(failures)
@@ -213,14 +218,15 @@ def _prepare(manifest: dict, ref_path: Path, checks: list[dict], report: dict, s
     return None
 
 
-def _parity(artifact, backend, manifest: dict, ref_path: Path, prepared, checks: list[dict], report: dict, say):
+def _parity(artifact, backend, manifest: dict, ref_path: Path, prepared, checks: list[dict], report: dict, say,
+            prompts: str = "full"):
     """Artifact vs the reference its backend says it must match (the fp32 reference, or an emulating
     one: quantized weights, bf16-rounded weights), at that reference's gate."""
     reference, precision, against = backend.reference(ref_path, manifest, prepared, artifact)
     say(f"parity: artifact vs the {against}")
-    result = compare(artifact, reference)
+    result = compare(artifact, reference, **PROMPT_SETS[prompts])
     ok, failures = gate(result["total"], precision, result["greedy_match"])
-    report["parity"] = dict(result, against=against, gate=precision)
+    report["parity"] = dict(result, against=against, gate=precision, prompts=prompts)
     checks.append({"name": "parity", "status": "pass" if ok else "fail",
                    "detail": f"artifact vs {against}: " + (f"within the {precision} gate" if ok else "; ".join(failures))})
 
@@ -264,13 +270,14 @@ SKIPPABLE = ("quantization", "bisect")
 
 def verify_artifact(directory: str | Path, reference: str | Path | None = None, bisect: bool = False,
                     threads: int | None = None, structure_only: bool = False, skip: tuple[str, ...] = (),
-                    progress=None) -> dict:
+                    progress=None, prompts: str = "full") -> dict:
     """The full verification; raises ArtifactError (exit 2) on bad input, returns the report.
 
     report["status"]: "pass" (the artifact was executed and every check that ran passed), "fail"
     (a check failed: exit 1) or "incomplete" (a check could not run: exit 2, with the reason).
     `structure_only` checks the manifest, files and reference without executing the artifact (its
-    status says so); `skip` names checks the caller does not want (reported as skipped)."""
+    status says so); `skip` names checks the caller does not want (reported as skipped); `prompts`
+    picks the parity prompt set (PROMPT_SETS; the report records it)."""
     from qwen35c.artifact import ArtifactError, sha256_file
     from qwen35c.runtime import open_checked
     from qwen35c.targets import get_target, runnable_here
@@ -315,7 +322,7 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     report["mode"] = getattr(artifact, "mode", None)
     prepared = _prepare(manifest, ref_path, checks, report, say) if quantized else None
     if prepared is not None or not quantized:
-        _parity(artifact, backend, manifest, ref_path, prepared, checks, report, say)
+        _parity(artifact, backend, manifest, ref_path, prepared, checks, report, say, prompts)
     if quantized:
         _quantization_loss(manifest, ref_path, prepared, checks, report, skip, say)
     if bisect and "bisect" in skip:

@@ -13,6 +13,11 @@ import torch
 # crashes (notes §10). Keep HF on its torch fallback, which is the oracle we want.
 sys.modules.setdefault("fla", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# why: no test machine has a GPU; Triton kernels (and the triton backend's runtime) run under the CPU
+# interpreter, which Triton reads when `triton.language` is first imported. The product sets this
+# itself (`qwen35c.backends.triton.mode.ensure`) before tracing; a test process imports torch.export
+# (and with it Triton) earlier, so it is set here, once, for every test module.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from reference.checkpoint import make_random_checkpoint  # noqa: E402

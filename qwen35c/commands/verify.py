@@ -17,7 +17,10 @@ from qwen35c.commands._common import THREADS, emit_json, info, status
               help="Check the manifest, the files and the reference only; do not execute the artifact.")
 @click.option("--skip", "skip", multiple=True, type=click.Choice(["quantization", "bisect"]),
               help="Do not run this check (reported as skipped); repeatable.")
-def command(artifact, reference, as_json, bisect, threads, structure_only, skip):
+@click.option("--prompts", type=click.Choice(["full", "short"]), default="full", show_default=True,
+              help="Parity prompt set: full (lengths 1/63/64/65/127/129, batch 5/64/33, 8 decode steps) or "
+                   "short (1/65, batch 3/9, 4 decode steps: for a triton artifact under the interpreter).")
+def command(artifact, reference, as_json, bisect, threads, structure_only, skip, prompts):
     """Exit 0 when the artifact was executed and every check that ran passed, 1 on a parity failure,
     2 on a bad artifact or reference or a check that could not run."""
     from qwen35c.errors import QwenError
@@ -25,7 +28,7 @@ def command(artifact, reference, as_json, bisect, threads, structure_only, skip)
 
     with status("verify", quiet=as_json) as say:
         report = verify_artifact(artifact, reference, bisect=bisect, threads=threads,
-                                 structure_only=structure_only, skip=tuple(skip), progress=say)
+                                 structure_only=structure_only, skip=tuple(skip), progress=say, prompts=prompts)
     if as_json:
         emit_json(report)
     else:
@@ -35,7 +38,8 @@ def command(artifact, reference, as_json, bisect, threads, structure_only, skip)
             info(f"    {name:<34} max|Δ| {m['max_abs']:.2e}  mean|Δ| {m['mean_abs']:.2e}  cos {m['cosine_min']:.6f}  "
                  f"KL {m['kl_mean']:.2e}/{m['kl_p99']:.2e}  top1 {m['top1']:.3f}")
         if "parity" in report:
-            info(f"    greedy continuation match: {report['parity']['greedy_match']:.3f}")
+            info(f"    greedy continuation match: {report['parity']['greedy_match']:.3f} "
+                 f"({report['parity'].get('prompts', 'full')} prompt set; ran as {report.get('mode')})")
     if report["status"] == "fail":
         failed = [c for c in report["checks"] if c["status"] == "fail"]
         raise ParityFailure(f"{artifact}: " + "; ".join(f"{c['name']}: {c['detail']}" for c in failed))
