@@ -127,9 +127,11 @@ def compare(artifact, reference, *, single=SINGLE_LENGTHS, batch=BATCH_LENGTHS, 
 
 
 def _reference_session(path: Path):
-    from qwen35c.runtime.session import ReferenceSession
+    """The fp32 reference, streamed one decoder layer at a time (bounded memory, same logits)."""
+    from qwen35c.runtime.session import ReferenceSession, load_tokenizer
+    from reference.stream import StreamedModel
 
-    return ReferenceSession.from_checkpoint(path, "float32")
+    return ReferenceSession(StreamedModel(path, torch.float32), load_tokenizer(path), Path(path))
 
 
 def quick_parity(artifact_dir: Path, model_dir: Path, precision: str, reference=None,
@@ -182,19 +184,26 @@ def quantization_loss(full, emulated, ids: list[int], context: int = LOSS_CONTEX
     from qwen35c.eval.perplexity import windows
 
     all_ids = torch.tensor(ids, dtype=torch.long)
-    got, want, targets = [], [], []
-    with torch.no_grad():
-        for w in windows(len(ids), context, context):
-            x = all_ids[None, w.begin:w.end]
-            rows = torch.arange(w.target_begin - 1, w.target_end - 1) - w.begin
-            want.append(full(x)[0, rows].float())
-            got.append(emulated(x)[0, rows].float())
-            targets.append(all_ids[w.target_begin:w.target_end])
-    got, want, targets = torch.cat(got), torch.cat(want), torch.cat(targets)
+    spans = list(windows(len(ids), context, context))
+    inputs = [all_ids[None, w.begin:w.end] for w in spans]
+    rows = [torch.arange(w.target_begin - 1, w.target_end - 1) - w.begin for w in spans]
+    want = torch.cat([y[0, r].float() for y, r in zip(_window_logits(full, inputs), rows)])
+    got = torch.cat([y[0, r].float() for y, r in zip(_window_logits(emulated, inputs), rows)])
+    targets = torch.cat([all_ids[w.target_begin:w.target_end] for w in spans])
     metrics = _metrics(got, want)
     nll = lambda logits: float(-logits.double().log_softmax(-1).gather(1, targets[:, None]).mean())  # noqa: E731
     metrics["ppl_ratio"] = math.exp(nll(got) - nll(want))
     return metrics
+
+
+def _window_logits(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits of each window; a streamed reference runs them all in one pass over its layers."""
+    with torch.no_grad():
+        if hasattr(model, "forward_many"):
+            from reference.stream import Batch
+
+            return model.forward_many([Batch(x) for x in inputs])
+        return [model(x) for x in inputs]
 
 
 def lowering_gate(record: dict) -> str:
