@@ -127,7 +127,14 @@ class StreamedModel:
         return StepInfo(cos, sin, q_start, lengths, valid, cache, False)
 
     def embed(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.edges()[0])                                    # [B, T, H]
+        """ids [B, T] -> [B, T, H]. Before the edges are loaded, the rows are gathered from the
+        mapped checkpoint and converted (exact: a gather commutes with an elementwise cast)."""
+        if self._edges is not None:
+            return F.embedding(ids, self._edges[0])
+        name, cfg = "model.embed_tokens.weight", self.config
+        rows = F.embedding(ids, self.loader.tensor(name, (cfg.vocab_size, cfg.hidden_size))).to(self.dtype)
+        self.loader.release(name)
+        return rows
 
     @torch.no_grad()
     def run_layers(self, xs: list[Tensor], steps: list[StepInfo]) -> list[Tensor]:

@@ -91,7 +91,8 @@ def _quantize_layer(out: dict, layer: nn.Module, index: int, units: list[Decisio
     experts = [d for d in units if d.expert is not None]
     calibration, moe_inputs = None, {}
     if recipe.needs_calibration:
-        calibration, moe_inputs = _calibrate(layer, prefix, xs, steps, mode, seed)
+        calibration, moe_inputs = _calibrate(layer, prefix, {d.canonical for d in dense}, bool(experts),
+                                             xs, steps, mode, seed)
     fallback = quantize_units(out, params, dense, recipe, calibration)
     for block_name, x in moe_inputs.items() if experts else ():
         block = layer.get_submodule(block_name[len(prefix):])
@@ -103,18 +104,19 @@ def _quantize_layer(out: dict, layer: nn.Module, index: int, units: list[Decisio
     return fallback
 
 
-def _calibrate(layer: nn.Module, prefix: str, xs: list[Tensor], steps, mode: str,
-               seed: int) -> tuple[Calibration, dict[str, Tensor]]:
-    """Every nn.Linear's inputs (subsampled to MAX_ROWS) and each MoE block's whole input [N, H]."""
+def _calibrate(layer: nn.Module, prefix: str, units: set[str], experts: bool, xs: list[Tensor], steps,
+               mode: str, seed: int) -> tuple[Calibration, dict[str, Tensor]]:
+    """The inputs of the nn.Linear `units` (subsampled to MAX_ROWS) and, with `experts`, each MoE
+    block's whole input [N, H]."""
     collector = Collector(MAX_ROWS, seed)
     moe_chunks: dict[str, list[Tensor]] = {}
     handles = []
     for name, module in layer.named_modules():
-        if isinstance(module, nn.Linear):
-            unit = f"{prefix}{name}.weight"
+        unit = f"{prefix}{name}.weight"
+        if isinstance(module, nn.Linear) and unit in units:
             handles.append(module.register_forward_pre_hook(
                 lambda mod, args, unit=unit: collector.add(unit, args[0])))
-        elif isinstance(module, SparseMoeBlock):
+        elif isinstance(module, SparseMoeBlock) and experts:
             chunks = moe_chunks.setdefault(f"{prefix}{name}", [])
             handles.append(module.register_forward_pre_hook(
                 lambda mod, args, chunks=chunks: chunks.append(args[0].reshape(-1, args[0].shape[-1]))))
