@@ -304,7 +304,11 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
         if prepared is not None:
             manifest["quantization"] = prepared.record
         write_manifest(tmp, manifest)
-        if check:
+        blocker = _memory_blocker(weights.config, prepared) if check else None
+        if blocker:
+            manifest["parity"] = {"status": "not run", "by": "build", "summary": blocker}
+            write_manifest(tmp, manifest)
+        elif check:
             report("check", "parity against the reference", None)
             from qwen35c.verify import quick_parity
 
@@ -327,6 +331,14 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
                                     f"nothing was written to {out}")
         report("write", f"renaming into {out}", None)
     return BuildReport(out, manifest, time.perf_counter() - start, stages)
+
+
+def _memory_blocker(config, prepared) -> str | None:
+    """Why the check would not fit in this machine's memory (`qwen35c.memory.check_blocker`)."""
+    from qwen35c.memory import check_blocker
+
+    precision = "int4" if prepared is not None and prepared.record["precision"] == "int4" else "fp32"
+    return check_blocker(config, precision)
 
 
 def _annotate_onnx(model_file: Path, props: dict[str, str]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Estimate", "artifact_peak", "build_peak", "available_bytes", "estimates_for"]
+__all__ = ["Estimate", "artifact_peak", "build_peak", "available_bytes", "check_blocker", "estimates_for"]
 
 PROCESS_BASE = 300 << 20      # python + torch + onnxruntime imported (measured ~220-260 MiB)
 ORT_WORKING = 0.35            # ORT arena and run buffers relative to the weights (0.8b fp32: 1.29 of 2.80 GiB... see README)
@@ -161,3 +161,19 @@ def estimates_for(config) -> dict:
         out[target] = {"artifact_runtime_peak": artifact_peak(config, precision).to_json(),
                        "build_peak": build_peak(config, precision).to_json()}
     return out
+
+
+def check_blocker(config, precision: str) -> str | None:
+    """Why the build's own check cannot run here (its estimated peak exceeds this machine's free
+    memory plus what this process already holds), or None when it fits."""
+    need = build_peak(config, precision).parts["check"]
+    available = available_bytes()
+    if available is None:
+        return None
+    have = available + current_rss()
+    if need <= have:
+        return None
+    runtime = artifact_peak(config, precision).total
+    return (f"not enough memory for the check: it needs ~{need / 2**30:.1f} GiB (the artifact's runtime peak "
+            f"~{runtime / 2**30:.1f} GiB + the streamed reference), {have / 2**30:.1f} GiB available "
+            f"(MemAvailable / cgroup limit)")

@@ -70,7 +70,17 @@ def summarize(path) -> dict:
         "state_bytes_per_sequence": {"conv_bf16": conv_state, "recurrent_fp32": recurrent,
                                      "total": conv_state + recurrent},
         "kv_bytes_per_token_bf16": kv_per_token,
+        "memory_estimates": memory_estimates(config),
     }
+
+
+def memory_estimates(config) -> dict:
+    """Estimated peak RSS per CPU target: the artifact at run time (the build check's workload) and
+    the streamed build (`qwen35c.memory`); with this machine's available memory."""
+    from qwen35c.memory import available_bytes, estimates_for
+
+    return {"targets": estimates_for(config), "available_bytes": available_bytes(),
+            "workload": "artifact: the build check's prompts (T=65, batch 3 x 14 tokens); build: largest phase"}
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -119,6 +129,13 @@ def command(model, as_json):
         ("KV cache / token", _human(info["kv_bytes_per_token_bf16"])),
         ("tied lm_head", str(info["tie_word_embeddings"])),
     ]
+    memory = info["memory_estimates"]
+    for target, est in memory["targets"].items():
+        rows.append((f"peak RSS ({target})",
+                     f"artifact ~{_human(est['artifact_runtime_peak']['total_bytes'])}, "
+                     f"build ~{_human(est['build_peak']['total_bytes'])} (estimates)"))
+    if memory["available_bytes"] is not None:
+        rows.append(("memory available", _human(memory["available_bytes"])))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)
