@@ -28,7 +28,7 @@ from qwen35c.quant.policy import Decision
 from qwen35c.quant.recipe import Recipe
 from reference import ops
 from reference.model import SparseMoeBlock
-from reference.stream import Batch, StreamedModel
+from reference.stream import Batch, StreamedModel, return_freed_memory
 
 __all__ = ["quantize_sequential"]
 
@@ -62,6 +62,7 @@ def quantize_sequential(stream: StreamedModel, recipe: Recipe, decisions: list[D
         if calibrated:
             xs = [layer(x, step) for x, step in zip(xs, steps)]              # the quantized model's activations
         del layer
+        return_freed_memory()
         if progress is not None:
             progress(index + 1, stream.config.num_hidden_layers, f"layer {index}")
     if todo.get(None):
