@@ -16,7 +16,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = 48
+LAYERS = 32
 NARROW = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=LAYERS, vocab_size=512,
               mtp_num_hidden_layers=0)
 
