@@ -200,7 +200,10 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
     (calibrated on the built-in calibration set when the recipe needs data); the recipe, calibration
     record and packed-weight digest go into the manifest's `quantization` section and the ONNX
     model's metadata, and the build's own check compares the artifact with the
-    quantization-emulating reference at the fp32 gate (quantization loss is `verify`'s job)."""
+    quantization-emulating reference at the fp32 gate (quantization loss is `verify`'s job).
+    Quantization and the check's references stream one decoder layer at a time; the check is
+    recorded as not run, with the reason, when its estimated peak (`qwen35c.memory`) exceeds the
+    memory available."""
     from qwen35c.targets import get_target
 
     report = progress or (lambda stage, msg, frac: None)

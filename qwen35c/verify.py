@@ -22,6 +22,9 @@ A quantized artifact (manifest `quantization` section) is checked twice, separat
                 (`heldout_ids`), at the recipe's precision gate (fp8 / int4): the quantization loss.
                 Not run for a checkpoint without a tokenizer.json.
 Either failing -> exit 1.
+
+Both references (full precision and emulating) are streamed (`reference.stream.StreamedModel`): one
+decoder layer resident at a time, the same logits bit for bit as the resident reference.
 """
 
 from __future__ import annotations
