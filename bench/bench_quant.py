@@ -71,7 +71,7 @@ def _quantize(model, path, recipe, calib, batches, order: str):
 def bench_model(name: str, model, ids: list[int], calib_ids, schemes, context: int, seq_len: int,
                 n_bytes: int | None, include: tuple[str, ...] = (), path=None, order: str = "sequential") -> list[dict]:
     from qwen35c.eval.perplexity import checkpoint_logits_fn, evaluate
-    from qwen35c.quant import calibrate, emulate, parse_scheme, quantize_model, weight_errors
+    from qwen35c.quant import calibrate, emulate, parse_scheme, weight_errors
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
