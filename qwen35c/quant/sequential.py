@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qwen35c.errors import QwenError
 from qwen35c.quant.calibrate import Calibration, Collector, add_expert_rows
 from qwen35c.quant.model import QuantizedModel, emulate_layer, note_fallback, quantize_units
 from qwen35c.quant.policy import Decision
@@ -47,8 +48,6 @@ def quantize_sequential(stream: StreamedModel, recipe: Recipe, decisions: list[D
             todo.setdefault(_layer_of(d.canonical), []).append(d)
     calibrated = recipe.needs_calibration
     if calibrated and not batches:
-        from qwen35c.errors import QwenError
-
         raise QwenError(f"{recipe.label} needs calibration batches")
     steps = [stream.step_info(Batch(ids)) for ids in batches] if calibrated else []
     xs = [stream.embed(ids) for ids in batches] if calibrated else []         # [1, T, H] each
@@ -68,8 +67,6 @@ def quantize_sequential(stream: StreamedModel, recipe: Recipe, decisions: list[D
     if todo.get(None):
         fallback += _quantize_edges(out.weights, stream, todo[None], xs, recipe, seed)
     if len(out.weights) != sum(map(len, todo.values())):
-        from qwen35c.errors import QwenError
-
         stray = sorted({d.canonical for units in todo.values() for d in units} - set(out.weights))
         raise QwenError(f"{stray[0]}: a quantized unit outside the decoder layers and lm_head "
                         f"({len(stray)} such unit(s)); sequential quantization cannot reach it")
