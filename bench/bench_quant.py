@@ -55,10 +55,23 @@ def gates(scheme: str, row: dict, rtn_kl: float | None) -> str:
     return "pass" if ok else "FAIL"
 
 
+def _quantize(model, path, recipe, calib, batches, order: str):
+    """One-shot (every layer calibrated on the full-precision model) or sequential (layer by layer on
+    the quantized model's activations: what `qwen35c build` does, `qwen35c.quant.sequential`)."""
+    from qwen35c.quant import plan_model, quantize_model
+    from qwen35c.quant.sequential import quantize_sequential
+    from reference.stream import StreamedModel
+
+    if order == "one-shot" or not recipe.needs_calibration:
+        return quantize_model(model, recipe, calib if recipe.needs_calibration else None)
+    return quantize_sequential(StreamedModel(path), recipe, plan_model(model, recipe), batches,
+                               mode=recipe.moe_calibration)
+
+
 def bench_model(name: str, model, ids: list[int], calib_ids, schemes, context: int, seq_len: int,
-                n_bytes: int | None, include: tuple[str, ...] = ()) -> list[dict]:
+                n_bytes: int | None, include: tuple[str, ...] = (), path=None, order: str = "sequential") -> list[dict]:
     from qwen35c.eval.perplexity import checkpoint_logits_fn, evaluate
-    from qwen35c.quant import calibrate, emulate, parse_scheme, quantize_model, weight_errors
+    from qwen35c.quant import calibrate, emulate, parse_scheme, weight_errors
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,13 +89,13 @@ def bench_model(name: str, model, ids: list[int], calib_ids, schemes, context: i
             t0 = time.time()
             recipe = parse_scheme(scheme, include=include) if include and scheme.startswith("int4") \
                 else parse_scheme(scheme)
-            quantized = quantize_model(model, recipe, calib if recipe.needs_calibration else None)
+            quantized = _quantize(model, path, recipe, calib, batches, order)
             t_quant = time.time() - t0
             errors = weight_errors(model, quantized, calib)["summary"]
             emulated = emulate(model, quantized)
             result = evaluate(checkpoint_logits_fn(emulated), ids, n_bytes=n_bytes, context=context,
                               kl_base=base_path)
-            row = {"model": name, "scheme": recipe.label + (" +" + "+".join(include) if recipe.include else ""), "units": len(quantized.weights),
+            row = {"model": name, "order": order if recipe.needs_calibration else "-", "scheme": recipe.label + (" +" + "+".join(include) if recipe.include else ""), "units": len(quantized.weights),
                    "weight_rel": errors["weight_rel_mean"], "output_rel": errors.get("output_rel_mean"),
                    "kl_mean": result["kl_mean"], "kl_p99": result["kl_p99"],
                    "top1_agreement": result["top1_agreement"],
@@ -92,18 +105,18 @@ def bench_model(name: str, model, ids: list[int], calib_ids, schemes, context: i
                 rtn_kl = row["kl_mean"]
             row["gate"] = gates(scheme, row, rtn_kl)
             rows.append(row)
-            print(f"[{name}] {row['scheme']:<18} KL {row['kl_mean']:.5f} p99 {row['kl_p99']:.4f} "
+            print(f"[{name}] {row['scheme']:<18} {row['order']:<10} KL {row['kl_mean']:.5f} p99 {row['kl_p99']:.4f} "
                   f"top1 {row['top1_agreement']:.4f} ppl x{row['ppl_ratio']:.4f} {row['gate']} "
                   f"(quantize {t_quant:.0f}s)", file=sys.stderr)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | scheme | quantized units | weight rel err | output rel err | mean KL | p99 KL | top-1 | PPL ratio | gate |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | scheme | order | quantized units | weight rel err | output rel err | mean KL | p99 KL | top-1 | PPL ratio | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out_rel = f"{r['output_rel']:.4f}" if r["output_rel"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['scheme']} | {r['units']} | {r['weight_rel']:.4f} | {out_rel} | "
+        lines.append(f"| {r['model']} | {r['scheme']} | {r.get('order', '-')} | {r['units']} | {r['weight_rel']:.4f} | {out_rel} | "
                      f"{r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {100 * r['top1_agreement']:.2f}% | "
                      f"{r['ppl_ratio']:.4f} | {r['gate']} |")
     return "\n".join(lines)
@@ -119,6 +132,9 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--json", dest="json_out", default=None)
+    parser.add_argument("--order", choices=["sequential", "one-shot"], default="sequential",
+                        help="calibrate layer by layer on the quantized model (what builds do) or all layers "
+                             "on the full-precision model (before issue 19)")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB",
                         help="INT4: also quantize tensors matching GLOB (default policy: MLPs and experts only)")
     args = parser.parse_args()
@@ -143,17 +159,17 @@ def main() -> None:
         ids = encode_text(tokenizer, held)[: args.max_tokens + 1]
         n_bytes = len(tokenizer.decode(ids[1:]).encode()) if len(ids) else None
         rows += bench_model(Path(path).name, model, ids, calib, schemes, args.context, 256, n_bytes,
-                            tuple(args.include))
+                            tuple(args.include), path=path, order=args.order)
     for preset in args.random:
         with tempfile.TemporaryDirectory() as tmp:
             extra = {"moe_intermediate_size": 128} if "moe" in preset else {"intermediate_size": 512}
             path = make_random_checkpoint(preset, 0, Path(tmp) / preset, hidden_size=256, **extra)
             model = load_model(path)
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, model.config.vocab_size, (args.max_tokens + 1,), generator=g).tolist()
-        calib_ids = torch.randint(0, model.config.vocab_size, (args.calib_tokens,), generator=g).tolist()
-        rows += bench_model(f"random-{preset}", model, ids, calib_ids, schemes, args.context, 256, None,
-                            tuple(args.include))
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(0, model.config.vocab_size, (args.max_tokens + 1,), generator=g).tolist()
+            calib_ids = torch.randint(0, model.config.vocab_size, (args.calib_tokens,), generator=g).tolist()
+            rows += bench_model(f"random-{preset}", model, ids, calib_ids, schemes, args.context, 256, None,
+                                tuple(args.include), path=path, order=args.order)
     print(table(rows))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")

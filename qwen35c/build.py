@@ -83,7 +83,9 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
     gets its packed weights from `qwen35c.quant.build.prepare`; the recipe, calibration record and
     packed-weight digest go into the manifest's `quantization` section, and the build's own check
     compares the artifact with the quantization-emulating reference (quantization loss is `verify`'s
-    job). `extra_pipeline_hook(graph) -> graph` runs after the passes (tests: a broken pass)."""
+    job). Quantization and the check's references stream one decoder layer at a time; the check is
+    recorded as not run, with the reason, when its estimated peak (`qwen35c.memory`) exceeds the
+    memory available. `extra_pipeline_hook(graph) -> graph` runs after the passes (tests: a broken pass)."""
     from qwen35c.backends import get_backend
     from qwen35c.graph.trace import CheckpointWeights, trace_checkpoint
     from qwen35c.passes.manager import PassManager
@@ -157,7 +159,12 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
         if prepared is not None:
             manifest["quantization"] = prepared.record
         write_manifest(tmp, manifest)
-        if check:
+        blocker = _memory_blocker(weights.config, prepared) if check else None
+        if blocker:
+            manifest["parity"] = {"status": "not run", "passed": None, "by": "build", "summary": blocker}
+            warnings.append(f"the build's parity check did not run: {blocker}")
+            write_manifest(tmp, manifest)
+        elif check:
             stages.start("check", "parity against the reference")
             manifest["parity"] = _check(impl, tmp, manifest, model, prepared)
             write_manifest(tmp, manifest)
@@ -194,6 +201,14 @@ def _emit_context(weights, prepared, target, graph, stages: _Stages):
     return EmitContext(weights=source, release=release, on_weight=on_weight,
                        tied_lm_head=bool(weights.config.tie_word_embeddings), target=target,
                        quantization=prepared.record if prepared is not None else None)
+
+
+def _memory_blocker(config, prepared) -> str | None:
+    """Why the check would not fit in this machine's memory (`qwen35c.memory.check_blocker`)."""
+    from qwen35c.memory import check_blocker
+
+    precision = "int4" if prepared is not None and prepared.record["precision"] == "int4" else "fp32"
+    return check_blocker(config, precision)
 
 
 def _check(impl, directory: Path, manifest: dict, model: Path, prepared) -> dict:

@@ -26,6 +26,9 @@ A quantized artifact (manifest `quantization` section) is checked twice, separat
   quantization  the emulation vs the full-precision reference, teacher-forced on held-out text
                 (`heldout_ids`), at the recipe's precision gate (fp8 / int4): the quantization loss.
                 Not run for a checkpoint without a tokenizer.json.
+
+Both references (full precision and emulating) are streamed (`reference.stream.StreamedModel`): one
+decoder layer resident at a time, the same logits bit for bit as the resident reference.
 """
 
 from __future__ import annotations
@@ -179,19 +182,26 @@ def quantization_loss(full, emulated, ids: list[int], context: int = LOSS_CONTEX
     from qwen35c.eval.perplexity import windows
 
     all_ids = torch.tensor(ids, dtype=torch.long)
-    got, want, targets = [], [], []
-    with torch.no_grad():
-        for w in windows(len(ids), context, context):
-            x = all_ids[None, w.begin:w.end]
-            rows = torch.arange(w.target_begin - 1, w.target_end - 1) - w.begin
-            want.append(full(x)[0, rows].float())
-            got.append(emulated(x)[0, rows].float())
-            targets.append(all_ids[w.target_begin:w.target_end])
-    got, want, targets = torch.cat(got), torch.cat(want), torch.cat(targets)
+    spans = list(windows(len(ids), context, context))
+    inputs = [all_ids[None, w.begin:w.end] for w in spans]
+    rows = [torch.arange(w.target_begin - 1, w.target_end - 1) - w.begin for w in spans]
+    want = torch.cat([y[0, r].float() for y, r in zip(_window_logits(full, inputs), rows)])
+    got = torch.cat([y[0, r].float() for y, r in zip(_window_logits(emulated, inputs), rows)])
+    targets = torch.cat([all_ids[w.target_begin:w.target_end] for w in spans])
     metrics = _metrics(got, want)
     nll = lambda logits: float(-logits.double().log_softmax(-1).gather(1, targets[:, None]).mean())  # noqa: E731
     metrics["ppl_ratio"] = math.exp(nll(got) - nll(want))
     return metrics
+
+
+def _window_logits(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits of each window; a streamed reference runs them all in one pass over its layers."""
+    with torch.no_grad():
+        if hasattr(model, "forward_many"):
+            from reference.stream import Batch
+
+            return model.forward_many([Batch(x) for x in inputs])
+        return [model(x) for x in inputs]
 
 
 from qwen35c.targets import lowering_gate  # noqa: E402  (re-exported: the gate of artifact vs emulation)

@@ -147,11 +147,27 @@ class WeightLoader:
         raise CheckpointError(f"{self.ckpt.directory}: missing tensor '{name}' (expected shape {list(shape)})")
 
     def release(self, param: str) -> None:
-        """Drop the mapped pages behind a parameter already copied (tensors assembled from several
-        checkpoint tensors, like per-expert stacks, keep theirs until the file closes)."""
+        """Drop the mapped pages behind a parameter already copied (for an assembled one, e.g. a
+        per-expert stack or a Qwen3-Next fused projection, the pages of every stored tensor it used;
+        a later read of a shared fused tensor maps them again)."""
         name = _source_name(param, self.prefix)
         if name in self.ckpt:
             self.ckpt.release(name)
+            return
+        head, _, leaf = name.rpartition(".")
+        for source in self._sources(head, leaf):
+            self.ckpt.release(source)
+
+    def _sources(self, head: str, leaf: str) -> list[str]:
+        """The stored tensors a parameter is assembled from (per-expert or Qwen3-Next fused layouts)."""
+        if leaf in ("gate_up_proj", "down_proj") and head.endswith("experts"):
+            parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+            return [f"{head}.{e}.{p}.weight" for e in range(self.config.num_experts) for p in parts
+                    if f"{head}.{e}.{p}.weight" in self.ckpt]
+        base, _, which = head.rpartition(".")
+        fused = {"in_proj_qkv": "in_proj_qkvz", "in_proj_z": "in_proj_qkvz", "in_proj_a": "in_proj_ba",
+                 "in_proj_b": "in_proj_ba"}.get(which)
+        return [f"{base}.{fused}.weight"] if fused and f"{base}.{fused}.weight" in self.ckpt else []
 
     def _checked(self, name: str, tensor: torch.Tensor, shape) -> torch.Tensor:
         where = self.ckpt.file_of(name) if name in self.ckpt else self.ckpt.directory
@@ -217,20 +233,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                                   f"quant_method='{method}'); the reference model takes full-precision weights "
                                   f"only, load it through a dequantizing source")
     ckpt = source if source is not None else Checkpoint(directory)
-    notes: list[str] = []
     try:
-        names = ckpt.names()
-        if config.mtp_num_hidden_layers and not any(n.startswith("mtp.") for n in names):
-            notes.append("config asks for an MTP module but the checkpoint has no mtp.* tensors: MTP disabled")
-            config.mtp_num_hidden_layers = 0
-        if config.tie_word_embeddings and "lm_head.weight" in ckpt:
-            notes.append("tie_word_embeddings is set and lm_head.weight is present: using the tied embedding")
-        if not config.tie_word_embeddings and "lm_head.weight" not in ckpt:
-            notes.append("lm_head.weight absent: tying lm_head to embed_tokens")
-            config.tie_word_embeddings = True
-        visual = sum(n.startswith("model.visual.") for n in names)
-        if visual:
-            notes.append(f"skipped {visual} vision tensors (model.visual.*): qwen35c compiles the text model")
+        notes = reconcile_config(config, ckpt)
         with torch.device("meta"):
             model = Qwen35ForCausalLM(config)
         loader = WeightLoader(ckpt, config)
@@ -253,6 +257,24 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     model.load_notes = notes
     model.source_dir = directory
     return model
+
+
+def reconcile_config(config: Qwen35Config, ckpt) -> list[str]:
+    """Adjust `config` to what the checkpoint holds (MTP present? lm_head tied?); returns the notes."""
+    notes: list[str] = []
+    names = ckpt.names()
+    if config.mtp_num_hidden_layers and not any(n.startswith("mtp.") for n in names):
+        notes.append("config asks for an MTP module but the checkpoint has no mtp.* tensors: MTP disabled")
+        config.mtp_num_hidden_layers = 0
+    if config.tie_word_embeddings and "lm_head.weight" in ckpt:
+        notes.append("tie_word_embeddings is set and lm_head.weight is present: using the tied embedding")
+    if not config.tie_word_embeddings and "lm_head.weight" not in ckpt:
+        notes.append("lm_head.weight absent: tying lm_head to embed_tokens")
+        config.tie_word_embeddings = True
+    visual = sum(n.startswith("model.visual.") for n in names)
+    if visual:
+        notes.append(f"skipped {visual} vision tensors (model.visual.*): qwen35c compiles the text model")
+    return notes
 
 
 def quantization_method(directory: Path) -> str | None:

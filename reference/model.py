@@ -356,20 +356,7 @@ class Qwen35ForCausalLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> Cache:
         """Zeroed decoding state for `batch` rows of up to `max_len` tokens."""
-        cfg, dtype = self.config, self.dtype
-        device = self.model.embed_tokens.weight.device
-        conv, recurrent, keys, values = {}, {}, {}, {}
-        for i, kind in enumerate(cfg.layer_types):
-            if kind == "linear_attention":
-                conv[i] = torch.zeros(batch, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
-                recurrent[i] = torch.zeros(batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                                           cfg.linear_value_head_dim, dtype=torch.float32, device=device)
-            else:
-                shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-                keys[i] = torch.zeros(shape, dtype=dtype, device=device)
-                values[i] = torch.zeros(shape, dtype=dtype, device=device)
-        seq_lens = torch.zeros(batch, dtype=torch.long, device=device)
-        return Cache(seq_lens, conv, recurrent, keys, values)
+        return new_cache(self.config, self.dtype, batch, max_len, self.model.embed_tokens.weight.device)
 
     def init_weights(self, seed: int, std: float = 0.02) -> None:
         """HF-like random init: normal(0, std) matrices, zero-centred norms at 0, gated norm at 1,
@@ -386,6 +373,22 @@ class Qwen35ForCausalLM(nn.Module):
                     param.zero_()
                 else:
                     param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def new_cache(cfg: Qwen35Config, dtype: torch.dtype, batch: int, max_len: int, device="cpu") -> Cache:
+    """Zeroed decoding state for `batch` rows of up to `max_len` tokens (see `Cache`)."""
+    conv, recurrent, keys, values = {}, {}, {}, {}
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == "linear_attention":
+            conv[i] = torch.zeros(batch, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
+            recurrent[i] = torch.zeros(batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                       cfg.linear_value_head_dim, dtype=torch.float32, device=device)
+        else:
+            shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+            keys[i] = torch.zeros(shape, dtype=dtype, device=device)
+            values[i] = torch.zeros(shape, dtype=dtype, device=device)
+    seq_lens = torch.zeros(batch, dtype=torch.long, device=device)
+    return Cache(seq_lens, conv, recurrent, keys, values)
 
 
 class MTP(nn.Module):

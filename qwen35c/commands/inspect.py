@@ -83,7 +83,17 @@ def summarize(path, preset: str | None = None, scan: bool = True) -> dict:
                                      "total": conv_state + recurrent},
         "kv_bytes_per_token_bf16": kv_per_token,
         "nonfinite_tensors": nonfinite,
+        "memory_estimates": memory_estimates(config),
     }
+
+
+def memory_estimates(config) -> dict:
+    """Estimated peak RSS per CPU target: the artifact at run time (the build check's workload) and
+    the streamed build (`qwen35c.memory`); with this machine's available memory."""
+    from qwen35c.memory import available_bytes, estimates_for
+
+    return {"targets": estimates_for(config), "available_bytes": available_bytes(),
+            "workload": "artifact: the build check's prompts (T=65, batch 3 x 14 tokens); build: largest phase"}
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -138,6 +148,13 @@ def command(model, as_json, no_scan):
         ("finite weights", "not scanned" if info["nonfinite_tensors"] is None else
          "yes" if not info["nonfinite_tensors"] else "NO: " + ", ".join(info["nonfinite_tensors"][:5])),
     ]
+    memory = info["memory_estimates"]
+    for target, est in memory["targets"].items():
+        rows.append((f"peak RSS ({target})",
+                     f"artifact ~{_human(est['artifact_runtime_peak']['total_bytes'])}, "
+                     f"build ~{_human(est['build_peak']['total_bytes'])} (estimates)"))
+    if memory["available_bytes"] is not None:
+        rows.append(("memory available", _human(memory["available_bytes"])))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)

@@ -2,9 +2,10 @@
 
 The `quantize` pass decides WHICH linears are quantized (its `graph.metadata["quantization"]`:
 recipe, quantized / kept / not-lowered names). `prepare(model_dir, meta)` computes the packed weights
-of exactly those units: it loads the reference model in fp32, calibrates on the built-in calibration
-set when the recipe needs data (AWQ, GPTQ, static FP8; `calibrate.builtin_calibration`), and runs
-`quantize_model(..., only=<the pass's units>)`. Calibration and quantization run single-threaded
+of exactly those units, layer by layer in bounded memory (`qwen35c.quant.sequential`): each decoder
+layer is read from the memory-mapped checkpoint in fp32, calibrated on the built-in calibration set
+when the recipe needs data (AWQ, GPTQ, static FP8; `calibrate.builtin_calibration`) as it flows
+through the already-quantized layers before it, packed, and dropped. Calibration and quantization run single-threaded
 (`torch.set_num_threads(1)` for their duration): BLAS reductions change with the thread count, and a
 GPTQ code flips on a last-bit difference, so one thread count is what keeps builds byte-identical
 across machines with different core counts.
@@ -27,9 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwen35c.quant.model import QuantizedModel, emulate, quantize_model
-from qwen35c.quant.policy import canonical_name
+from qwen35c.quant.model import EmulatedLinear, QuantizedModel, emulate_layer, restrict
+from qwen35c.quant.policy import canonical_name, plan_model
 from qwen35c.quant.recipe import Recipe
+from qwen35c.quant.sequential import quantize_sequential
+from reference.model import Qwen35ForCausalLM
+from reference.stream import StreamedModel
 
 __all__ = ["Prepared", "prepare", "packed_digest", "precision_of", "DEFAULT_INT4_ALGORITHM"]
 
@@ -74,33 +78,52 @@ def precision_of(recipe: Recipe) -> str:
 
 @dataclass
 class Prepared:
+    """The packed weights of a build and the references they are checked against, both streamed
+    (`reference.stream.StreamedModel`: one decoder layer resident, same call signature, `config`
+    and `new_cache` as `Qwen35ForCausalLM`, so `ReferenceSession` takes either)."""
+
     quantized: QuantizedModel
-    model: nn.Module            # the fp32 reference model (full precision)
+    model_dir: Path
     record: dict                # what the manifest / graph metadata records
 
-    def emulated(self) -> nn.Module:
-        return emulate(self.model, self.quantized)
+    @property
+    def model(self) -> StreamedModel:
+        """The full-precision (fp32) reference, streamed."""
+        return StreamedModel(self.model_dir, torch.float32)
+
+    def emulated(self) -> StreamedModel:
+        """The quantization-emulating reference, streamed: each layer's packed weights are
+        dequantized when the layer is loaded (`emulate_layer`), an included lm_head likewise."""
+        weights = self.quantized.weights
+
+        def head(linear: nn.Module) -> nn.Module:
+            q = weights.get("lm_head.weight")
+            return linear if q is None else EmulatedLinear(q, None, linear.weight.dtype)
+
+        return StreamedModel(self.model_dir, torch.float32,
+                             layer_hook=lambda index, layer: emulate_layer(layer, index, weights), head_hook=head)
 
 
-def prepare(model_dir: str | Path, meta: dict, model: nn.Module | None = None) -> Prepared:
-    """Packed weights for the units of a `quantize` pass record `meta` (see the module docstring)."""
+def prepare(model_dir: str | Path, meta: dict) -> Prepared:
+    """Packed weights for the units of a `quantize` pass record `meta` (see the module docstring),
+    computed layer by layer (`qwen35c.quant.sequential`)."""
     from qwen35c.quant import calibrate
 
     recipe = Recipe.from_dict(meta["recipe"])
-    if model is None:
-        from reference.checkpoint import load_model
-
-        model = load_model(model_dir, torch.float32)
-    units = {canonical_name(n) for n in meta["quantized"]}
-    calib_record = None
+    stream = StreamedModel(model_dir, torch.float32)
+    with torch.device("meta"):
+        skeleton = Qwen35ForCausalLM(stream.config)          # shapes only: the policy's plan
+    decisions = restrict(plan_model(skeleton, recipe), {canonical_name(n) for n in meta["quantized"]},
+                         "not quantized in this graph (see not_lowered)")
+    calib_record, batches = None, None
     with _single_thread():
-        calib = None
         if recipe.needs_calibration:
-            cset = calibrate.builtin_calibration(model_dir, model.config.vocab_size)
-            calib = calibrate.collect(model, cset.batches, mode=recipe.moe_calibration)
-            calib_record = {**cset.meta, "moe_calibration": recipe.moe_calibration}
-        quantized = quantize_model(model, recipe, calib, only=units,
-                                   only_reason="not quantized in this graph (see not_lowered)")
+            cset = calibrate.builtin_calibration(model_dir, stream.config.vocab_size)
+            batches = cset.batches
+            calib_record = {**cset.meta, "moe_calibration": recipe.moe_calibration,
+                            "order": "sequential (each layer calibrated on the quantized layers before it)"}
+        quantized = quantize_sequential(stream, recipe, decisions, batches, mode=recipe.moe_calibration)
+    stream.close()
     record = {"recipe": recipe.to_dict(), "label": recipe.label, "precision": precision_of(recipe),
               "algorithm": recipe.algorithm, "calibration": calib_record,
               "quantized": sorted(meta["quantized"]), "kept": sorted(meta.get("kept", [])),
@@ -108,4 +131,4 @@ def prepare(model_dir: str | Path, meta: dict, model: nn.Module | None = None) -
               "packed_sha256": packed_digest(quantized), "notes": list(quantized.notes)}
     if meta.get("not_lowered_reason"):
         record["not_lowered_reason"] = meta["not_lowered_reason"]
-    return Prepared(quantized, model, record)
+    return Prepared(quantized, Path(model_dir), record)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from reference import ops
 from reference.model import SparseMoeBlock
 
-__all__ = ["Calibration", "CalibrationSet", "collect", "calibration_batches", "builtin_calibration",
+__all__ = ["Calibration", "CalibrationSet", "Collector", "collect", "add_expert_rows", "calibration_batches", "builtin_calibration",
            "CALIBRATION_TEXT", "CALIBRATION_TOKENS", "CALIBRATION_SEQ_LEN"]
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
@@ -57,7 +57,7 @@ class Calibration:
         return self.inputs.get(unit)
 
 
-class _Collector:
+class Collector:
     def __init__(self, max_rows: int, seed: int):
         self.max_rows, self.seed = max_rows, seed
         self.chunks: dict[str, list[Tensor]] = {}
@@ -95,7 +95,7 @@ class _Collector:
         return out
 
 
-def _moe_hook(collector: _Collector, prefix: str, block: SparseMoeBlock, mode: str):
+def _moe_hook(collector: Collector, prefix: str, block: SparseMoeBlock, mode: str):
     def hook(module, args):
         x = args[0].reshape(-1, args[0].shape[-1])
         gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
@@ -103,16 +103,22 @@ def _moe_hook(collector: _Collector, prefix: str, block: SparseMoeBlock, mode: s
         if mode == "routed":
             _, chosen = ops.moe_route(x, block.gate.weight, block.top_k, block.norm_topk_prob)
         for e in range(num_experts):
-            rows = x if mode == "all" else x[(chosen == e).any(dim=-1)]
-            collector.add(f"{prefix}.experts.{e}.gate_proj.weight", rows)
-            collector.add(f"{prefix}.experts.{e}.up_proj.weight", rows)
-            if rows.shape[0]:
-                gate, up = F.linear(rows, gate_up[e]).chunk(2, dim=-1)
-                rows = F.silu(gate) * up
-            else:
-                rows = rows.new_zeros(0, down.shape[-1])
-            collector.add(f"{prefix}.experts.{e}.down_proj.weight", rows)
+            add_expert_rows(collector, prefix, e, x if mode == "all" else x[(chosen == e).any(dim=-1)],
+                            gate_up[e], down.shape[-1])
     return hook
+
+
+def add_expert_rows(collector: Collector, prefix: str, e: int, rows: Tensor, gate_up: Tensor,
+                    intermediate: int) -> None:
+    """Expert e's unit inputs: gate/up see `rows` [n, H]; down sees SiLU(gate x) * up x [n, I]."""
+    collector.add(f"{prefix}.experts.{e}.gate_proj.weight", rows)
+    collector.add(f"{prefix}.experts.{e}.up_proj.weight", rows)
+    if rows.shape[0]:
+        gate, up = F.linear(rows, gate_up).chunk(2, dim=-1)
+        rows = F.silu(gate) * up
+    else:
+        rows = rows.new_zeros(0, intermediate)
+    collector.add(f"{prefix}.experts.{e}.down_proj.weight", rows)
 
 
 @torch.no_grad()
@@ -121,7 +127,7 @@ def collect(model: nn.Module, batches: list[Tensor], max_rows: int = 4096, mode:
     """Run `batches` (LongTensor [B, T] each) through `model`; return every linear's inputs."""
     if mode not in ("all", "routed"):
         raise ValueError(f"moe calibration mode '{mode}': expected 'all' or 'routed'")
-    collector = _Collector(max_rows, seed)
+    collector = Collector(max_rows, seed)
     handles = []
     for name, module in model.named_modules():
         if name.startswith("mtp"):

@@ -31,7 +31,8 @@ from qwen35c.quant.recipe import Recipe
 from reference import ops
 from reference.model import SparseMoeBlock
 
-__all__ = ["QuantizedModel", "quantize_model", "emulate", "weight_errors", "EmulatedLinear"]
+__all__ = ["QuantizedModel", "quantize_model", "quantize_units", "restrict", "emulate", "emulate_layer",
+           "weight_errors", "EmulatedLinear"]
 
 
 @dataclass
@@ -77,20 +78,34 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Calibration | 
         raise QwenError("this model is already quantized (imported codes are never re-quantized)")
     if recipe.needs_calibration and calibration is None:
         raise QwenError(f"{recipe.label} needs calibration activations")
-    decisions = plan_model(model, recipe)
-    if only is not None:
-        import dataclasses
-
-        missing = sorted(set(only) - {d.canonical for d in decisions if d.quantize})
-        if missing:
-            raise QwenError(f"the graph quantized {missing[0]}, which the policy keeps for this model "
-                            f"({len(missing)} such unit(s)): the pass and the model disagree")
-        decisions = [d if not d.quantize or d.canonical in only else dataclasses.replace(d, quantize=False, reason=only_reason)
-                     for d in decisions]
+    decisions = restrict(plan_model(model, recipe), only, only_reason)
     params = dict(model.named_parameters())
     out = QuantizedModel(recipe, {}, decisions)
-    fallback = []
     todo = [d for d in decisions if d.quantize]
+    fallback = quantize_units(out.weights, params, todo, recipe, calibration, progress)
+    note_fallback(out, fallback)
+    return out
+
+
+def restrict(decisions: list[Decision], only: set[str] | None, only_reason: str) -> list[Decision]:
+    """Keep the policy's quantized units that are in `only` (canonical names); the rest become kept."""
+    if only is None:
+        return decisions
+    import dataclasses
+
+    missing = sorted(set(only) - {d.canonical for d in decisions if d.quantize})
+    if missing:
+        raise QwenError(f"the graph quantized {missing[0]}, which the policy keeps for this model "
+                        f"({len(missing)} such unit(s)): the pass and the model disagree")
+    return [d if not d.quantize or d.canonical in only else dataclasses.replace(d, quantize=False, reason=only_reason)
+            for d in decisions]
+
+
+def quantize_units(out: dict[str, QuantizedWeight], params: dict[str, Tensor], todo: list[Decision],
+                   recipe: Recipe, calibration: Calibration | None, progress=None) -> list[str]:
+    """Pack every unit of `todo` into `out` (params: full parameter names -> tensors); returns the
+    units that fell back to RTN for lack of calibration rows."""
+    fallback = []
     for i, d in enumerate(todo):
         weight = _unit_weight(params, d)
         rows = calibration.rows(d.canonical) if calibration is not None else None
@@ -100,13 +115,16 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Calibration | 
         if recipe.is_fp8 and recipe.activations == "static" and amax is None:
             raise QwenError(f"{d.canonical}: no calibration activations for a static FP8 scale "
                             f"(use moe_calibration='all')")
-        out.weights[d.canonical] = algorithms.quantize_weight(weight, recipe, rows, amax)
+        out[d.canonical] = algorithms.quantize_weight(weight, recipe, rows, amax)
         if progress is not None:
             progress(i + 1, len(todo), d.canonical)
+    return fallback
+
+
+def note_fallback(out: QuantizedModel, fallback: list[str]) -> None:
     if fallback:
         out.notes.append(f"{len(fallback)} unit(s) saw no calibration tokens and were RTN-quantized: "
                          f"{', '.join(fallback[:4])}{' ...' if len(fallback) > 4 else ''}")
-    return out
 
 
 class EmulatedLinear(nn.Module):
@@ -190,10 +208,27 @@ def emulate(model: nn.Module, quantized: QuantizedModel, inplace: bool = False) 
     """The quantization-emulating reference (see the module docstring)."""
     target = model if inplace else copy.deepcopy(model)
     dtype = next(target.parameters()).dtype
+    _emulate_into(target, quantized.weights, dtype)    # replacing `lm_head` unties a tied head on purpose
+    target.eval()
+    return target
+
+
+@torch.no_grad()
+def emulate_layer(layer: nn.Module, index: int, weights: dict[str, QuantizedWeight]) -> nn.Module:
+    """Decoder layer `index` (modified in place) with the units of `weights` (canonical names, any
+    layer; only `model.layers.{index}.*` are used) replaced by their emulating twins."""
+    prefix = f"model.layers.{index}."
+    own = {name[len(prefix):]: q for name, q in weights.items() if name.startswith(prefix)}
+    _emulate_into(layer, own, next(layer.parameters()).dtype)
+    return layer.eval()
+
+
+def _emulate_into(target: nn.Module, weights: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:
+    """Replace the linears / expert blocks named by `weights` (relative to `target`) in place."""
     experts: dict[str, dict[int, dict[str, QuantizedWeight]]] = {}
-    for name, q in quantized.weights.items():
+    for name, q in weights.items():
         parts = name.split(".")
-        if "experts" in parts and parts[-3].isdigit():          # model.layers.L.mlp.experts.E.part.weight
+        if "experts" in parts and parts[-3].isdigit():          # ....mlp.experts.E.part.weight
             block = ".".join(parts[:parts.index("experts")])
             experts.setdefault(block, {}).setdefault(int(parts[-3]), {})[parts[-2]] = q
             continue
@@ -205,35 +240,34 @@ def emulate(model: nn.Module, quantized: QuantizedModel, inplace: bool = False) 
             raise QwenError(f"{name}: quantized weight for a module that is not nn.Linear")
         if q.shape != tuple(linear.weight.shape):
             raise QwenError(f"{name}: quantized shape {list(q.shape)} != model {list(linear.weight.shape)}")
-        emulated = EmulatedLinear(q, linear.bias, dtype)
-        if leaf == "lm_head" or module_name == "lm_head":
-            target.lm_head = emulated                            # unties a tied head on purpose
-        else:
-            setattr(owner, leaf, emulated)
+        setattr(owner, leaf, EmulatedLinear(q, linear.bias, dtype))
     for block_name, per_expert in experts.items():
-        block = target.get_submodule(block_name)
-        gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
-        num = gate_up.shape[0]
-        half = gate_up.shape[1] // 2
-        new_gu, new_down = gate_up.detach().clone(), down.detach().clone()
-        q_gu: list = [None] * num
-        q_down: list = [None] * num
-        for e, parts in per_expert.items():
-            if "gate_proj" in parts or "up_proj" in parts:
-                if not ("gate_proj" in parts and "up_proj" in parts):
-                    raise QwenError(f"{block_name}.experts.{e}: gate_proj and up_proj must be quantized together")
-                new_gu[e, :half] = parts["gate_proj"].dequantize().to(dtype)
-                new_gu[e, half:] = parts["up_proj"].dequantize().to(dtype)
-                q_gu[e] = (parts["gate_proj"], parts["up_proj"])
-            if "down_proj" in parts:
-                new_down[e] = parts["down_proj"].dequantize().to(dtype)
-                q_down[e] = parts["down_proj"]
-        block.experts.gate_up_proj = nn.Parameter(new_gu, requires_grad=False)
-        block.experts.down_proj = nn.Parameter(new_down, requires_grad=False)
-        owner_name, _, leaf = block_name.rpartition(".")
-        setattr(target.get_submodule(owner_name), leaf, EmulatedMoeBlock(block, q_gu, q_down))
-    target.eval()
-    return target
+        _emulate_experts(target, block_name, per_expert, dtype)
+
+
+def _emulate_experts(target: nn.Module, block_name: str, per_expert: dict[int, dict[str, QuantizedWeight]],
+                     dtype: torch.dtype) -> None:
+    block = target.get_submodule(block_name)
+    gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+    num = gate_up.shape[0]
+    half = gate_up.shape[1] // 2
+    new_gu, new_down = gate_up.detach().clone(), down.detach().clone()
+    q_gu: list = [None] * num
+    q_down: list = [None] * num
+    for e, parts in per_expert.items():
+        if "gate_proj" in parts or "up_proj" in parts:
+            if not ("gate_proj" in parts and "up_proj" in parts):
+                raise QwenError(f"{block_name}.experts.{e}: gate_proj and up_proj must be quantized together")
+            new_gu[e, :half] = parts["gate_proj"].dequantize().to(dtype)
+            new_gu[e, half:] = parts["up_proj"].dequantize().to(dtype)
+            q_gu[e] = (parts["gate_proj"], parts["up_proj"])
+        if "down_proj" in parts:
+            new_down[e] = parts["down_proj"].dequantize().to(dtype)
+            q_down[e] = parts["down_proj"]
+    block.experts.gate_up_proj = nn.Parameter(new_gu, requires_grad=False)
+    block.experts.down_proj = nn.Parameter(new_down, requires_grad=False)
+    owner_name, _, leaf = block_name.rpartition(".")
+    setattr(target.get_submodule(owner_name), leaf, EmulatedMoeBlock(block, q_gu, q_down))
 
 
 @torch.no_grad()

@@ -61,12 +61,15 @@ class OnnxBackend:
     def reference(self, model_dir: Path, manifest: dict, prepared, session):
         """The fp32 reference at the target's gate, or for a quantized artifact the quantization-
         emulating reference at the recipe's lowering gate (ORT computes in fp32)."""
-        from qwen35c.runtime.session import ReferenceSession
-        from qwen35c.targets import get_target, lowering_gate
+        import torch
 
-        if prepared is None:
-            return (ReferenceSession.from_checkpoint(model_dir, "float32"),
-                    get_target(manifest["target"]["name"]).precision, "reference")
+        from qwen35c.runtime.session import ReferenceSession, load_tokenizer
+        from qwen35c.targets import get_target, lowering_gate
+        from reference.stream import StreamedModel
+
+        if prepared is None:   # streamed: one decoder layer resident at a time, the same logits
+            reference = ReferenceSession(StreamedModel(model_dir, torch.float32), load_tokenizer(model_dir), model_dir)
+            return reference, get_target(manifest["target"]["name"]).precision, "reference"
         return ReferenceSession(prepared.emulated()), lowering_gate(prepared.record), "quantization-emulating reference"
 
     def load(self, directory: Path, manifest: dict, threads: int | None = None):

@@ -108,8 +108,9 @@ def emulating_reference(model_dir, record: dict | None = None):
     from qwen35c.quant.model import emulate
 
     prepared = prepare(model_dir, record)                 # quantizes from the unrounded weights
+    model = load_model(model_dir, torch.float32)          # resident: the rounding below needs the weights
     fmt = expert_format(record.get("recipe"))
-    params = {_canonical(n): p for n, p in prepared.model.named_parameters()}
+    params = {_canonical(n): p for n, p in model.named_parameters()}
     for stacked in record.get("not_lowered", []):         # the routed experts the pack quantizes
         if not stacked.endswith("experts.gate_up_proj"):
             continue
@@ -120,8 +121,8 @@ def emulating_reference(model_dir, record: dict | None = None):
         for w, which in ((w13, "gate_up"), (w2, "down")):
             for (e, proj), q in quantize_stacked(w.detach(), fmt, which)[1].items():
                 prepared.quantized.weights[f"{block}.experts.{e}.{proj}.weight"] = q
-    _round_bf16(prepared.model)                            # what the pack stores in bf16
-    return ReferenceSession(emulate(prepared.model, prepared.quantized), load_tokenizer(model_dir), model_dir)
+    _round_bf16(model)                                     # what the pack stores in bf16
+    return ReferenceSession(emulate(model, prepared.quantized), load_tokenizer(model_dir), model_dir)
 
 
 def _round_bf16(model) -> None:

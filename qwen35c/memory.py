@@ -1,0 +1,186 @@
+"""Honest memory limits: estimated peak RSS of an artifact at run time and of a build, and what this
+machine has available.
+
+Estimates are computed from shapes alone (config + the target's precision), never by loading weights:
+
+  artifact (ONNX CPU)  = process base + weights (fp32; INT4 units at 4 bits + one fp32 scale per
+                         group) + prepacked copies (a tied fp32 LM head: the Gather keeps the
+                         initializer, the head's MatMul packs its own copy) + ORT's working set
+                         (arena, per-run buffers: ORT_WORKING x the fp32 embedding, calibrated on
+                         the 0.8b preset, where it did not depend on the weights' precision) +
+                         state / KV for the workload + activations (logits dominate);
+  build (streamed)     = the largest of its phases: quantization (edges in fp32 + a few copies of the
+                         largest decoder layer + calibration activations + one unit's Hessian /
+                         rows), emission (tensor by tensor: two of the largest) and the check (the artifact
+                         above + the streamed reference's edges and a layer + both sides' logits).
+
+`available_bytes()` is /proc/meminfo MemAvailable, lowered to a cgroup (v2 or v1) limit minus usage
+when one is set. Numbers are bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["Estimate", "artifact_peak", "build_peak", "available_bytes", "check_blocker", "estimates_for"]
+
+PROCESS_BASE = 300 << 20      # python + torch + onnxruntime imported (measured ~220-260 MiB)
+ORT_WORKING = 1.35            # ORT arena + run buffers, x the fp32 embedding [V, H]: measured 1.29 GiB on
+                              # the 0.8b preset for both the fp32 and the INT4 artifact (tools/artifact_peak.py)
+CHECK_PROMPT = 65             # the longest prompt of the build check (qwen35c.verify.quick_parity)
+CHECK_BATCH, CHECK_MAX_LEN = 3, 9 + 4 + 1
+CALIB_TOKENS = 8192           # qwen35c.quant.calibrate.CALIBRATION_TOKENS
+CALIB_ROWS = 4096             # rows kept per unit
+
+
+@dataclass
+class Estimate:
+    total: int
+    parts: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {"total_bytes": self.total, "parts_bytes": dict(self.parts)}
+
+
+def _skeleton(config):
+    from reference.model import Qwen35ForCausalLM
+
+    with torch.device("meta"):
+        return Qwen35ForCausalLM(config)
+
+
+def _weight_bytes(config, precision: str, group_size: int = 128) -> tuple[int, int]:
+    """(artifact weight bytes, bytes of the tied fp32 head copy) for a precision: fp32 | int4."""
+    from qwen35c.quant.policy import plan_model
+    from qwen35c.quant.recipe import parse_scheme
+
+    model = _skeleton(config)
+    quantized: set[str] = set()
+    if precision == "int4":
+        recipe = parse_scheme("int4-gptq", group_size=group_size)
+        quantized = {d.name for d in plan_model(model, recipe) if d.quantize and d.expert is None}
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            continue
+        n = p.numel()
+        total += n // 2 + 4 * n // group_size if name in quantized else 4 * n
+    tied = 4 * config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
+    return total, tied
+
+
+def _state_bytes(config, batch: int, max_len: int) -> int:
+    gdn = config.layer_types.count("linear_attention")
+    attn = config.num_hidden_layers - gdn
+    conv = gdn * config.conv_dim * (config.linear_conv_kernel_dim - 1) * 4
+    recurrent = gdn * config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
+    kv = attn * 2 * config.num_key_value_heads * config.head_dim * max_len * 4
+    return batch * (conv + recurrent + kv)
+
+
+def _activation_bytes(config, tokens: int) -> int:
+    """Logits [tokens, V] fp32 plus the widest intermediate [tokens, max(I, C, 2 Hq hd)] a few times."""
+    widest = max(config.intermediate_size or 0, config.conv_dim, 2 * config.num_attention_heads * config.head_dim,
+                 (config.moe_intermediate_size or 0) * max(config.num_experts_per_tok, 1))
+    return tokens * (config.vocab_size + 4 * widest) * 4
+
+
+def artifact_peak(config, precision: str = "fp32", batch: int = CHECK_BATCH, max_len: int = CHECK_MAX_LEN,
+                  tokens: int = CHECK_PROMPT) -> Estimate:
+    """Peak RSS of an ONNX CPU artifact running `batch` rows of up to `max_len` tokens and a
+    prefill of `tokens` (defaults: the build check's workload)."""
+    weights, tied = _weight_bytes(config, precision)
+    parts = {"process": PROCESS_BASE, "weights": weights, "prepacked": tied,
+             "ort_working": int(ORT_WORKING * 4 * config.vocab_size * config.hidden_size), "state": _state_bytes(config, batch, max_len),
+             "activations": _activation_bytes(config, max(tokens, batch * max_len))}
+    return Estimate(sum(parts.values()), parts)
+
+
+def _layer_bytes(config) -> int:
+    from reference.stream import layer_bytes
+
+    return max(layer_bytes(config, torch.float32))
+
+
+def _largest_tensor(config) -> int:
+    """Bytes of the largest parameter in fp32 (the embedding, or a stacked expert tensor)."""
+    return 4 * max(p.numel() for p in _skeleton(config).parameters())
+
+
+def build_peak(config, precision: str = "fp32", calibrated: bool | None = None, check: bool = True) -> Estimate:
+    """Peak RSS of a streamed `qwen35c build` (the largest phase; see the module docstring)."""
+    layer = _layer_bytes(config)
+    edges = 4 * config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    calibrated = precision == "int4" if calibrated is None else calibrated
+    widest_k = max(config.intermediate_size or 0, config.moe_intermediate_size or 0, config.hidden_size)
+    quantize = PROCESS_BASE + edges + 3 * layer
+    if calibrated:
+        quantize += 3 * CALIB_TOKENS * config.hidden_size * 4 + 3 * CALIB_ROWS * widest_k * 4 + 4 * widest_k ** 2 * 4
+    phases = {"quantize": quantize if precision != "fp32" else 0,
+              "emit": PROCESS_BASE + 2 * _largest_tensor(config)}
+    if check:
+        reference_logits = 2 * CHECK_PROMPT * config.vocab_size * 4
+        phases["check"] = artifact_peak(config, precision).total + edges + 2 * layer + reference_logits
+    worst = max(phases.values())
+    return Estimate(worst, phases)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable, or less under a cgroup memory limit; None when neither can be read."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < (1 << 60):
+            room = max(int(limit) - usage, 0)
+            avail = room if avail is None else min(avail, room)
+    return avail
+
+
+def current_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def estimates_for(config) -> dict:
+    """What `qwen35c inspect` reports: per precision, the artifact's runtime peak and the build's peak."""
+    out = {}
+    for target, precision in (("cpu", "fp32"), ("cpu-int4", "int4")):
+        out[target] = {"artifact_runtime_peak": artifact_peak(config, precision).to_json(),
+                       "build_peak": build_peak(config, precision).to_json()}
+    return out
+
+
+def check_blocker(config, precision: str) -> str | None:
+    """Why the build's own check cannot run here (its estimated peak exceeds this machine's free
+    memory plus what this process already holds), or None when it fits."""
+    need = build_peak(config, precision).parts["check"]
+    available = available_bytes()
+    if available is None:
+        return None
+    have = available + current_rss()
+    if need <= have:
+        return None
+    runtime = artifact_peak(config, precision).total
+    return (f"not enough memory for the check: it needs ~{need / 2**30:.1f} GiB (the artifact's runtime peak "
+            f"~{runtime / 2**30:.1f} GiB + the streamed reference), {have / 2**30:.1f} GiB available "
+            f"(MemAvailable / cgroup limit)")

@@ -1,0 +1,206 @@
+"""The reference model run one decoder layer at a time (bounded memory, same numbers).
+
+`StreamedModel(path)` computes exactly what `load_model(path)(...)` computes — the same modules, the
+same weights in the same dtype, the same per-batch tensors, so its logits are bit-for-bit equal —
+while only the embedding, the final norm, the LM head (one copy when tied) and the current decoder
+layer are resident. A layer's tensors are read from the memory-mapped checkpoint, copied into the
+layer, their mapped pages released, and the layer is dropped once every batch went through it.
+
+One call runs a whole prompt SET (`forward_many`): every batch's activations [B, T, H] are held
+while the layers stream past, so a short prompt set costs one pass over the weights. Incremental
+decoding works too (a `Cache` per batch, `new_cache`); each decode step is one pass.
+
+`layer_hook(index, layer) -> module` and `head_hook(lm_head) -> module` transform a freshly loaded
+layer / the head before it runs (the quantization-emulating reference replaces linears with their
+dequantized twins there). Sequential quantization drives `load_layer`, `step_info` and `embed`
+itself. Memory: one layer in `dtype` + activations + edges; see `layer_bytes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reference.checkpoint import Checkpoint, WeightLoader, quantization_method, reconcile_config
+from reference.config import load_config
+from reference.errors import CheckpointError
+from reference.model import Cache, DecoderLayer, RMSNorm, RotaryEmbedding, StepInfo, new_cache
+
+__all__ = ["StreamedModel", "Batch", "layer_bytes", "return_freed_memory"]
+
+LayerHook = Callable[[int, nn.Module], nn.Module]
+
+
+@dataclass
+class Batch:
+    """One forward of the prompt set: ids [B, T], optional cache (advanced) and lengths [B]."""
+
+    ids: Tensor
+    cache: Cache | None = None
+    lengths: Tensor | None = None
+    last_only: bool = False
+
+
+class StreamedModel:
+    """`Qwen35ForCausalLM` semantics with one decoder layer resident (see the module docstring)."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32,
+                 layer_hook: LayerHook | None = None, head_hook: Callable[[nn.Module], nn.Module] | None = None):
+        self.directory = Path(path)
+        method = quantization_method(self.directory)
+        if method is not None:
+            raise CheckpointError(f"{self.directory / 'config.json'}: a quantized checkpoint (quant_method="
+                                  f"'{method}'); the streamed reference takes full-precision weights only")
+        self.config = load_config(self.directory)
+        self.ckpt = Checkpoint(self.directory)
+        self.load_notes = reconcile_config(self.config, self.ckpt)
+        self.loader = WeightLoader(self.ckpt, self.config)
+        self.dtype, self.layer_hook, self.head_hook = dtype, layer_hook, head_hook
+        self.rotary = RotaryEmbedding(self.config)
+        self._edges: tuple[Tensor, nn.Module, nn.Module] | None = None   # embedding, final norm, head
+        self.training = False
+
+    # ---- weights ----------------------------------------------------------------------------
+    def _load(self, name: str, shape) -> Tensor:
+        value = self.loader.tensor(name, shape).to(dtype=self.dtype, copy=True)
+        self.loader.release(name)
+        return value
+
+    def load_layer(self, index: int) -> DecoderLayer:
+        """Decoder layer `index` with its weights copied from the checkpoint (pages released)."""
+        if not 0 <= index < self.config.num_hidden_layers:
+            raise CheckpointError(f"{self.directory}: no decoder layer {index} "
+                                  f"(the config has {self.config.num_hidden_layers})")
+        with torch.device("meta"):
+            layer = DecoderLayer(self.config, index)
+        prefix = f"model.layers.{index}."
+        for name, param in list(layer.named_parameters()):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = layer.get_submodule(owner_name) if owner_name else layer
+            value = self._load(prefix + name, param.shape)
+            setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
+        return layer.eval()
+
+    def edges(self) -> tuple[Tensor, nn.Module, nn.Module]:
+        """(embedding [V, H], final norm, LM head): loaded once, kept; a tied head shares the embedding."""
+        if self._edges is None:
+            cfg = self.config
+            embed = self._load("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+            norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            norm.weight = nn.Parameter(self._load("model.norm.weight", (cfg.hidden_size,)), requires_grad=False)
+            with torch.device("meta"):
+                head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            head.weight = (nn.Parameter(embed, requires_grad=False) if cfg.tie_word_embeddings else
+                           nn.Parameter(self._load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)),
+                                        requires_grad=False))
+            if self.head_hook is not None:
+                head = self.head_hook(head)
+            self._edges = (embed, norm, head)
+        return self._edges
+
+    def close(self) -> None:
+        self._edges = None
+        self.ckpt.close()
+
+    # ---- running ----------------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> Cache:
+        return new_cache(self.config, self.dtype, batch, max_len)
+
+    def step_info(self, batch: Batch) -> StepInfo:
+        """The per-forward facts of `Qwen35Model.forward` for one batch."""
+        ids, cache = batch.ids, batch.cache
+        rows, length = ids.shape
+        valid = None
+        if batch.lengths is None:
+            lengths = torch.full((rows,), length, dtype=torch.long)
+        else:
+            lengths = batch.lengths.to(dtype=torch.long)
+            valid = torch.arange(length) < lengths.unsqueeze(1)
+        q_start = cache.seq_lens if cache is not None else torch.zeros_like(lengths)
+        positions = q_start.unsqueeze(1) + torch.arange(length)
+        cos, sin = self.rotary(positions, self.dtype)
+        return StepInfo(cos, sin, q_start, lengths, valid, cache, False)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """ids [B, T] -> [B, T, H]. Before the edges are loaded, the rows are gathered from the
+        mapped checkpoint and converted (exact: a gather commutes with an elementwise cast)."""
+        if self._edges is not None:
+            return F.embedding(ids, self._edges[0])
+        name, cfg = "model.embed_tokens.weight", self.config
+        rows = F.embedding(ids, self.loader.tensor(name, (cfg.vocab_size, cfg.hidden_size))).to(self.dtype)
+        self.loader.release(name)
+        return rows
+
+    @torch.no_grad()
+    def run_layers(self, xs: list[Tensor], steps: list[StepInfo]) -> list[Tensor]:
+        """Every decoder layer over every batch's activations xs[b] [B, T, H], one layer resident."""
+        for index in range(self.config.num_hidden_layers):
+            layer = self.load_layer(index)
+            if self.layer_hook is not None:
+                layer = self.layer_hook(index, layer)
+            xs = [layer(x, step) for x, step in zip(xs, steps)]
+            del layer
+            return_freed_memory()
+        return xs
+
+    @torch.no_grad()
+    def forward_many(self, batches: list[Batch]) -> list[Tensor]:
+        """Logits of every batch ([B, T, V], or [B, 1, V] with `last_only`) in one pass over the layers."""
+        steps = [self.step_info(b) for b in batches]
+        xs = self.run_layers([self.embed(b.ids) for b in batches], steps)
+        _, norm, head = self.edges()
+        out = []
+        for batch, step, x in zip(batches, steps, xs):
+            if batch.cache is not None:
+                batch.cache.seq_lens = batch.cache.seq_lens + step.lengths
+            hidden = norm(x)
+            if batch.last_only:
+                last = step.lengths - 1
+                hidden = hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
+            out.append(head(hidden))
+        return out
+
+    def forward(self, input_ids: Tensor, cache: Cache | None = None, lengths: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """Same signature and result as `Qwen35ForCausalLM.forward` (one batch, one pass)."""
+        return self.forward_many([Batch(input_ids, cache, lengths, last_only)])[0]
+
+    __call__ = forward
+
+    def eval(self) -> "StreamedModel":
+        return self
+
+
+def layer_bytes(config, dtype: torch.dtype = torch.float32) -> list[int]:
+    """Bytes of each decoder layer's parameters in `dtype` (shapes only; nothing is read)."""
+    sizes = []
+    for index in range(config.num_hidden_layers):
+        with torch.device("meta"):
+            layer = DecoderLayer(config, index)
+        sizes.append(sum(p.numel() for p in layer.parameters()) * dtype.itemsize)
+    return sizes
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc `malloc_trim`): a dropped layer's buffers
+    would otherwise stay in the process's RSS as fragmented free heap. A no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None

@@ -1,0 +1,129 @@
+"""Memory as a tested property (issue 19): a build's peak RSS is bounded by its largest layer, not the
+model. The checkpoint has many narrow layers, so "one layer resident" and "the whole model
+resident" are far apart; each build runs in a subprocess that reports its own VmHWM and its RSS
+once everything is imported, and the growth must stay under a bound computed from the largest layer
+(and, for the check, the artifact's own size) — far below the whole model in fp32."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = 32
+NARROW = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=LAYERS, vocab_size=512,
+              mtp_num_hidden_layers=0)
+
+# Runs in a subprocess; prints {"base", "peak"} in bytes. The peak (VmHWM) is reset once tracing and
+# the passes are done (/proc/self/clear_refs): they hold the graph, never weights, and their size
+# grows with the layer count however the weights are handled. "artifact" mode measures the built
+# artifact alone on the build check's workload (the ORT session is part of any check).
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+
+    import torch
+    torch.set_num_threads(1)
+    from qwen35c.artifact import build_artifact, read_manifest
+    from qwen35c.backends.onnx.session import OnnxSession
+    from qwen35c.quant import calibrate
+    from qwen35c.verify import compare
+
+    real = calibrate.builtin_calibration
+    # fewer calibration tokens keep the test fast; memory per layer is what is measured
+    calibrate.builtin_calibration = lambda d, v, **k: real(d, v, max_tokens=1024, seq_len=128)
+
+    def rss(key):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    def reset():
+        Path("/proc/self/clear_refs").write_text("5")
+        return rss("VmRSS")
+
+    mode, ckpt, target, out = sys.argv[1:5]
+    base = []
+    if mode == "build":
+        def progress(stage, message, fraction):
+            if stage == "sources" and not base:
+                base.append(reset())
+        build_artifact(ckpt, target, out, progress=progress)
+    else:
+        base.append(reset())
+        session = OnnxSession(Path(out), read_manifest(Path(out)), threads=1)
+        compare(session, session, single=(1, 65), batch=(3, 9), steps=4)
+    print(json.dumps({"base": base[0], "peak": rss("VmHWM")}))
+""")
+
+
+def _growth(mode: str, ckpt: Path, target: str, out: Path) -> int:
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(ckpt), target, str(out)], capture_output=True,
+                            text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                                      "PATH": "/usr/bin:/bin"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    return measured["peak"] - measured["base"]
+
+
+@pytest.fixture(scope="module")
+def narrow_deep(checkpoint_factory):
+    return checkpoint_factory("tiny", **NARROW)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.parametrize("target", ["cpu-int4", "cpu"])
+def test_build_peak_is_bounded_by_the_largest_layer(narrow_deep, target, tmp_path):
+    """Build growth <= the artifact's own growth (its ORT session, on the check's prompts) + a few
+    layers; a step holding the whole model in fp32 (the decoder layers alone: `whole`) would exceed it."""
+    from reference.config import load_config
+    from reference.stream import layer_bytes
+
+    layers = layer_bytes(load_config(narrow_deep), torch.float32)
+    whole, layer = sum(layers), max(layers)
+    slack = 8 * layer + (48 << 20)
+    assert whole >= 2 * slack                                      # the bound can tell them apart
+    out = tmp_path / target
+    build = _growth("build", narrow_deep, target, out)
+    artifact = _growth("artifact", narrow_deep, target, out)
+    print(f"{target}: build grew {build / 2**20:.0f} MiB, artifact alone {artifact / 2**20:.0f} MiB, "
+          f"layer {layer / 2**20:.1f} MiB, whole model fp32 {whole / 2**20:.0f} MiB")
+    assert build <= artifact + slack, (f"{target}: the build grew {build / 2**20:.0f} MiB > artifact "
+                                       f"{artifact / 2**20:.0f} + {slack / 2**20:.0f} MiB: a step loads the whole model?")
+
+
+def test_build_records_the_check_as_not_run_when_memory_is_short(checkpoint_factory, tmp_path, monkeypatch):
+    import qwen35c.memory
+    from qwen35c.artifact import build_artifact
+
+    monkeypatch.setattr(qwen35c.memory, "available_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(qwen35c.memory, "current_rss", lambda: 0)
+    report = build_artifact(checkpoint_factory("tiny"), "cpu", tmp_path / "a")
+    parity = report.manifest["parity"]
+    assert parity["status"] == "not run" and "not enough memory for the check" in parity["summary"]
+
+
+def test_build_estimate_does_not_grow_with_the_layer_count():
+    from qwen35c.memory import artifact_peak, build_peak
+    from reference.checkpoint import preset_config
+
+    short, long = preset_config("35b-a3b", num_hidden_layers=4), preset_config("35b-a3b", num_hidden_layers=8)
+    assert artifact_peak(long).total > artifact_peak(short).total          # the artifact holds every layer
+    assert build_peak(long, "int4", check=False).total == build_peak(short, "int4", check=False).total
+    fp32, int4 = artifact_peak(preset_config("0.8b"), "fp32"), artifact_peak(preset_config("0.8b"), "int4")
+    assert int4.parts["weights"] < fp32.parts["weights"] and fp32.parts["prepacked"] > 0   # tied head copy
+
+
+def test_inspect_reports_both_estimates(checkpoint_factory):
+    from qwen35c.commands.inspect import summarize
+
+    info = summarize(checkpoint_factory("tiny"))["memory_estimates"]
+    for target in ("cpu", "cpu-int4"):
+        assert info["targets"][target]["artifact_runtime_peak"]["total_bytes"] > 0
+        assert info["targets"][target]["build_peak"]["total_bytes"] > 0

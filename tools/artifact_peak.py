@@ -1,0 +1,42 @@
+"""Peak RSS of an artifact alone on the build check's workload (T=1, T=65, batch [3, 9] + 4 decode
+steps + a greedy continuation): `python tools/artifact_peak.py ARTIFACT_DIR`. Prints VmHWM (MiB)
+before and after, so the build's own peak can be compared with the artifact's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+def vm(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    from qwen35c.artifact import read_manifest
+    from qwen35c.backends.onnx.session import OnnxSession
+    from qwen35c.verify import compare
+
+    directory = Path(sys.argv[1])
+    print(f"imports: VmHWM {vm('VmHWM'):.0f} MiB")
+    session = OnnxSession(directory, read_manifest(directory), threads=1)
+    print(f"session: VmRSS {vm('VmRSS'):.0f} MiB")
+
+    class Same:                       # the artifact against itself: only its own memory counts
+        config = session.config
+
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+    compare(session, Same(), single=(1, 65), batch=(3, 9), steps=4)
+    print(f"after check workload: VmHWM {vm('VmHWM'):.0f} MiB, VmRSS {vm('VmRSS'):.0f} MiB")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
