@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from qwen35c.errors import QwenError
 from qwen35c.quant import algorithms
 from qwen35c.quant.calibrate import Calibration
-from qwen35c.quant.formats import Int4Weight, QuantizedWeight, fake_quant_activations
+from qwen35c.quant.formats import Int4Weight, QuantizedWeight, gemm_input
 from qwen35c.quant.policy import Decision, plan_model
 from qwen35c.quant.recipe import Recipe
 from reference import ops
@@ -122,10 +122,7 @@ class EmulatedLinear(nn.Module):
         self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = fake_quant_activations(x, self.qweight)
-        if self.pre_scale is not None:
-            x = x * self.pre_scale
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(gemm_input(x, self.qweight), self.weight, self.bias)
 
 
 class EmulatedMoeBlock(nn.Module):
@@ -142,11 +139,7 @@ class EmulatedMoeBlock(nn.Module):
 
     @staticmethod
     def _input(x: Tensor, q: QuantizedWeight | None) -> Tensor:
-        if q is None:
-            return x
-        x = fake_quant_activations(x, q)
-        pre = getattr(q, "pre_scale", None)
-        return x if pre is None else x * pre.to(x.dtype)
+        return x if q is None else gemm_input(x, q)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -180,7 +173,8 @@ class EmulatedMoeBlock(nn.Module):
 def _same_input(a: QuantizedWeight, b: QuantizedWeight) -> bool:
     """Do two units sharing an input transform it identically (so one fused GEMM is exact)?"""
     if isinstance(a, Int4Weight) or isinstance(b, Int4Weight):
-        return getattr(a, "pre_scale", None) is None and getattr(b, "pre_scale", None) is None and type(a) is type(b)
+        return (getattr(a, "pre_scale", None) is None and getattr(b, "pre_scale", None) is None and type(a) is type(b)
+                and (a.act_int8, a.group_size) == (b.act_int8, b.group_size))
     return (a.activations, a.granularity) == (b.activations, b.granularity) and (
         a.input_scale is None or (b.input_scale is not None and bool(torch.equal(a.input_scale, b.input_scale))))
 
@@ -191,7 +185,12 @@ def emulate(model: nn.Module, quantized: QuantizedModel, inplace: bool = False) 
     target = model if inplace else copy.deepcopy(model)
     dtype = next(target.parameters()).dtype
     experts: dict[str, dict[int, dict[str, QuantizedWeight]]] = {}
-    for name, q in quantized.weights.items():
+    weights = quantized.weights
+    if quantized.recipe.is_int4 and quantized.recipe.activations == "int8":
+        import dataclasses    # the GEMM's int8 activations are the recipe's, not the packed codes'
+
+        weights = {n: dataclasses.replace(q, act_int8=True) for n, q in weights.items()}
+    for name, q in weights.items():
         parts = name.split(".")
         if "experts" in parts and parts[-3].isdigit():          # model.layers.L.mlp.experts.E.part.weight
             block = ".".join(parts[:parts.index("experts")])
@@ -251,8 +250,7 @@ def weight_errors(model: nn.Module, quantized: QuantizedModel, calibration: Cali
         if x is not None and x.shape[0]:
             x = x[:1024]
             ref = x @ w.t()
-            xq = fake_quant_activations(x, q)
-            entry["output_rel"] = float((ref - xq @ w_eff.t()).norm() / ref.norm().clamp_min(1e-30))
+            entry["output_rel"] = float((ref - gemm_input(x, q) @ q.dequantize().t()).norm() / ref.norm().clamp_min(1e-30))
         rows[name] = entry
     summary = {"units": len(rows),
                "weight_rel_mean": sum(r["weight_rel"] for r in rows.values()) / max(len(rows), 1)}
