@@ -213,7 +213,8 @@ def quantized_weight_source(base: Callable[[str], torch.Tensor], recipe: Recipe,
                 if recipe.needs_calibration:
                     raise KeyError(f"{weight}: {recipe.label} needs a calibrated QuantizedModel")
                 q = rtn(base(weight), recipe)
-            cache.clear()                       # one linear at a time: bounded memory
+            if len(cache) >= 4:                 # a few linears at a time (a fused group's members): bounded memory
+                cache.pop(next(iter(cache)))
             cache[weight] = packed_parts(q)
         return cache[weight][part]
 
