@@ -76,6 +76,8 @@ class QuantizeOptions:
     activations: Literal["default", "dynamic", "static", "none", "int8"] = \
         field(default="default", metadata={"help": "FP8 activation scales; INT4: none (fp32 GEMM input) or "
                                                   "int8 (per token per group, MatMulNBits accuracy_level 4)"})
+    fp32_activations: str = field(default="", metadata={"help": "INT4 activations=int8: globs (';'-separated) of "
+                                                                  "linears whose GEMM keeps fp32 inputs (accuracy_level 0)"})
     include: str = field(default="", metadata={"help": "globs (';'-separated) to quantize as well"})
     exclude: str = field(default="", metadata={"help": "globs (';'-separated) to keep high precision"})
 
@@ -87,6 +89,7 @@ class QuantizeOptions:
                            static_groups=self.static_groups)
             if self.activations != "default":
                 options["activations"] = self.activations
+            options["fp32_activations"] = tuple(g for g in self.fp32_activations.split(";") if g)
         elif self.activations != "default":
             options["activations"] = self.activations
         return parse_scheme(self.scheme, **options)
@@ -125,6 +128,7 @@ class QuantizePass(Pass):
     def run(self, graph: Graph) -> PassResult:
         recipe = self.options.recipe()
         candidates, not_lowered = [], []
+        head = graph.outputs[0].producer if graph.outputs else None
         for node in graph.nodes:
             if node.op in ("moe", "grouped_linear", "batched_linear"):
                 # stacked routed-expert weights (moe: x, router, gate_up, down; grouped/batched: rows, w, ...)
@@ -134,6 +138,10 @@ class QuantizePass(Pass):
             if node.op != "linear" or node.inputs[1].producer is None or node.inputs[1].producer.op != "weight":
                 continue
             name = node.inputs[1].producer.attrs["name"]
+            if node is head and canonical_name(name) == "model.embed_tokens.weight":
+                # a tied LM head reads the embedding's weight node; it is planned (and packed) as
+                # lm_head.weight, the embedding lookup keeps the full-precision table
+                name = "lm_head.weight"
             if len(node.inputs) == 3:
                 not_lowered.append(name)
                 continue
@@ -182,7 +190,8 @@ class QuantizePass(Pass):
             if has_pre:
                 parts.append(("pre_scale", TensorType(x.dtype, (k,))))
             attrs.update(format="int4", group_size=gs, has_zeros=not recipe.symmetric, has_g_idx=has_g_idx,
-                         has_pre_scale=has_pre, activations=recipe.activations)
+                         has_pre_scale=has_pre,
+                         activations="int8" if recipe.int8_activations(canonical_name(name)) else "none")
         inputs = [x]
         for part, type_ in parts:
             w = graph.add_node("weight", [], [type_], {"name": f"{name}#{part}"}, before=node)

@@ -87,7 +87,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Calibration | 
                             f"({len(missing)} such unit(s)): the pass and the model disagree")
         decisions = [d if not d.quantize or d.canonical in only else dataclasses.replace(d, quantize=False, reason=only_reason)
                      for d in decisions]
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))   # a tied lm_head too
     out = QuantizedModel(recipe, {}, decisions)
     fallback = []
     todo = [d for d in decisions if d.quantize]
@@ -189,7 +189,7 @@ def emulate(model: nn.Module, quantized: QuantizedModel, inplace: bool = False) 
     if quantized.recipe.is_int4 and quantized.recipe.activations == "int8":
         import dataclasses    # the GEMM's int8 activations are the recipe's, not the packed codes'
 
-        weights = {n: dataclasses.replace(q, act_int8=True) for n, q in weights.items()}
+        weights = {n: dataclasses.replace(q, act_int8=quantized.recipe.int8_activations(n)) for n, q in weights.items()}
     for name, q in weights.items():
         parts = name.split(".")
         if "experts" in parts and parts[-3].isdigit():          # model.layers.L.mlp.experts.E.part.weight
@@ -239,7 +239,7 @@ def emulate(model: nn.Module, quantized: QuantizedModel, inplace: bool = False) 
 def weight_errors(model: nn.Module, quantized: QuantizedModel, calibration: Calibration | None = None) -> dict:
     """Per-unit relative weight error ||W - W_eff|| / ||W|| and, with calibration rows, relative
     output error ||X W^T - X_q W_eff^T|| / ||X W^T||; plus their means."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))   # a tied lm_head too
     by_name = {d.canonical: d for d in quantized.decisions}
     rows = {}
     for name, q in quantized.weights.items():

@@ -35,6 +35,7 @@ class Recipe:
     gptq_block: int = 128                                 # GPTQ: lazy-update block width
     awq_grid: int = 20                                    # AWQ: alpha in {0, 1/grid, ..., 1}
     awq_clip: bool = True                                 # AWQ: search a per-group clipping ratio too
+    fp32_activations: tuple[str, ...] = ()               # INT4 int8 recipes: linears (globs) whose GEMM keeps fp32 x
     include: tuple[str, ...] = ()                         # globs over full tensor names: force quantize
     exclude: tuple[str, ...] = ()                         # globs: force high precision (wins over include)
     moe_calibration: Literal["all", "routed"] = "all"     # route every calibration token to every expert
@@ -64,6 +65,13 @@ class Recipe:
                             "(the lowering permutes K, so the int8 blocks would not be the emulated ones)")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise QwenError(f"group size {self.group_size}: must be a power of two >= 16 (MatMulNBits)")
+
+    def int8_activations(self, name: str) -> bool:
+        """Does the GEMM of quantized linear `name` (canonical) round its input to int8?"""
+        import fnmatch
+
+        return (self.is_int4 and self.activations == "int8"
+                and not any(fnmatch.fnmatchcase(name, g) for g in self.fp32_activations))
 
     @property
     def is_fp8(self) -> bool:
@@ -96,6 +104,7 @@ class Recipe:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        out["fp32_activations"] = list(self.fp32_activations)
         out.pop("extra")
         return out
 
@@ -106,7 +115,7 @@ class Recipe:
         if unknown:
             raise QwenError(f"quantization recipe has unknown keys {sorted(unknown)}")
         raw = dict(raw)
-        for key in ("include", "exclude"):
+        for key in ("include", "exclude", "fp32_activations"):
             if key in raw:
                 raw[key] = tuple(raw[key])
         return cls(**raw)

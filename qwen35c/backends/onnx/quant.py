@@ -38,9 +38,10 @@ def _add(emitter, tensor: torch.Tensor, hint: str, dtype: str) -> str:
     return name
 
 
-def lower_quantized_linear(emitter, node) -> list[str]:
+def lower_quantized_linear(emitter, node, x: str | None = None) -> list[str]:
+    """`x` replaces the node's input (the LM head's gathered logit rows)."""
     attrs = node.attrs
-    x = emitter.name(node.inputs[0])
+    x = emitter.name(node.inputs[0]) if x is None else x
     hint = node.outputs[0].name
     if attrs["format"] == "int4":
         return _lower_int4(emitter, node, x, hint)
