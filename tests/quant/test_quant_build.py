@@ -124,7 +124,8 @@ def test_fp8_block_build_on_cpu_verifies(checkpoint_factory, tmp_path):
     assert manifest["quantization"]["recipe"]["scheme"] == "fp8-block128"
     assert manifest["quantization"]["recipe"]["activations"] == "dynamic"
     assert manifest["quantization"]["calibration"] is None                      # data-free
-    assert manifest["backend"]["ops"]["DequantizeLinear"] == len(manifest["quantization"]["quantized"]) > 0
+    # quantize runs before fuse-projections: fusable FP8 siblings (N % 128 == 0) share one DequantizeLinear
+    assert 0 < manifest["backend"]["ops"]["DequantizeLinear"] <= len(manifest["quantization"]["quantized"])
     report = _verify(out, "--skip", "quantization")
     assert _checks(report)["parity"] == "pass" and report["precision"] == "fp8"
     assert report["quantization"]["lowering_gate"] == "quantized-activations"
