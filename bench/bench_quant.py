@@ -4,6 +4,8 @@ ratio against the full-precision reference, teacher-forced on held-out text.
     python bench/bench_quant.py                       # the bundled qwen35-tiny and qwen35-tiny-moe
     python bench/bench_quant.py MODEL_DIR ... --max-tokens 8192 --json out.json
     python bench/bench_quant.py --random tiny-moe     # a random checkpoint (random token ids)
+    python bench/bench_quant.py --schemes 'int4-gptq,int4-gptq:activations=int8'   # recipe options after ':'
+
 
 KL and top-1 come from `qwen35c.eval.perplexity.evaluate` — the same code as
 `qwen35c perplexity MODEL --kl-base` — with the base distribution saved from the fp32 reference
@@ -87,8 +89,15 @@ def bench_model(name: str, model, ids: list[int], calib_ids, schemes, context: i
         rtn_kl = None
         for scheme in schemes:
             t0 = time.time()
-            recipe = parse_scheme(scheme, include=include) if include and scheme.startswith("int4") \
-                else parse_scheme(scheme)
+            base_scheme, *opts = scheme.split(":")      # e.g. int4-gptq:activations=int8:fp32_activations=lm_head.weight
+            options = {}
+            for opt in opts:
+                key, value = opt.split("=", 1)
+                options[key] = tuple(value.split(";")) if key in ("include", "exclude", "fp32_activations") else \
+                    (int(value) if value.isdigit() else value)
+            if include and base_scheme.startswith("int4"):
+                options["include"] = tuple(include) + tuple(options.get("include", ()))
+            recipe = parse_scheme(base_scheme, **options)
             quantized = _quantize(model, path, recipe, calib, batches, order)
             t_quant = time.time() - t0
             errors = weight_errors(model, quantized, calib)["summary"]
@@ -101,9 +110,9 @@ def bench_model(name: str, model, ids: list[int], calib_ids, schemes, context: i
                    "top1_agreement": result["top1_agreement"],
                    "ppl_ratio": result["perplexity"] / base["perplexity"], "tokens": result["tokens"],
                    "quantize_s": t_quant, "eval_s": time.time() - t0 - t_quant}
-            if scheme == "int4-rtn":
+            if base_scheme == "int4-rtn" and not opts:
                 rtn_kl = row["kl_mean"]
-            row["gate"] = gates(scheme, row, rtn_kl)
+            row["gate"] = gates(base_scheme, row, rtn_kl)
             rows.append(row)
             print(f"[{name}] {row['scheme']:<18} {row['order']:<10} KL {row['kl_mean']:.5f} p99 {row['kl_p99']:.4f} "
                   f"top1 {row['top1_agreement']:.4f} ppl x{row['ppl_ratio']:.4f} {row['gate']} "

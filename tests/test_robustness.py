@@ -450,7 +450,7 @@ def test_quantized_targets_use_their_own_named_pipeline():
     names = [p.name for p in parse_pipeline(target.full_pipeline())]
     named = [p.name for p in parse_pipeline(target.pipeline)]
     assert names == named[:names.index("quantize")] + ["quantize"] + named[names.index("quantize"):]
-    assert names.index("quantize") == names.index("insert-state") - 1
+    assert names[names.index("quantize") + 1] == target.quantize_before
     assert "group-size=128" in pipeline_to_text(parse_pipeline(target.full_pipeline()))
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from qwen35c.graph.ir import Graph, TensorType
 from qwen35c.graph.ops import TypeRuleError, register_op
 from qwen35c.passes.manager import Pass, PassResult, register_pass
-from qwen35c.quant.formats import Fp8Weight, Int4Weight, fake_quant_activations
+from qwen35c.quant.formats import Fp8Weight, Int4Weight, gemm_input
 from qwen35c.quant.policy import canonical_name, plan
 from qwen35c.quant.recipe import Recipe, parse_scheme
 
@@ -45,7 +45,7 @@ def _from_parts(attrs: dict, tensors: list[torch.Tensor]) -> Fp8Weight | Int4Wei
     g_idx = next(it) if attrs["has_g_idx"] else None
     pre = next(it) if attrs["has_pre_scale"] else None
     return Int4Weight(qweight, scales.float(), zeros, attrs["group_size"], g_idx,
-                      None if pre is None else pre.float())
+                      None if pre is None else pre.float(), act_int8=attrs.get("activations") == "int8")
 
 
 def _infer(types, attrs):
@@ -58,10 +58,7 @@ def _infer(types, attrs):
 def _impl(inputs, attrs, bindings):
     x = inputs[0]
     q = _from_parts(attrs, inputs[1:])
-    xq = fake_quant_activations(x, q)
-    if isinstance(q, Int4Weight) and q.pre_scale is not None:
-        xq = xq * q.pre_scale.to(x.dtype)
-    return [F.linear(xq, q.dequantize().to(x.dtype))]
+    return [F.linear(gemm_input(x, q), q.dequantize().to(x.dtype))]
 
 
 register_op("quantized_linear", _infer, _impl, (3, 7), ("format", "in_features", "out_features"),
@@ -76,8 +73,11 @@ class QuantizeOptions:
     symmetric: bool = field(default=True, metadata={"help": "INT4 zero point 8 (true) or per group"})
     act_order: bool = field(default=False, metadata={"help": "GPTQ column order by Hessian diagonal"})
     static_groups: bool = field(default=True, metadata={"help": "GPTQ act-order groups in original order (no g_idx)"})
-    activations: Literal["default", "dynamic", "static", "none"] = \
-        field(default="default", metadata={"help": "FP8 activation scales"})
+    activations: Literal["default", "dynamic", "static", "none", "int8"] = \
+        field(default="default", metadata={"help": "FP8 activation scales; INT4: none (fp32 GEMM input) or "
+                                                  "int8 (per token per group, MatMulNBits accuracy_level 4)"})
+    fp32_activations: str = field(default="", metadata={"help": "INT4 activations=int8: globs (';'-separated) of "
+                                                                  "linears whose GEMM keeps fp32 inputs (accuracy_level 0)"})
     include: str = field(default="", metadata={"help": "globs (';'-separated) to quantize as well"})
     exclude: str = field(default="", metadata={"help": "globs (';'-separated) to keep high precision"})
 
@@ -87,6 +87,9 @@ class QuantizeOptions:
         if self.scheme.startswith("int4"):
             options.update(group_size=self.group_size, symmetric=self.symmetric, act_order=self.act_order,
                            static_groups=self.static_groups)
+            if self.activations != "default":
+                options["activations"] = self.activations
+            options["fp32_activations"] = tuple(g for g in self.fp32_activations.split(";") if g)
         elif self.activations != "default":
             options["activations"] = self.activations
         return parse_scheme(self.scheme, **options)
@@ -125,6 +128,7 @@ class QuantizePass(Pass):
     def run(self, graph: Graph) -> PassResult:
         recipe = self.options.recipe()
         candidates, not_lowered = [], []
+        head = graph.outputs[0].producer if graph.outputs else None
         for node in graph.nodes:
             if node.op in ("moe", "grouped_linear", "batched_linear"):
                 # stacked routed-expert weights (moe: x, router, gate_up, down; grouped/batched: rows, w, ...)
@@ -134,6 +138,10 @@ class QuantizePass(Pass):
             if node.op != "linear" or node.inputs[1].producer is None or node.inputs[1].producer.op != "weight":
                 continue
             name = node.inputs[1].producer.attrs["name"]
+            if node is head and canonical_name(name) == "model.embed_tokens.weight":
+                # a tied LM head reads the embedding's weight node; it is planned (and packed) as
+                # lm_head.weight, the embedding lookup keeps the full-precision table
+                name = "lm_head.weight"
             if len(node.inputs) == 3:
                 not_lowered.append(name)
                 continue
@@ -182,7 +190,8 @@ class QuantizePass(Pass):
             if has_pre:
                 parts.append(("pre_scale", TensorType(x.dtype, (k,))))
             attrs.update(format="int4", group_size=gs, has_zeros=not recipe.symmetric, has_g_idx=has_g_idx,
-                         has_pre_scale=has_pre, activations="none")
+                         has_pre_scale=has_pre,
+                         activations="int8" if recipe.int8_activations(canonical_name(name)) else "none")
         inputs = [x]
         for part, type_ in parts:
             w = graph.add_node("weight", [], [type_], {"name": f"{name}#{part}"}, before=node)
@@ -213,7 +222,8 @@ def quantized_weight_source(base: Callable[[str], torch.Tensor], recipe: Recipe,
                 if recipe.needs_calibration:
                     raise KeyError(f"{weight}: {recipe.label} needs a calibrated QuantizedModel")
                 q = rtn(base(weight), recipe)
-            cache.clear()                       # one linear at a time: bounded memory
+            if len(cache) >= 4:                 # a few linears at a time (a fused group's members): bounded memory
+                cache.pop(next(iter(cache)))
             cache[weight] = packed_parts(q)
         return cache[weight][part]
 

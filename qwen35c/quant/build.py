@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwen35c.quant.model import EmulatedLinear, QuantizedModel, emulate_layer, restrict
+from qwen35c.quant.model import EmulatedLinear, QuantizedModel, emulate_layer, emulated_weights, restrict
 from qwen35c.quant.policy import canonical_name, plan_model
 from qwen35c.quant.recipe import Recipe
 from qwen35c.quant.sequential import quantize_sequential
@@ -94,7 +94,7 @@ class Prepared:
     def emulated(self) -> StreamedModel:
         """The quantization-emulating reference, streamed: each layer's packed weights are
         dequantized when the layer is loaded (`emulate_layer`), an included lm_head likewise."""
-        weights = self.quantized.weights
+        weights = emulated_weights(self.quantized)
 
         def head(linear: nn.Module) -> nn.Module:
             q = weights.get("lm_head.weight")

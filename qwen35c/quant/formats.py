@@ -36,7 +36,7 @@ __all__ = [
     "FP8_MAX", "FP8_BLOCK", "SCALE_FLOOR", "Fp8Weight", "Int4Weight", "QuantizedWeight",
     "fp8_quantize", "fp8_dequantize", "fp8_fake_quant_activations", "fp8_quantize_activations",
     "int4_quantize", "int4_group_params", "int4_codes", "int4_pack_codes", "int4_unpack_codes",
-    "int4_dequantize", "fake_quant_activations",
+    "int4_dequantize", "fake_quant_activations", "int4_fake_quant_activations", "gemm_input",
 ]
 
 FP8_MAX = 448.0          # float8_e4m3fn largest finite value (NVIDIA E4M3FN, not AMD's FNUZ 240)
@@ -165,6 +165,7 @@ class Int4Weight:
     group_size: int = 128
     g_idx: Tensor | None = None          # int32 [K] or None (= k // g)
     pre_scale: Tensor | None = None      # fp32 [K] multiplied into x before the GEMM (AWQ, explicit)
+    act_int8: bool = False               # the GEMM quantizes x to int8 per token per K group (int4_fake_quant_activations)
     kind: str = field(default="int4", init=False)
 
     @property
@@ -257,10 +258,34 @@ def int4_dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor | None = None
     return (codes - z) * scales.float()[:, index]
 
 
+def int4_fake_quant_activations(x: Tensor, group_size: int) -> Tensor:
+    """x [..., K] -> the int8 image ONNX Runtime's MatMulNBits (accuracy_level=4, MLAS CompInt8)
+    multiplies: per token, per contiguous K block of `group_size` (the weight's group), symmetric
+    s = amax / 127, q = round-half-even(x / s) in [-127, 127], x_q = q * s (s = 0 for an all-zero
+    block). Matches ORT 1.32 to fp32 accumulation order (tests/quant/test_quant_lowering.py)."""
+    k = x.shape[-1]
+    g = x.float().reshape(*x.shape[:-1], k // group_size, group_size)
+    s = g.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.round(g / torch.where(s > 0, s, torch.ones_like(s))).clamp(-127, 127)
+    return (q * s).reshape(x.shape).to(x.dtype)
+
+
 def fake_quant_activations(x: Tensor, weight: QuantizedWeight) -> Tensor:
-    """The activation rounding the packed GEMM of `weight` applies to its input x [..., K]."""
-    if isinstance(weight, Int4Weight) or weight.activations == "none":
+    """The activation rounding the packed GEMM of `weight` applies to its input x [..., K]
+    (for INT4 with AWQ's pre_scale, the caller multiplies pre_scale in first: see `int4_gemm_input`)."""
+    if isinstance(weight, Int4Weight):
+        return int4_fake_quant_activations(x, weight.group_size) if weight.act_int8 else x
+    if weight.activations == "none":
         return x
     if weight.activations == "static":
         return fp8_fake_quant_activations(x, input_scale=weight.input_scale)
     return fp8_fake_quant_activations(x, weight.block if weight.granularity == "block" else None)
+
+
+def gemm_input(x: Tensor, weight: QuantizedWeight) -> Tensor:
+    """What the packed GEMM of `weight` multiplies for the layer input x: INT4 applies AWQ's
+    pre_scale first, then (int8 activations) the per-group int8 rounding; FP8 fake-quantizes x."""
+    pre = getattr(weight, "pre_scale", None)
+    if pre is not None:
+        x = x * pre.to(x.dtype)
+    return fake_quant_activations(x, weight)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from qwen35c.errors import QwenError
 from qwen35c.quant import algorithms
 from qwen35c.quant.calibrate import Calibration
-from qwen35c.quant.formats import Int4Weight, QuantizedWeight, fake_quant_activations
+from qwen35c.quant.formats import Int4Weight, QuantizedWeight, gemm_input
 from qwen35c.quant.policy import Decision, plan_model
 from qwen35c.quant.recipe import Recipe
 from reference import ops
@@ -79,7 +79,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calibration: Calibration | 
     if recipe.needs_calibration and calibration is None:
         raise QwenError(f"{recipe.label} needs calibration activations")
     decisions = restrict(plan_model(model, recipe), only, only_reason)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))   # a tied lm_head too
     out = QuantizedModel(recipe, {}, decisions)
     todo = [d for d in decisions if d.quantize]
     fallback = quantize_units(out.weights, params, todo, recipe, calibration, progress)
@@ -140,10 +140,7 @@ class EmulatedLinear(nn.Module):
         self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = fake_quant_activations(x, self.qweight)
-        if self.pre_scale is not None:
-            x = x * self.pre_scale
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(gemm_input(x, self.qweight), self.weight, self.bias)
 
 
 class EmulatedMoeBlock(nn.Module):
@@ -160,11 +157,7 @@ class EmulatedMoeBlock(nn.Module):
 
     @staticmethod
     def _input(x: Tensor, q: QuantizedWeight | None) -> Tensor:
-        if q is None:
-            return x
-        x = fake_quant_activations(x, q)
-        pre = getattr(q, "pre_scale", None)
-        return x if pre is None else x * pre.to(x.dtype)
+        return x if q is None else gemm_input(x, q)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -198,9 +191,21 @@ class EmulatedMoeBlock(nn.Module):
 def _same_input(a: QuantizedWeight, b: QuantizedWeight) -> bool:
     """Do two units sharing an input transform it identically (so one fused GEMM is exact)?"""
     if isinstance(a, Int4Weight) or isinstance(b, Int4Weight):
-        return getattr(a, "pre_scale", None) is None and getattr(b, "pre_scale", None) is None and type(a) is type(b)
+        return (getattr(a, "pre_scale", None) is None and getattr(b, "pre_scale", None) is None and type(a) is type(b)
+                and (a.act_int8, a.group_size) == (b.act_int8, b.group_size))
     return (a.activations, a.granularity) == (b.activations, b.granularity) and (
         a.input_scale is None or (b.input_scale is not None and bool(torch.equal(a.input_scale, b.input_scale))))
+
+
+def emulated_weights(quantized: QuantizedModel) -> dict[str, QuantizedWeight]:
+    """The units as the GEMMs run them: with int8 activations (cpu-int4's MatMulNBits accuracy level
+    4) each unit says whether its activations are rounded to int8 (the recipe's, not the codes')."""
+    weights = quantized.weights
+    if quantized.recipe.is_int4 and quantized.recipe.activations == "int8":
+        import dataclasses
+
+        weights = {n: dataclasses.replace(q, act_int8=quantized.recipe.int8_activations(n)) for n, q in weights.items()}
+    return weights
 
 
 @torch.no_grad()
@@ -208,7 +213,7 @@ def emulate(model: nn.Module, quantized: QuantizedModel, inplace: bool = False) 
     """The quantization-emulating reference (see the module docstring)."""
     target = model if inplace else copy.deepcopy(model)
     dtype = next(target.parameters()).dtype
-    _emulate_into(target, quantized.weights, dtype)    # replacing `lm_head` unties a tied head on purpose
+    _emulate_into(target, emulated_weights(quantized), dtype)   # replacing `lm_head` unties a tied head on purpose
     target.eval()
     return target
 
@@ -274,7 +279,7 @@ def _emulate_experts(target: nn.Module, block_name: str, per_expert: dict[int, d
 def weight_errors(model: nn.Module, quantized: QuantizedModel, calibration: Calibration | None = None) -> dict:
     """Per-unit relative weight error ||W - W_eff|| / ||W|| and, with calibration rows, relative
     output error ||X W^T - X_q W_eff^T|| / ||X W^T||; plus their means."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))   # a tied lm_head too
     by_name = {d.canonical: d for d in quantized.decisions}
     rows = {}
     for name, q in quantized.weights.items():
@@ -285,8 +290,7 @@ def weight_errors(model: nn.Module, quantized: QuantizedModel, calibration: Cali
         if x is not None and x.shape[0]:
             x = x[:1024]
             ref = x @ w.t()
-            xq = fake_quant_activations(x, q)
-            entry["output_rel"] = float((ref - xq @ w_eff.t()).norm() / ref.norm().clamp_min(1e-30))
+            entry["output_rel"] = float((ref - gemm_input(x, q) @ q.dequantize().t()).norm() / ref.norm().clamp_min(1e-30))
         rows[name] = entry
     summary = {"units": len(rows),
                "weight_rel_mean": sum(r["weight_rel"] for r in rows.values()) / max(len(rows), 1)}

@@ -185,4 +185,4 @@ def plan_checkpoint(directory, recipe: Recipe) -> list[Decision]:
 
 def plan_model(model, recipe: Recipe) -> list[Decision]:
     """Decisions for a reference model's parameters (canonical `model.` names, fused experts)."""
-    return plan([(name, tuple(p.shape)) for name, p in model.named_parameters()], recipe)
+    return plan([(name, tuple(p.shape)) for name, p in model.named_parameters(remove_duplicate=False)], recipe)   # tied lm_head listed

@@ -24,7 +24,9 @@ class Recipe:
 
     scheme: Scheme = "fp8-block128"
     algorithm: Literal["rtn", "awq", "gptq"] = "rtn"     # FP8 is always RTN (data-free)
-    activations: Literal["dynamic", "static", "none"] = "dynamic"   # FP8 only; INT4 is weight-only
+    # FP8: dynamic / static / none. INT4: none (fp32 activations: MatMulNBits accuracy_level 0) or
+    # int8 (dynamic per token per weight group, symmetric amax/127: MatMulNBits accuracy_level 4)
+    activations: Literal["dynamic", "static", "none", "int8"] = "dynamic"
     group_size: int = 128                                 # INT4 group along K
     symmetric: bool = True                                # INT4 zero point 8 (True) or per-group codes
     act_order: bool = False                               # GPTQ: columns by decreasing Hessian diagonal
@@ -33,6 +35,7 @@ class Recipe:
     gptq_block: int = 128                                 # GPTQ: lazy-update block width
     awq_grid: int = 20                                    # AWQ: alpha in {0, 1/grid, ..., 1}
     awq_clip: bool = True                                 # AWQ: search a per-group clipping ratio too
+    fp32_activations: tuple[str, ...] = ()               # INT4 int8 recipes: linears (globs) whose GEMM keeps fp32 x
     include: tuple[str, ...] = ()                         # globs over full tensor names: force quantize
     exclude: tuple[str, ...] = ()                         # globs: force high precision (wins over include)
     moe_calibration: Literal["all", "routed"] = "all"     # route every calibration token to every expert
@@ -48,8 +51,27 @@ class Recipe:
         if self.is_fp8 and self.scheme == "fp8-block128" and self.activations == "static":
             raise QwenError("fp8-block128 uses dynamic per-token 1x128 activation groups; "
                             "static activation scales exist for fp8-tensor and fp8-channel")
+        if self.is_int4 and self.activations == "dynamic":     # the field's default is FP8's
+            object.__setattr__(self, "activations", "none")
+        if self.is_fp8 and self.activations == "int8":
+            raise QwenError(f"{self.scheme}: activations=int8 is an INT4 option (FP8: dynamic, static or none)")
+        if self.is_int4 and self.activations not in ("none", "int8"):
+            raise QwenError(f"int4: activations must be none or int8, not '{self.activations}'")
+        if self.is_int4 and self.activations == "int8" and self.algorithm == "awq":
+            raise QwenError("int4-awq with activations=int8: not supported (the int8 rounding would follow "
+                            "AWQ's pre_scale Mul; not validated against ORT yet)")
+        if self.is_int4 and self.activations == "int8" and self.act_order and not self.static_groups:
+            raise QwenError("int4 act-order with dynamic groups (g_idx) and activations=int8: not supported "
+                            "(the lowering permutes K, so the int8 blocks would not be the emulated ones)")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise QwenError(f"group size {self.group_size}: must be a power of two >= 16 (MatMulNBits)")
+
+    def int8_activations(self, name: str) -> bool:
+        """Does the GEMM of quantized linear `name` (canonical) round its input to int8?"""
+        import fnmatch
+
+        return (self.is_int4 and self.activations == "int8"
+                and not any(fnmatch.fnmatchcase(name, g) for g in self.fp32_activations))
 
     @property
     def is_fp8(self) -> bool:
@@ -76,11 +98,13 @@ class Recipe:
     def label(self) -> str:
         if self.is_fp8:
             return self.scheme + ("" if self.activations == "dynamic" else f"-{self.activations}")
-        return f"int4-{self.algorithm}-g{self.group_size}{'' if self.symmetric else '-asym'}"
+        return (f"int4-{self.algorithm}-g{self.group_size}{'' if self.symmetric else '-asym'}"
+                f"{'-a8' if self.activations == 'int8' else ''}")
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        out["fp32_activations"] = list(self.fp32_activations)
         out.pop("extra")
         return out
 
@@ -91,7 +115,7 @@ class Recipe:
         if unknown:
             raise QwenError(f"quantization recipe has unknown keys {sorted(unknown)}")
         raw = dict(raw)
-        for key in ("include", "exclude"):
+        for key in ("include", "exclude", "fp32_activations"):
             if key in raw:
                 raw[key] = tuple(raw[key])
         return cls(**raw)
@@ -108,5 +132,5 @@ def parse_scheme(scheme: str, **options) -> Recipe:
     if scheme == "fp8-tensor" and "activations" not in options:
         options = {**options, "activations": "static"}   # recipe A: calibrated per-tensor scale
     if scheme == "int4":
-        options = {**options, "activations": "none"}
+        options = {**options, "activations": options.get("activations", "none")}
     return Recipe(scheme=scheme, **options)

@@ -149,3 +149,58 @@ def test_onnx_lowering_matches_emulation(scheme, options):
     want = xq @ q.dequantize().t()
     err = float((got - want).abs().max() / want.abs().max())
     assert err < 4e-5, err   # measured worst 3.8e-6 (relative to max |want|) over the schemes
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_int8_activations_lowering_matches_emulation(group_size):
+    """activations=int8 -> MatMulNBits accuracy_level=4: ORT's int8 GEMM input equals
+    formats.int4_fake_quant_activations (per token per weight group, amax/127, RNE) to fp32
+    accumulation order, for one token (GEMV path) and many (GEMM path)."""
+    import dataclasses
+
+    from qwen35c.quant.formats import gemm_input
+
+    g = _graph()
+    PassManager(f"quantize{{scheme=int4-gptq group-size={group_size} activations=int8 include=*.self_attn.*}}").run(g)
+    assert g.metadata["quantization"]["label"] == f"int4-gptq-g{group_size}-a8"
+    recipe = parse_scheme("int4-gptq", group_size=group_size, activations="int8", include=("*.self_attn.*",))
+    base = _weights()
+    rows = torch.randn(128, 256) * torch.linspace(0.2, 4, 256)
+    quantized = QuantizedModel(recipe, {n: quantize_weight(base(n), recipe, rows) for n in (NAMES[0], NAMES[2])})
+    source = quantized_weight_source(base, recipe, quantized)
+    node = next(n for n in g.nodes if n.op == "quantized_linear" and n.attrs["weight"] == NAMES[2])
+    assert node.attrs["activations"] == "int8"
+    emitter = _MiniEmitter({v.producer.attrs["name"]: source(v.producer.attrs["name"]) for v in node.inputs[1:]})
+    (out,) = lower_quantized_linear(emitter, node)
+    assert [a.i for a in emitter.nodes[-1].attribute if a.name == "accuracy_level"] == [4]
+    model = helper.make_model(
+        helper.make_graph(emitter.nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 256])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], emitter.inits),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    q = dataclasses.replace(quantized.weights[NAMES[2]], act_int8=True)
+    gen = torch.Generator().manual_seed(1)
+    for m in (1, 3, 64, 300):
+        x = torch.randn(m, 256, generator=gen) * torch.linspace(0.2, 4, 256)
+        got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        want = gemm_input(x, q) @ q.dequantize().t()
+        scale = float(want.abs().max())
+        err = float((got - want).abs().max()) / scale
+        assert err < 5e-5, (m, err)    # measured <= 3e-6 relative (ORT 1.32, 2 threads)
+        assert float((got - x @ q.dequantize().t()).abs().max()) / scale > 1e-3   # the int8 rounding is real
+    # the interpreter (quantized_linear's twin) rounds the same way
+    x = torch.randn(5, 256, generator=gen)
+    interp = list(run(g, {"x": x}, source).values())[0]
+    assert torch.allclose(interp, gemm_input(x, q) @ q.dequantize().t(), rtol=1e-5, atol=1e-6)
+
+
+def test_int4_int8_activations_recipe_rules():
+    from qwen35c.errors import QwenError
+
+    assert parse_scheme("int4-rtn").activations == "none"
+    assert parse_scheme("int4-gptq", activations="int8").label == "int4-gptq-g128-a8"
+    for bad in ({"scheme": "int4-awq", "activations": "int8"}, {"scheme": "fp8-block128", "activations": "int8"},
+                {"scheme": "int4-gptq", "activations": "int8", "act_order": True, "static_groups": False},
+                {"scheme": "int4-rtn", "activations": "static"}):
+        with pytest.raises(QwenError):
+            parse_scheme(bad.pop("scheme"), **bad)

@@ -421,7 +421,10 @@ class OnnxEmitter:
             raise EmitError(f"node %{node.outputs[0].name} is a quantized linear ('{node.op}') but this install has "
                             f"no qwen35c/backends/onnx/quant.py (lower_quantized_linear); the quantization "
                             f"backend hook is missing") from None
-        outs = lower_quantized_linear(self, node)
+        if node.outputs[0] is self.logits_value:     # a quantized LM head: only the logit rows
+            outs = lower_quantized_linear(self, node, x=self._logit_rows(node.inputs[0]))
+        else:
+            outs = lower_quantized_linear(self, node)
         for value, name in zip(node.outputs, outs):
             self.names[id(value)] = name
 
@@ -628,16 +631,8 @@ class OnnxEmitter:
     def _lm_head(self, node):
         """Logits only at `logit_positions` [B, P]: gather the hidden rows, then the LM head."""
         x, w = node.inputs[0], node.inputs[1]
-        hidden = self.name(x)                                       # [B, T, H]
         H = x.type.shape[-1]
-        flat = self.node("Reshape", [hidden, self.i64([-1, H])])[0]                     # [B*T, H]
-        T = self.dim("T")
-        rows = self.node("Range", [self.const(np.asarray(0, np.int64)),
-                                   self.node("Squeeze", [self.dim("B"), self.i64([0])])[0],
-                                   self.const(np.asarray(1, np.int64))])[0]             # [B]
-        base = self.node("Mul", [self.node("Unsqueeze", [rows, self.i64([1])])[0], T])[0]   # [B, 1]
-        index = self.node("Add", [base, "logit_positions"])[0]                          # [B, P]
-        picked = self.node("Gather", [flat, index], axis=0)[0]                          # [B, P, H]
+        picked = self._logit_rows(x)                                                     # [B, P, H]
         if self.tied_lm_head and self.embedding_table is not None:
             # tied LM head: reuse the embedding table [V, H] with transB instead of a transposed copy
             table = self.name(self.embedding_table)
@@ -647,6 +642,19 @@ class OnnxEmitter:
             shape = self.node("Concat", [self.dim("B"), self.i64([-1]), self.i64([V])], axis=0)[0]
             return self.node("Reshape", [out, shape], hint="logits_raw")
         return self.node("MatMul", [picked, self.initializer(w, "t")], hint="logits_raw")
+
+    def _logit_rows(self, x) -> str:
+        """The hidden rows [B, P, H] at `logit_positions` [B, P] of x [B, T, H]."""
+        hidden = self.name(x)
+        H = x.type.shape[-1]
+        flat = self.node("Reshape", [hidden, self.i64([-1, H])])[0]                     # [B*T, H]
+        T = self.dim("T")
+        rows = self.node("Range", [self.const(np.asarray(0, np.int64)),
+                                   self.node("Squeeze", [self.dim("B"), self.i64([0])])[0],
+                                   self.const(np.asarray(1, np.int64))])[0]             # [B]
+        base = self.node("Mul", [self.node("Unsqueeze", [rows, self.i64([1])])[0], T])[0]   # [B, 1]
+        index = self.node("Add", [base, "logit_positions"])[0]                          # [B, P]
+        return self.node("Gather", [flat, index], axis=0)[0]                            # [B, P, H]
 
     def op_matmul(self, node):
         return self.node("MatMul", [self._x(node, 0), self._x(node, 1)])

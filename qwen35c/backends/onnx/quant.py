@@ -4,7 +4,7 @@ The node is a `quantized_linear` from the `quantize` pass (qwen35c/passes/quanti
 [x, packed tensors...] whose layout is described by its attributes (`format`, `granularity`,
 `activations`, `group_size`, `has_zeros`, `has_g_idx`, `has_pre_scale`).
 
-  INT4  -> [Mul(x, pre_scale)] -> com.microsoft MatMulNBits(x, B [N, K/bs, bs/2] u8, scales [N, K/bs],
+  INT4  -> [Mul(x, pre_scale)] -> com.microsoft MatMulNBits(accuracy_level 0, or 4 for activations=int8,x, B [N, K/bs, bs/2] u8, scales [N, K/bs],
            zero_points u8 [N, ceil(K/bs/2)] (asymmetric only; absent = 8), g_idx (act-order only)).
            The internal qweight [N, K/2] is exactly B's bytes (low nibble = even k).
   FP8   -> W^T = DequantizeLinear(codes^T [K, N] e4m3, scale) (opset 21; blocked along K with
@@ -38,9 +38,10 @@ def _add(emitter, tensor: torch.Tensor, hint: str, dtype: str) -> str:
     return name
 
 
-def lower_quantized_linear(emitter, node) -> list[str]:
+def lower_quantized_linear(emitter, node, x: str | None = None) -> list[str]:
+    """`x` replaces the node's input (the LM head's gathered logit rows)."""
     attrs = node.attrs
-    x = emitter.name(node.inputs[0])
+    x = emitter.name(node.inputs[0]) if x is None else x
     hint = node.outputs[0].name
     if attrs["format"] == "int4":
         return _lower_int4(emitter, node, x, hint)
@@ -81,7 +82,11 @@ def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
             names.append("")
         if g_idx is not None:
             names.append(_add(emitter, g_idx.to(torch.int32), hint + "_gidx", "i32"))
-    return emitter.node("MatMulNBits", names, hint=hint, domain="com.microsoft", K=k, N=n, bits=4, block_size=bs)
+    # accuracy_level 4: MLAS quantizes x to int8 per token per `bs` block (amax/127, round half even) and
+    # runs an int8 GEMM; the emulation rounds identically (formats.int4_fake_quant_activations). 0 = fp32.
+    level = 4 if a.get("activations") == "int8" else 0
+    return emitter.node("MatMulNBits", names, hint=hint, domain="com.microsoft", K=k, N=n, bits=4, block_size=bs,
+                        accuracy_level=level)
 
 
 def _fake_quant_fp8(emitter, x: str, k: int, group: int | None, scale: str | None, hint: str) -> str:

@@ -1,0 +1,90 @@
+"""cpu-int4 lowerings (issue 16): sibling quantized linears fused by fuse-projections, the tied LM
+head quantized, the target's pipeline order. Small graphs, fast."""
+
+from __future__ import annotations
+
+import torch
+
+import qwen35c.passes.fuse_projections  # noqa: F401
+import qwen35c.passes.quantize  # noqa: F401
+from qwen35c.graph.interpreter import run
+from qwen35c.graph.ir import Graph, TensorType
+from qwen35c.passes.manager import PassManager
+from qwen35c.passes.quantize import quantized_weight_source
+from qwen35c.quant import parse_scheme
+
+SIBS = ["model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+        "model.layers.3.self_attn.v_proj.weight"]
+
+
+def _siblings():
+    g = Graph()
+    x = g.add_input("x", TensorType("f32", ("B", 256)))
+    outs = []
+    for i, name in enumerate(SIBS):
+        n = 128 * (i + 1)
+        w = g.add_node("weight", [], [TensorType("f32", (n, 256))], {"name": name})
+        y = g.add_node("linear", [x], [TensorType("f32", ("B", n))], {}).output
+        g.nodes[-1].inputs.append(w.output)
+        outs.append(y)
+    for y in outs:
+        g.add_output(y)
+    return g
+
+
+def _table():
+    gen = torch.Generator().manual_seed(0)
+    return {n: torch.randn(128 * (i + 1), 256, generator=gen) * 0.05 for i, n in enumerate(SIBS)}
+
+
+def test_fuse_projections_concatenates_quantized_siblings_exactly():
+    for acts in ("none", "int8"):
+        g, ref = _siblings(), _siblings()
+        quant = f"quantize{{scheme=int4-rtn group-size=64 activations={acts} include=*.self_attn.*}}"
+        PassManager(quant + ",fuse-projections{which=siblings}").run(g)
+        PassManager(quant).run(ref)
+        ops = [n.op for n in g.nodes]
+        assert ops.count("quantized_linear") == 1 and ops.count("split") == 1, ops
+        fused = next(n for n in g.nodes if n.op == "quantized_linear")
+        assert fused.attrs["out_features"] == 768 and fused.attrs["activations"] == acts
+        table = _table()
+        recipe = parse_scheme("int4-rtn", group_size=64, activations=acts, include=("*.self_attn.*",))
+        source = quantized_weight_source(table.__getitem__, recipe)
+        x = torch.randn(5, 256)
+        got = list(run(g, {"x": x}, source).values())
+        want = list(run(ref, {"x": x}, source).values())
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_projections_keeps_awq_siblings_apart():
+    g = _siblings()
+    PassManager("quantize{scheme=int4-awq include=*.self_attn.*},fuse-projections{which=siblings}").run(g)
+    assert [n.op for n in g.nodes].count("quantized_linear") == 3          # per-linear pre_scale: no concat
+
+
+def test_tied_lm_head_is_planned_as_lm_head():
+    g = Graph()
+    ids = g.add_input("ids", TensorType("i64", ("B",)))
+    table = g.add_node("weight", [], [TensorType("f32", (512, 256))], {"name": "model.embed_tokens.weight"}).output
+    h = g.add_node("embedding", [table, ids], [TensorType("f32", ("B", 256))], {}).output
+    logits = g.add_node("linear", [h, table], [TensorType("f32", ("B", 512))], {}).output
+    g.add_output(logits)
+    PassManager("quantize{scheme=int4-rtn activations=int8 fp32-activations=lm_head.weight include=lm_head.weight}").run(g)
+    meta = g.metadata["quantization"]
+    assert meta["quantized"] == ["lm_head.weight"]
+    q = next(n for n in g.nodes if n.op == "quantized_linear")
+    assert q.attrs["weight"] == "lm_head.weight" and q.attrs["activations"] == "none"   # fp32 x for the head
+    assert any(n.op == "embedding" and n.inputs[0].producer.attrs["name"] == "model.embed_tokens.weight"
+               for n in g.nodes)                                                       # lookup keeps fp32
+
+
+def test_cpu_int4_pipeline_quantizes_before_the_match_passes():
+    from qwen35c.targets import TARGETS
+
+    text = TARGETS["cpu-int4"].full_pipeline()
+    names = [p.split("{", 1)[0] for p in text.split(",")]
+    assert names.index("lower-moe") + 1 == names.index("quantize") < names.index("fuse-projections")
+    # pipelines without the match passes keep the position right after lower-moe (before insert-state)
+    std = TARGETS["a100-int4"].full_pipeline().split(",")
+    assert [p.split("{", 1)[0] for p in std].index("quantize") + 1 == [p.split("{", 1)[0] for p in std].index("insert-state")
