@@ -233,7 +233,7 @@ def test_plan_text_and_json_round_trip(artifact):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("length", [63, 127, 129])
+@pytest.mark.parametrize("length", [63, 64, 127, 129])
 def test_tiny_bf16_more_lengths(artifact, length):
     session, ref = artifact("tiny")
     check_batch_then_decode(session, ref, [length], steps=1, seed=10 + length)

@@ -409,6 +409,9 @@ class _Model(_Lowering):
             m.update(heads=q_out // (2 * d), kv_heads=k_out // d, head_dim=d, rope_theta=float(rope.attrs["theta"]),
                      rotary_dim=int(rope.attrs["rotary_dim"]))
         if self.by_op.get("moe_sort"):
+            if len(self.by_op.get("div", [])) < len(self.by_op["moe_sort"]):
+                raise QwenError("triton backend: a MoE layer without top-k renormalisation (norm_topk_prob=False) "
+                                "has no kernel: moe_route always renormalises")
             m.update(experts=int(self.by_op["moe_sort"][0].attrs["num_experts"]),
                      top_k=int(_single(self.by_op.get("topk", []), "topk").attrs["k"]))
         self.m = m
