@@ -137,7 +137,7 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
         ctx = _emit_context(weights, prepared, target, graph, stages)
         section = impl.emit(graph, tmp, ctx)
         stages.done("emit")
-        unused = [n for n in weights.unused() if not n.startswith("mtp.")]
+        unused = _unused(weights, prepared)
         if unused:
             warnings.append(f"{len(unused)} checkpoint tensors are not part of the model and were not compiled: "
                             + ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""))
@@ -201,6 +201,15 @@ def _emit_context(weights, prepared, target, graph, stages: _Stages):
     return EmitContext(weights=source, release=release, on_weight=on_weight,
                        tied_lm_head=bool(weights.config.tie_word_embeddings), target=target,
                        quantization=prepared.record if prepared is not None else None)
+
+
+def _unused(weights, prepared) -> list[str]:
+    """Checkpoint tensors the build never compiled: not read by the emitter, nor quantized (the
+    packed weights of a quantized build come from `prepare`, which reads the checkpoint itself)."""
+    from qwen35c.quant.policy import canonical_name
+
+    packed = set(prepared.record["quantized"]) | set(prepared.record["not_lowered"]) if prepared else set()
+    return [n for n in weights.unused() if not n.startswith("mtp.") and canonical_name(n) not in packed]
 
 
 def _memory_blocker(config, prepared) -> str | None:

@@ -30,7 +30,8 @@ SCRIPT = textwrap.dedent("""
 
     import torch
     torch.set_num_threads(1)
-    from qwen35c.artifact import build_artifact, read_manifest
+    from qwen35c.artifact import read_manifest
+    from qwen35c.build import build_artifact
     from qwen35c.backends.onnx.session import OnnxSession
     from qwen35c.quant import calibrate
     from qwen35c.verify import compare
@@ -100,7 +101,7 @@ def test_build_peak_is_bounded_by_the_largest_layer(narrow_deep, target, tmp_pat
 
 def test_build_records_the_check_as_not_run_when_memory_is_short(checkpoint_factory, tmp_path, monkeypatch):
     import qwen35c.memory
-    from qwen35c.artifact import build_artifact
+    from qwen35c.build import build_artifact
 
     monkeypatch.setattr(qwen35c.memory, "available_bytes", lambda: 1 << 20)
     monkeypatch.setattr(qwen35c.memory, "current_rss", lambda: 0)

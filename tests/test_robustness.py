@@ -438,7 +438,8 @@ def test_pipeline_without_quantize_is_refused_for_a_quantized_target(ckpt, tmp_p
 
 def test_quantizing_nothing_is_refused(tmp_path):
     odd = make_random_checkpoint("tiny", 0, tmp_path / "odd", hidden_size=96, intermediate_size=96)
-    expect(cli("build", "--model", odd, "--target", "cpu-int4", "-o", tmp_path / "o"), 2, "would quantize no linear")
+    expect(cli("build", "--model", odd, "--target", "cpu-int4", "--quantize", "int4-rtn group-size=128", "-o",
+               tmp_path / "o"), 2, "would quantize no linear")
     assert not (tmp_path / "o").exists()
 
 
