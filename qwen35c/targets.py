@@ -88,7 +88,8 @@ CPU_INT4_INCLUDE = ("*.self_attn.[qkvo]_proj.weight;*.linear_attn.in_proj_[qz]*.
 
 _T = Target
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    _T("cpu", "any CPU", None, "onnx", "fp32", "fp32", "fp32", "onnx-cpu", "ubuntu-latest"),
+    _T("cpu", "any CPU", None, "onnx", "fp32", "fp32", "fp32", "onnx-cpu", "ubuntu-latest",
+       quantize_before="match-gated-rms-norm"),   # `--quantize`: before fuse-projections, which fuses packed parts
     _T("cpu-int4", "any CPU", None, "onnx", "int4 g128 GPTQ (symmetric), every projection", "int8 dynamic "
        "per token per group (MatMulNBits accuracy_level 4)", "int4", "onnx-cpu", "ubuntu-latest",
        quantize="scheme=int4-gptq group-size=128 activations=int8 fp32-activations=lm_head.weight include="
