@@ -161,7 +161,8 @@ def test_int4_moe_with_quantized_experts(artifact):
 
 @pytest.mark.slow
 def test_int4_dense(artifact):
-    int4_case(artifact, "tiny")
+    session = int4_case(artifact, "tiny")       # parity asserted inside, vs the emulating reference
+    assert session.counts.get("gemm_int4_g128_decode")   # the decode step ran the INT4 GEMM
 
 
 def fp8_case(artifact, preset: str):
@@ -188,7 +189,8 @@ def test_fp8_moe_with_quantized_experts(artifact):
 
 @pytest.mark.slow
 def test_fp8_dense(artifact):
-    fp8_case(artifact, "tiny")
+    session = fp8_case(artifact, "tiny")        # the FP8 gate and max |Δlogit| asserted inside
+    assert session.counts.get("gemm_fp8_block_prefill")  # the prefill ran the FP8 block GEMM
 
 
 def test_fp8_misaligned_split_refused(checkpoint_factory, tmp_path):
