@@ -83,11 +83,14 @@ class Launch:
     num_stages: int = 1
     per_row: bool = False           # GDN prefill: once per row when the batch is ragged
     layer: int | None = None
+    pads: list[str] = field(default_factory=list)   # per-row: M-row buffers it writes for valid tokens only;
+                                                    # the runtime zeroes their padded rows (never left unwritten)
 
     def text(self) -> str:
         args = " ".join(f"{p}={b}" for p, b in self.args)
         const = " ".join(f"{k}={v}" for k, v in sorted(self.const.items()))
         row = " per-row" if self.per_row else ""
+        row += "".join(f" zero-pads={p}" for p in self.pads)
         return (f"launch {self.spec} ({self.kernel}) grid=({', '.join(self.grid)}) warps={self.num_warps} "
                 f"stages={self.num_stages}{row} [{const}] {args}")
 
@@ -493,7 +496,7 @@ class _Model(_Lowering):
                        [["q", "buf:cq"], ["k", "buf:ck"], ["G", G], ["h", h], ["v_new", v_new], ["o", out],
                         ["cu_seqlens", "ctl:cu_seqlens"], ["chunk_indices", "ctl:chunk_indices"], ["scale", scale]],
                        dict(common, V=V, BV=BVo, DOT_PRECISION=ck.FWD_DOT_PRECISION), ck.FWD_O_NUM_WARPS, 1,
-                       per_row=True, layer=i),
+                       per_row=True, layer=i, pads=[out.split(":", 1)[1]]),
             ]
         else:
             BK, BV = fr.recurrent_block_sizes(K, V)

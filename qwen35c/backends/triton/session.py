@@ -240,6 +240,8 @@ class TritonSession(Session):
         for name, spec in self.plan.buffers.items():
             rows = evaluate(str(spec["shape"][0]), env)
             pool[name] = torch.empty(max(rows, 1), spec["shape"][1], dtype=dtypes[spec["dtype"]], device=self.device)
+            if self.device.type == "cpu" and pool[name].is_floating_point():
+                pool[name].fill_(float("nan"))   # interpreter: a read of a value no kernel wrote shows as NaN
         self._pools[program] = (key, pool)
         return pool
 
@@ -333,6 +335,7 @@ class _Context:
                         self.launch(launch)
                 self.row = None
                 self.env.update(self.whole_env)
+                self.zero_padding({name for launch in group for name in launch.pads})
             else:
                 self.launch(step)
             i += 1
@@ -351,6 +354,15 @@ class _Context:
         else:
             fn[grid](**args, **const, num_warps=step.num_warps, num_stages=step.num_stages)
         self.s.counts[step.spec] = self.s.counts.get(step.spec, 0) + 1
+
+    def zero_padding(self, names: set[str]) -> None:
+        """Rows past each row's length in buffers a per-row group wrote for valid tokens only: zero, so
+        the layers after it (MoE routing, the LM head) read defined values, never a stale or NaN pool."""
+        batch, length = self.ids.shape
+        for name in names:
+            rows = self.pool[self.alias.get(name, name)][:batch * length].view(batch, length, -1)
+            for b, n in enumerate(self.lengths.tolist()):
+                rows[b, n:].zero_()
 
     # --- host ops (HOST_OPS)
     def host_embedding(self, step: HostOp) -> None:
