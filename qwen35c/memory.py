@@ -30,8 +30,10 @@ __all__ = ["Estimate", "artifact_peak", "build_peak", "available_bytes", "check_
 PROCESS_BASE = 300 << 20      # python + torch + onnxruntime imported (measured ~220-260 MiB)
 ORT_WORKING = 1.35            # ORT arena + run buffers, x the fp32 embedding [V, H]: measured 1.29 GiB on
                               # the 0.8b preset for both the fp32 and the INT4 artifact (tools/artifact_peak.py)
-CHECK_PROMPT = 65             # the longest prompt of the build check (qwen35c.verify.quick_parity)
-CHECK_BATCH, CHECK_MAX_LEN = 3, 9 + 4 + 1
+# the build check's workload (qwen35c.verify.quick_parity): its longest prompt and its batch; the full
+# prompt set's (an int4 / FP8 build with quantized activations checks on it, build._check)
+CHECK_PROMPT = 129
+CHECK_BATCH, CHECK_MAX_LEN = 3, 64 + 8 + 1
 CALIB_TOKENS = 8192           # qwen35c.quant.calibrate.CALIBRATION_TOKENS
 CALIB_ROWS = 4096             # rows kept per unit
 

@@ -153,20 +153,25 @@ def _greedy_match(got: list[list[int]], want, prompts: list[list[int]], tie: flo
     return (matched / total if total else 1.0), ties
 
 
-def quick_parity(session, reference, precision: str, against: str = "reference") -> dict:
+def quick_parity(session, reference, precision: str, against: str = "reference", prompts: str = "short") -> dict:
     """The build's own check of a loaded artifact `session` against `reference` (a session: the
     checkpoint's fp32 reference, or the quantization-emulating one for quantized builds, named by
-    `against`): a few short prompts; numbers rounded so builds stay byte-identical."""
-    result = compare(session, reference, **PROMPT_SETS["short"])
+    `against`) on the `prompts` set; numbers rounded so builds stay byte-identical."""
+    result = compare(session, reference, **PROMPT_SETS[prompts])
     ok, failures = gate(result["total"], precision, result["greedy_match"])
     total = {k: (float(f"{v:.2g}") if isinstance(v, float) else v) for k, v in result["total"].items()}
     summary = "pass" if ok else "; ".join(failures)
     out = {"status": "pass" if ok else "fail", "passed": ok, "by": "build", "precision": precision,
-           "prompts": "T=1, T=65, batch [3, 9] + 4 decode steps", "metrics": total,
+           "prompts": _describe(PROMPT_SETS[prompts]), "metrics": total,
            "greedy_match": result["greedy_match"], "summary": summary}
     if against != "reference":
         out["against"] = against
     return out
+
+
+def _describe(prompts: dict) -> str:
+    single = ", ".join(f"T={n}" for n in prompts["single"])
+    return f"{single}, batch {list(prompts['batch'])} + {prompts['steps']} decode steps"
 
 
 # quantization loss is measured teacher-forced on natural held-out text (random ids make top-1 meaningless)

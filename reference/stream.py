@@ -10,8 +10,8 @@ One call runs a whole prompt SET (`forward_many`): every batch's activations [B,
 while the layers stream past, so a short prompt set costs one pass over the weights. Incremental
 decoding works too (a `Cache` per batch, `new_cache`); each decode step is one pass.
 
-`layer_hook(index, layer) -> module` and `head_hook(lm_head) -> module` transform a freshly loaded
-layer / the head before it runs (the quantization-emulating reference replaces linears with their
+`layer_hook(index, layer) -> module`, `head_hook(lm_head) -> module` and `embed_hook(table) -> table`
+transform a freshly loaded layer / the head / the embedding table before it runs (the quantization-emulating reference replaces linears with their
 dequantized twins there). Sequential quantization drives `load_layer`, `step_info` and `embed`
 itself. Memory: one layer in `dtype` + activations + edges; see `layer_bytes`.
 """
@@ -50,7 +50,8 @@ class StreamedModel:
     """`Qwen35ForCausalLM` semantics with one decoder layer resident (see the module docstring)."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32,
-                 layer_hook: LayerHook | None = None, head_hook: Callable[[nn.Module], nn.Module] | None = None):
+                 layer_hook: LayerHook | None = None, head_hook: Callable[[nn.Module], nn.Module] | None = None,
+                 embed_hook: Callable[[Tensor], Tensor] | None = None):
         self.directory = Path(path)
         method = quantization_method(self.directory)
         if method is not None:
@@ -60,7 +61,7 @@ class StreamedModel:
         self.ckpt = Checkpoint(self.directory)
         self.load_notes = reconcile_config(self.config, self.ckpt)
         self.loader = WeightLoader(self.ckpt, self.config)
-        self.dtype, self.layer_hook, self.head_hook = dtype, layer_hook, head_hook
+        self.dtype, self.layer_hook, self.head_hook, self.embed_hook = dtype, layer_hook, head_hook, embed_hook
         self.rotary = RotaryEmbedding(self.config)
         self._edges: tuple[Tensor, nn.Module, nn.Module] | None = None   # embedding, final norm, head
         self.training = False
@@ -100,6 +101,8 @@ class StreamedModel:
                                         requires_grad=False))
             if self.head_hook is not None:
                 head = self.head_hook(head)
+            if self.embed_hook is not None:          # after the head's: a shared table may come from it
+                embed = self.embed_hook(embed)
             self._edges = (embed, norm, head)
         return self._edges
 
@@ -129,8 +132,8 @@ class StreamedModel:
     def embed(self, ids: Tensor) -> Tensor:
         """ids [B, T] -> [B, T, H]. Before the edges are loaded, the rows are gathered from the
         mapped checkpoint and converted (exact: a gather commutes with an elementwise cast)."""
-        if self._edges is not None:
-            return F.embedding(ids, self._edges[0])
+        if self._edges is not None or self.embed_hook is not None:
+            return F.embedding(ids, self.edges()[0])
         name, cfg = "model.embed_tokens.weight", self.config
         rows = F.embedding(ids, self.loader.tensor(name, (cfg.vocab_size, cfg.hidden_size))).to(self.dtype)
         self.loader.release(name)

@@ -463,7 +463,7 @@ def trace_config(config, dtype: torch.dtype = torch.float32) -> TraceResult:
     graph.name = re.sub(r"\W", "_", config.model_type)
     graph.metadata = {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
                       "layer_types": list(config.layer_types), "dtype": TORCH_TO_DTYPE[dtype],
-                      "form": "stateless"}
+                      "tie_word_embeddings": bool(config.tie_word_embeddings), "form": "stateless"}
     graph.rename(graph.outputs[0], "logits")
     done = time.perf_counter()
     return TraceResult(graph, exported - start, done - exported, len(kinds))

@@ -65,6 +65,26 @@ register_op("quantized_linear", _infer, _impl, (3, 7), ("format", "in_features",
             doc="y = fq(x) · dequantize(packed)ᵀ; packed layout in the attributes (qwen35c.quant.formats)")
 
 
+def _infer_embedding(types, attrs):
+    ids, qweight, scales = types
+    n, k, g = attrs["out_features"], attrs["in_features"], attrs["group_size"]
+    if tuple(qweight.shape) != (n, k // 2) or tuple(scales.shape) != (n, k // g):
+        raise TypeRuleError(f"quantized_embedding: packed table {list(qweight.shape)} / scales {list(scales.shape)} "
+                            f"do not hold [{n}, {k}] in groups of {g}")
+    return [TensorType(attrs["dtype"], (*ids.shape, k))]
+
+
+def _impl_embedding(inputs, attrs, bindings):
+    ids, qweight, scales = inputs
+    rows = Int4Weight(qweight[ids.reshape(-1)], scales[ids.reshape(-1)].float(), None, attrs["group_size"])
+    return [rows.dequantize().to(TensorType(attrs["dtype"], ()).torch_dtype).reshape(*ids.shape, -1)]
+
+
+register_op("quantized_embedding", _infer_embedding, _impl_embedding, 3,
+            ("weight", "group_size", "in_features", "out_features", "dtype"),
+            doc="rows of a symmetric INT4 table (a tied LM head's codes, tied-embedding=shared), dequantized")
+
+
 @dataclass
 class QuantizeOptions:
     scheme: Literal["fp8-block128", "fp8-tensor", "fp8-channel", "int4", "int4-rtn", "int4-awq", "int4-gptq"] = \
@@ -80,6 +100,8 @@ class QuantizeOptions:
                                                                   "linears whose GEMM keeps fp32 inputs (accuracy_level 0)"})
     include: str = field(default="", metadata={"help": "globs (';'-separated) to quantize as well"})
     exclude: str = field(default="", metadata={"help": "globs (';'-separated) to keep high precision"})
+    tied_embedding: Literal["kept", "shared"] = field(default="kept", metadata={
+        "help": "a tied INT4 LM head: the embedding keeps its table (kept) or gathers the head's codes (shared)"})
 
     def recipe(self) -> Recipe:
         options = {"include": tuple(g for g in self.include.split(";") if g),
@@ -92,6 +114,8 @@ class QuantizeOptions:
             options["fp32_activations"] = tuple(g for g in self.fp32_activations.split(";") if g)
         elif self.activations != "default":
             options["activations"] = self.activations
+        if self.tied_embedding != "kept":
+            options["tied_embedding"] = self.tied_embedding      # the recipe refuses it but for INT4
         return parse_scheme(self.scheme, **options)
 
     def validate(self) -> str | None:
@@ -150,11 +174,14 @@ class QuantizePass(Pass):
         for node, name in candidates:
             shapes[name] = tuple(node.inputs[1].type.shape)
         decisions = {d.name: d for d in plan(sorted(shapes.items()), recipe)} if shapes else {}
+        table = self._shared_table(graph, head, decisions, recipe)
         count = 0
         for node, name in candidates:
             if not decisions[name].quantize:
                 continue
-            self._rewrite(graph, node, name, recipe)
+            new = self._rewrite(graph, node, name, recipe, anchor=table if node is head else None)
+            if table is not None and node is head:
+                self._share_embedding(graph, table, new)
             count += 1
         graph.metadata["quantization"] = {
             "recipe": recipe.to_dict(), "label": recipe.label,
@@ -162,11 +189,51 @@ class QuantizePass(Pass):
             "kept": sorted(n for n, d in decisions.items() if not d.quantize),
             "kept_reasons": {n: d.reason for n, d in sorted(decisions.items()) if not d.quantize},
             "not_lowered": sorted(set(not_lowered))}
+        if recipe.tied_embedding == "shared":
+            graph.metadata["quantization"]["embedding"] = (
+                "shared with lm_head.weight (INT4 codes)" if table is not None
+                else "kept: the LM head is not a tied, quantized linear in this graph")
         if not_lowered:
             graph.metadata["quantization"]["not_lowered_reason"] = NOT_LOWERED_REASON
         return PassResult(graph, changed=count > 0, num_matches=count)
 
-    def _rewrite(self, graph: Graph, node, name: str, recipe: Recipe) -> None:
+    @staticmethod
+    def _shared_table(graph: Graph, head, decisions: dict, recipe: Recipe):
+        """The embedding node that will gather the tied head's codes (tied-embedding=shared), or None."""
+        if recipe.tied_embedding != "shared" or head is None or head.op != "linear":
+            return None
+        decision = decisions.get("lm_head.weight")
+        w = head.inputs[1]
+        if decision is None or not decision.quantize or w.producer is None or w.producer.op != "weight":
+            return None
+        # tied: the head reads the embedding's weight node (torch.export names the one parameter
+        # lm_head.weight), or the graph says so
+        tied = (canonical_name(w.producer.attrs["name"]) == "model.embed_tokens.weight"
+                or graph.metadata.get("tie_word_embeddings") is True)
+        if not tied:
+            return None
+        lookups = [n for n in graph.nodes if n.op == "embedding" and (
+                   n.inputs[0] is w or (n.inputs[0].producer is not None and n.inputs[0].producer.op == "weight"
+                   and canonical_name(n.inputs[0].producer.attrs["name"]) == "model.embed_tokens.weight"))]
+        return lookups[0] if len(lookups) == 1 else None
+
+    @staticmethod
+    def _share_embedding(graph: Graph, embedding, head_q) -> None:
+        """embedding(table, ids) -> quantized_embedding(ids, qweight, scales) over the head's packed parts."""
+        a = head_q.attrs
+        new = graph.add_node("quantized_embedding", [embedding.inputs[1], head_q.inputs[1], head_q.inputs[2]],
+                             [embedding.outputs[0].type],
+                             {"weight": a["weight"], "group_size": a["group_size"], "in_features": a["in_features"],
+                              "out_features": a["out_features"], "dtype": embedding.outputs[0].type.dtype},
+                             before=embedding)
+        graph.replace_all_uses(embedding.outputs[0], new.output)
+        table = embedding.inputs[0].producer
+        graph.remove_nodes([embedding])
+        if not any(table.output in other.inputs for other in graph.nodes):
+            graph.remove_nodes([table])
+
+    def _rewrite(self, graph: Graph, node, name: str, recipe: Recipe, anchor=None):
+        """`node` -> quantized_linear; its packed weight nodes go before `anchor` (default: the node)."""
         n, k = node.inputs[1].type.shape
         x = node.inputs[0]
         attrs = {"weight": name, "scheme": recipe.label, "in_features": k, "out_features": n}
@@ -194,7 +261,7 @@ class QuantizePass(Pass):
                          activations="int8" if recipe.int8_activations(canonical_name(name)) else "none")
         inputs = [x]
         for part, type_ in parts:
-            w = graph.add_node("weight", [], [type_], {"name": f"{name}#{part}"}, before=node)
+            w = graph.add_node("weight", [], [type_], {"name": f"{name}#{part}"}, before=anchor or node)
             inputs.append(w.output)
         new = graph.add_node("quantized_linear", inputs, [node.outputs[0].type], attrs, before=node)
         graph.replace_all_uses(node.outputs[0], new.output)
@@ -202,6 +269,7 @@ class QuantizePass(Pass):
         graph.remove_nodes([node])
         if not any(weight_node.output in other.inputs for other in graph.nodes):
             graph.remove_nodes([weight_node])
+        return new
 
 
 def quantized_weight_source(base: Callable[[str], torch.Tensor], recipe: Recipe,

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwen35c.quant.model import EmulatedLinear, QuantizedModel, emulate_layer, emulated_weights, restrict
+from qwen35c.quant.model import (SHARED_EMBEDDING, EmulatedLinear, QuantizedModel, emulate_layer, emulated_weights,
+                                 restrict)
 from qwen35c.quant.policy import canonical_name, plan_model
 from qwen35c.quant.recipe import Recipe
 from qwen35c.quant.sequential import quantize_sequential
@@ -95,13 +96,20 @@ class Prepared:
         """The quantization-emulating reference, streamed: each layer's packed weights are
         dequantized when the layer is loaded (`emulate_layer`), an included lm_head likewise."""
         weights = emulated_weights(self.quantized)
+        emulated_head: list[nn.Module] = []
 
         def head(linear: nn.Module) -> nn.Module:
             q = weights.get("lm_head.weight")
-            return linear if q is None else EmulatedLinear(q, None, linear.weight.dtype)
+            emulated_head.append(linear if q is None else EmulatedLinear(q, None, linear.weight.dtype))
+            return emulated_head[0]
 
-        return StreamedModel(self.model_dir, torch.float32,
-                             layer_hook=lambda index, layer: emulate_layer(layer, index, weights), head_hook=head)
+        def embedding(table: torch.Tensor) -> torch.Tensor:
+            # tied-embedding=shared: the lookup reads the head's dequantized codes (one table, as the artifact)
+            shared = SHARED_EMBEDDING in weights and self.record.get("embedding", "").startswith("shared")
+            return emulated_head[0].weight if shared else table
+
+        return StreamedModel(self.model_dir, torch.float32, layer_hook=lambda index, layer: emulate_layer(layer, index, weights),
+                             head_hook=head, embed_hook=embedding)
 
 
 def prepare(model_dir: str | Path, meta: dict) -> Prepared:
@@ -131,4 +139,6 @@ def prepare(model_dir: str | Path, meta: dict) -> Prepared:
               "packed_sha256": packed_digest(quantized), "notes": list(quantized.notes)}
     if meta.get("not_lowered_reason"):
         record["not_lowered_reason"] = meta["not_lowered_reason"]
+    if meta.get("embedding"):
+        record["embedding"] = meta["embedding"]
     return Prepared(quantized, Path(model_dir), record)

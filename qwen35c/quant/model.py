@@ -205,7 +205,12 @@ def emulated_weights(quantized: QuantizedModel) -> dict[str, QuantizedWeight]:
         import dataclasses
 
         weights = {n: dataclasses.replace(q, act_int8=quantized.recipe.int8_activations(n)) for n, q in weights.items()}
+    if quantized.recipe.tied_embedding == "shared" and "lm_head.weight" in weights:
+        weights = {**weights, SHARED_EMBEDDING: weights["lm_head.weight"]}   # the lookup reads the head's codes
     return weights
+
+
+SHARED_EMBEDDING = "model.embed_tokens.weight"
 
 
 @torch.no_grad()
@@ -241,6 +246,10 @@ def _emulate_into(target: nn.Module, weights: dict[str, QuantizedWeight], dtype:
         owner_name, _, leaf = module_name.rpartition(".")
         owner = target.get_submodule(owner_name) if owner_name else target
         linear = getattr(owner, leaf)
+        if isinstance(linear, nn.Embedding) and name == SHARED_EMBEDDING:
+            if getattr(getattr(target, "config", None), "tie_word_embeddings", False):   # untied: nothing to share
+                linear.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
+            continue
         if not isinstance(linear, nn.Linear):
             raise QwenError(f"{name}: quantized weight for a module that is not nn.Linear")
         if q.shape != tuple(linear.weight.shape):

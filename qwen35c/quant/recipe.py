@@ -39,6 +39,9 @@ class Recipe:
     include: tuple[str, ...] = ()                         # globs over full tensor names: force quantize
     exclude: tuple[str, ...] = ()                         # globs: force high precision (wins over include)
     moe_calibration: Literal["all", "routed"] = "all"     # route every calibration token to every expert
+    # a tied, quantized INT4 LM head: the embedding lookup keeps the full-precision table ("kept") or
+    # reads the head's codes ("shared": one INT4 table for both, ORT GatherBlockQuantized + MatMulNBits)
+    tied_embedding: Literal["kept", "shared"] = "kept"
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -63,6 +66,12 @@ class Recipe:
         if self.is_int4 and self.activations == "int8" and self.act_order and not self.static_groups:
             raise QwenError("int4 act-order with dynamic groups (g_idx) and activations=int8: not supported "
                             "(the lowering permutes K, so the int8 blocks would not be the emulated ones)")
+        if self.tied_embedding not in ("kept", "shared"):
+            raise QwenError(f"tied-embedding must be kept or shared, not '{self.tied_embedding}'")
+        if self.tied_embedding == "shared" and not (self.is_int4 and self.symmetric and self.algorithm != "awq"
+                                                     and not (self.act_order and not self.static_groups)):
+            raise QwenError("tied-embedding=shared: the embedding gathers the head's codes as they are, so it "
+                            "needs symmetric INT4 without AWQ's pre-scale or act-order's g_idx")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise QwenError(f"group size {self.group_size}: must be a power of two >= 16 (MatMulNBits)")
 

@@ -167,3 +167,23 @@ def test_cpu_int4_gate_on_the_bundled_trained_model(tmp_path):
     metrics = report["quantization"]["metrics"]
     assert metrics["kl_mean"] <= 0.05 and metrics["top1"] >= 0.90
     assert metrics["kl_mean"] > 0                             # the emulation really is quantized
+
+
+def test_tied_embedding_shared_one_int4_table(checkpoint_factory, tmp_path):
+    """tied-embedding=shared: the lookup is a GatherBlockQuantized over the very B initializer of the
+    head's MatMulNBits (no fp32 table left), and the artifact matches the emulation that gathers the
+    head's dequantized codes."""
+    ckpt = checkpoint_factory("tiny", tie_word_embeddings=True)
+    out = tmp_path / "shared"
+    build_artifact(ckpt, "cpu-int4", out, quantize="int4-rtn group-size=16 include=lm_head.weight tied-embedding=shared")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["embedding"].startswith("shared")
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    lookups = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookups) == 1
+    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and lookups[0].input[0] in n.input]
+    assert len(heads) == 1
+    vocab, hidden = 512, 64
+    assert not any(list(i.dims) == [vocab, hidden] for i in model.graph.initializer)        # no full table
+    report = _verify(out, "--skip", "quantization")
+    assert _checks(report)["parity"] == "pass" and report["parity"]["total"]["max_abs"] <= 1e-4

@@ -63,13 +63,18 @@ def test_fuse_projections_keeps_awq_siblings_apart():
     assert [n.op for n in g.nodes].count("quantized_linear") == 3          # per-linear pre_scale: no concat
 
 
-def test_tied_lm_head_is_planned_as_lm_head():
+def _tied_graph():
     g = Graph()
     ids = g.add_input("ids", TensorType("i64", ("B",)))
     table = g.add_node("weight", [], [TensorType("f32", (512, 256))], {"name": "model.embed_tokens.weight"}).output
     h = g.add_node("embedding", [table, ids], [TensorType("f32", ("B", 256))], {}).output
     logits = g.add_node("linear", [h, table], [TensorType("f32", ("B", 512))], {}).output
     g.add_output(logits)
+    return g
+
+
+def test_tied_lm_head_is_planned_as_lm_head():
+    g = _tied_graph()
     PassManager("quantize{scheme=int4-rtn activations=int8 fp32-activations=lm_head.weight include=lm_head.weight}").run(g)
     meta = g.metadata["quantization"]
     assert meta["quantized"] == ["lm_head.weight"]
@@ -88,3 +93,42 @@ def test_cpu_int4_pipeline_quantizes_before_the_match_passes():
     # pipelines without the match passes keep the position right after lower-moe (before insert-state)
     std = TARGETS["a100-int4"].full_pipeline().split(",")
     assert [p.split("{", 1)[0] for p in std].index("quantize") + 1 == [p.split("{", 1)[0] for p in std].index("insert-state")
+
+
+def test_tied_embedding_shared_gathers_the_heads_codes():
+    """tied-embedding=shared: the lookup reads the head's packed INT4 parts (the same weight nodes, placed
+    before it), and the interpreter's rows are the head's dequantized rows exactly."""
+    from qwen35c.quant.formats import Int4Weight
+
+    g = _tied_graph()
+    spec = "scheme=int4-rtn group-size=64 include=lm_head.weight tied-embedding=shared"
+    PassManager(f"quantize{{{spec}}}").run(g)
+    lookup = next(n for n in g.nodes if n.op == "quantized_embedding")
+    head = next(n for n in g.nodes if n.op == "quantized_linear")
+    assert lookup.inputs[1] is head.inputs[1] and lookup.inputs[2] is head.inputs[2]
+    assert not any(n.op == "embedding" for n in g.nodes)
+    assert g.nodes.index(lookup.inputs[1].producer) < g.nodes.index(lookup)      # defined before use
+    assert g.metadata["quantization"]["embedding"].startswith("shared")
+    table = torch.randn(512, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    recipe = parse_scheme("int4-rtn", group_size=64, include=("lm_head.weight",), tied_embedding="shared")
+    source = quantized_weight_source({"model.embed_tokens.weight": table, "lm_head.weight": table}.__getitem__, recipe)
+    ids = torch.tensor([0, 7, 511])
+    logits = list(run(g, {"ids": ids}, source).values())[0]
+    q = Int4Weight(source("lm_head.weight#qweight"), source("lm_head.weight#scales").float(), None, 64)
+    rows = q.dequantize()[ids]
+    assert torch.allclose(logits, rows @ q.dequantize().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embedding_shared_refusals():
+    import pytest
+
+    from qwen35c.errors import QwenError
+
+    with pytest.raises(QwenError, match="tied-embedding=shared"):
+        parse_scheme("int4-awq", tied_embedding="shared")
+    with pytest.raises(QwenError, match="tied-embedding=shared"):
+        parse_scheme("fp8-block128", tied_embedding="shared")
+    g = _tied_graph()                       # the head kept: nothing to share, the lookup keeps its table
+    PassManager("quantize{scheme=int4-rtn tied-embedding=shared}").run(g)
+    assert any(n.op == "embedding" for n in g.nodes)
+    assert g.metadata["quantization"]["embedding"].startswith("kept")

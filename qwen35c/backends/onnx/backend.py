@@ -17,6 +17,7 @@ _MAX_DIM = 1 << 24          # a static state dimension larger than this is not a
 
 class OnnxBackend:
     name = "onnx"
+    statistical_check_prompts = "full"     # the build's check at a statistical gate (build._check)
 
     def setup(self) -> None:
         pass

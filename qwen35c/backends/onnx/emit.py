@@ -611,6 +611,11 @@ class OnnxEmitter:
         inv = self.node("Reciprocal", [self.node("Sqrt", [self.node("Add", [ss, self.f32(eps)])[0]])[0]])[0]
         return self.node("Mul", [x, inv])[0]
 
+    def op_quantized_embedding(self, node):
+        from qwen35c.backends.onnx.quant import lower_quantized_embedding
+
+        return lower_quantized_embedding(self, node)
+
     def op_embedding(self, node):
         return self.node("Gather", [self._x(node, 0), self._x(node, 1)], axis=0, hint="embed")
 

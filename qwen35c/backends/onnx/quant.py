@@ -7,6 +7,7 @@ The node is a `quantized_linear` from the `quantize` pass (qwen35c/passes/quanti
   INT4  -> [Mul(x, pre_scale)] -> com.microsoft MatMulNBits(accuracy_level 0, or 4 for activations=int8,x, B [N, K/bs, bs/2] u8, scales [N, K/bs],
            zero_points u8 [N, ceil(K/bs/2)] (asymmetric only; absent = 8), g_idx (act-order only)).
            The internal qweight [N, K/2] is exactly B's bytes (low nibble = even k).
+  INT4 embedding (a tied head's codes, tied-embedding=shared) -> GatherBlockQuantized over the head's B.
   FP8   -> W^T = DequantizeLinear(codes^T [K, N] e4m3, scale) (opset 21; blocked along K with
            block_size 128 for fp8-block, the 128-row scale grid expanded along N; per-axis for channel;
            scalar for tensor) then MatMul. When the recipe is dynamic, x is fake-quantized first per
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 from onnx import TensorProto
 
-__all__ = ["lower_quantized_linear", "FP8_OPSET"]
+__all__ = ["lower_quantized_embedding", "lower_quantized_linear", "FP8_OPSET"]
 
 FP8_OPSET = 21          # DequantizeLinear with block_size and float8 inputs
 
@@ -60,6 +61,7 @@ def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
     pre = inputs.pop(0) if a["has_pre_scale"] else None
     if pre is not None:
         x = emitter.node("Mul", [x, emitter.name(pre)], hint=hint + "_awq")[0]
+    perm = None
     if g_idx is not None:
         # why: ORT 1.32's MatMulNBits g_idx input did not reproduce act-order groups in our test;
         # permuting K so each group is contiguous is exact: x[:, perm] @ W[:, perm]^T == x @ W^T
@@ -69,7 +71,10 @@ def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
         qweight = int4_pack_codes(int4_unpack_codes(qweight)[:, perm])
         g_idx = None
     act_dtype = node.inputs[0].dtype
-    b = _add(emitter, qweight.view(n, k // bs, bs // 2), hint + "_B", "u8")
+    if perm is None:
+        b = _int4_table(emitter, node.inputs[1], n, k, bs, qweight)   # shared with a tied embedding's lookup
+    else:
+        b = _add(emitter, qweight.view(n, k // bs, bs // 2), hint + "_B", "u8")
     s = _add(emitter, scales.to(node.inputs[0].type.torch_dtype), hint + "_scales", act_dtype)
     names = [x, b, s]
     if zeros is not None or g_idx is not None:
@@ -87,6 +92,32 @@ def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
     level = 4 if a.get("activations") == "int8" else 0
     return emitter.node("MatMulNBits", names, hint=hint, domain="com.microsoft", K=k, N=n, bits=4, block_size=bs,
                         accuracy_level=level)
+
+
+def _int4_table(emitter, value, n: int, k: int, bs: int, qweight: torch.Tensor | None = None) -> str:
+    """The MatMulNBits B initializer [N, K/bs, bs/2] u8 of a packed INT4 weight value, made once: a
+    tied head and its shared embedding (GatherBlockQuantized) read the same bytes."""
+    tables = emitter.__dict__.setdefault("int4_tables", {})      # per emitter, i.e. per build
+    if id(value) not in tables:
+        codes = _static(emitter, value) if qweight is None else qweight
+        tables[id(value)] = _add(emitter, codes.view(n, k // bs, bs // 2), value.name + "_B", "u8")
+    return tables[id(value)]
+
+
+def lower_quantized_embedding(emitter, node) -> list[str]:
+    """quantized_embedding(ids, qweight, scales) -> com.microsoft GatherBlockQuantized over the same B
+    initializer as the tied head's MatMulNBits (data [V, H/bs, bs/2] u8, 4 bits, zero point 8; scales
+    [V, H/bs, 1] in the activation dtype; quantize_axis 2), reshaped to [..., H]."""
+    a = node.attrs
+    n, k, bs = a["out_features"], a["in_features"], a["group_size"]
+    ids, qweight, scales = node.inputs
+    table = _int4_table(emitter, qweight, n, k, bs)
+    s = _add(emitter, _static(emitter, scales).to(node.outputs[0].type.torch_dtype).reshape(n, k // bs, 1),
+             node.outputs[0].name + "_scales", node.outputs[0].dtype)
+    rows = emitter.node("GatherBlockQuantized", [table, emitter.name(ids), s], domain="com.microsoft",
+                        gather_axis=0, quantize_axis=2, block_size=bs, bits=4)[0]    # [..., H/bs, bs]
+    shape = emitter.i64([0] * len(ids.type.shape) + [k])
+    return emitter.node("Reshape", [rows, shape], hint=node.outputs[0].name)
 
 
 def _fake_quant_fp8(emitter, x: str, k: int, group: int | None, scale: str | None, hint: str) -> str:
