@@ -100,12 +100,14 @@ class QuantizeOptions:
                                                                   "linears whose GEMM keeps fp32 inputs (accuracy_level 0)"})
     include: str = field(default="", metadata={"help": "globs (';'-separated) to quantize as well"})
     exclude: str = field(default="", metadata={"help": "globs (';'-separated) to keep high precision"})
+    strict_globs: bool = field(default=True, metadata={"help": "a glob matching no tensor is an error (false: "
+                                                              "a target's globs, which a cut model may not all match)"})
     tied_embedding: Literal["kept", "shared"] = field(default="kept", metadata={
         "help": "a tied INT4 LM head: the embedding keeps its table (kept) or gathers the head's codes (shared)"})
 
     def recipe(self) -> Recipe:
         options = {"include": tuple(g for g in self.include.split(";") if g),
-                   "exclude": tuple(g for g in self.exclude.split(";") if g)}
+                   "exclude": tuple(g for g in self.exclude.split(";") if g), "strict_globs": self.strict_globs}
         if self.scheme.startswith("int4"):
             options.update(group_size=self.group_size, symmetric=self.symmetric, act_order=self.act_order,
                            static_groups=self.static_groups)

@@ -149,7 +149,7 @@ def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], recipe: Recipe) -> list
             quantize, reason = _decide(role, unit_shape, recipe, family, hits_in, hits_ex)
             out.append(Decision(name, canon, unit_shape, role, quantize, reason, source, expert, part))
     unused = [g for g in recipe.include if g not in used_include] + [g for g in recipe.exclude if g not in used_exclude]
-    if unused:
+    if unused and recipe.strict_globs:
         raise QwenError(f"quantization glob(s) {unused} match no tensor name (names look like "
                         f"'model.layers.0.mlp.down_proj.weight')")
     return out

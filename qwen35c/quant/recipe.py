@@ -38,6 +38,8 @@ class Recipe:
     fp32_activations: tuple[str, ...] = ()               # INT4 int8 recipes: linears (globs) whose GEMM keeps fp32 x
     include: tuple[str, ...] = ()                         # globs over full tensor names: force quantize
     exclude: tuple[str, ...] = ()                         # globs: force high precision (wins over include)
+    strict_globs: bool = True                             # a glob that matches no tensor is an error (a typo);
+                                                          # False for a target's globs (a cut model may lack some)
     moe_calibration: Literal["all", "routed"] = "all"     # route every calibration token to every expert
     # a tied, quantized INT4 LM head: the embedding lookup keeps the full-precision table ("kept") or
     # reads the head's codes ("shared": one INT4 table for both, ORT GatherBlockQuantized + MatMulNBits)

@@ -132,3 +132,19 @@ def test_tied_embedding_shared_refusals():
     PassManager("quantize{scheme=int4-rtn tied-embedding=shared}").run(g)
     assert any(n.op == "embedding" for n in g.nodes)
     assert g.metadata["quantization"]["embedding"].startswith("kept")
+
+
+def test_cpu_int4_globs_may_miss_a_cut_model_but_user_globs_may_not():
+    """The target's globs name every projection of the family: a model without attention layers (cut to
+    fewer layers than the full-attention interval) still builds; a user's glob that matches nothing is
+    still a typo and an error."""
+    import pytest
+
+    from qwen35c.errors import QwenError
+    from qwen35c.targets import TARGETS
+
+    g = _tied_graph()                                        # no self_attn / linear_attn at all
+    PassManager(f"quantize{{{TARGETS['cpu-int4'].quantize}}}").run(g)
+    assert g.metadata["quantization"]["quantized"] == ["lm_head.weight"]
+    with pytest.raises(QwenError, match="match no tensor name"):
+        PassManager("quantize{scheme=int4-rtn include=*.self_attn.q_proj.weight}").run(_tied_graph())
