@@ -235,17 +235,25 @@ def int4_unpack_codes(qweight: Tensor) -> Tensor:
     return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).view(n, -1)
 
 
+_RTN_CHUNK_BYTES = 64 << 20     # fp32 rows per RTN chunk: a 248K-row tied head is 1 GB, its temporaries 3-4x
+
+
 def int4_quantize(weight: Tensor, group_size: int = 128, symmetric: bool = True,
                   clip: Tensor | float = 1.0) -> Int4Weight:
     """Round-to-nearest group-wise INT4 (RTN). weight [N, K] with K % group_size == 0."""
     n, k = weight.shape
     if k % group_size or group_size % 2:
         raise ValueError(f"INT4 group {group_size} does not divide K={k} (or is odd)")
-    wg = weight.float().view(n, k // group_size, group_size)
-    scale, zero = int4_group_params(wg, symmetric, clip)
-    codes = int4_codes(wg, scale, zero).view(n, k)
-    return Int4Weight(int4_pack_codes(codes), scale.contiguous(),
-                      None if symmetric else zero.to(torch.uint8).contiguous(), group_size)
+    rows = n if isinstance(clip, Tensor) else max(1, _RTN_CHUNK_BYTES // (4 * k))
+    packed, scales, zeros = [], [], []
+    for start in range(0, n, rows):          # rows are independent: chunks bound the fp32 temporaries
+        wg = weight[start:start + rows].float().view(-1, k // group_size, group_size)
+        scale, zero = int4_group_params(wg, symmetric, clip)
+        packed.append(int4_pack_codes(int4_codes(wg, scale, zero).view(-1, k)))
+        scales.append(scale)
+        zeros.append(None if symmetric else zero.to(torch.uint8))
+    return Int4Weight(torch.cat(packed), torch.cat(scales).contiguous(),
+                      None if symmetric else torch.cat(zeros).contiguous(), group_size)
 
 
 def int4_dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor | None = None, group_size: int = 128,
