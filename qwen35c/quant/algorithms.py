@@ -110,18 +110,41 @@ def _awq_clip(w: Tensor, x: Tensor, recipe: Recipe) -> Tensor:
 
 
 def gptq(weight: Tensor, inputs: Tensor | None, recipe: Recipe, hessian: Tensor | None = None) -> Int4Weight:
-    """Hessian-based INT4 with block-wise error compensation (see the module docstring)."""
-    w = weight.float().clone()
-    n, k = w.shape
+    """Hessian-based INT4 with block-wise error compensation (see the module docstring).
+
+    Rows of W are independent given H (the compensation runs along K within a row), so they are
+    processed in chunks of about `_GPTQ_CHUNK_BYTES` of fp32: a 248K x 2048 LM head needs a few
+    chunk-sized temporaries, not five copies of itself. The result does not depend on the chunking."""
+    n, k = weight.shape
     g = recipe.group_size
     if k % g:
         raise ValueError(f"GPTQ: group {g} does not divide K={k}")
     h = hessian.float().clone() if hessian is not None else _hessian(inputs)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-
     perm = torch.argsort(torch.diag(h), descending=True) if recipe.act_order else torch.arange(k)
+    h_inv = _upper_cholesky_of_inverse(h[perm][:, perm], recipe.damp)
+    rows = max(1, _GPTQ_CHUNK_BYTES // (4 * k))
+    parts = [_gptq_rows(weight[r:r + rows], dead, perm, h_inv, recipe) for r in range(0, n, rows)]
+    g_idx = parts[0][3]
+    codes = torch.cat([p[0] for p in parts])
+    scales = torch.cat([p[1] for p in parts])
+    trivial = bool((g_idx == torch.arange(k) // g).all())
+    return Int4Weight(codes, scales.contiguous(),
+                      None if recipe.symmetric else torch.cat([p[2] for p in parts]).to(torch.uint8).contiguous(), g,
+                      None if trivial else g_idx.to(torch.int32))
+
+
+_GPTQ_CHUNK_BYTES = 256 << 20
+
+
+def _gptq_rows(weight: Tensor, dead: Tensor, perm: Tensor, h_inv: Tensor, recipe: Recipe):
+    """GPTQ of the rows `weight` [n, K] (H's dead columns, column order and chol(H^-1) given):
+    (packed codes [n, K/2], scales [n, K/g], zeros [n, K/g], g_idx [K])."""
+    w = weight.float().clone()
+    n, k = w.shape
+    g = recipe.group_size
+    w[:, dead] = 0.0
     inv_perm = torch.argsort(perm)
     static = recipe.act_order and recipe.static_groups
     if static or not recipe.act_order:
@@ -133,8 +156,6 @@ def gptq(weight: Tensor, inputs: Tensor | None, recipe: Recipe, hessian: Tensor 
         scales.copy_(s0)
         zeros.copy_(z0)
     w = w[:, perm]
-    h = h[perm][:, perm]
-    h_inv = _upper_cholesky_of_inverse(h, recipe.damp)
 
     codes = torch.zeros(n, k)
     g_idx = torch.empty(k, dtype=torch.long)
@@ -168,12 +189,7 @@ def gptq(weight: Tensor, inputs: Tensor | None, recipe: Recipe, hessian: Tensor 
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
-
-    codes = codes[:, inv_perm]
-    trivial = bool((g_idx == torch.arange(k) // g).all())
-    return Int4Weight(int4_pack_codes(codes), scales.contiguous(),
-                      None if recipe.symmetric else zeros.to(torch.uint8).contiguous(), g,
-                      None if trivial else g_idx.to(torch.int32))
+    return int4_pack_codes(codes[:, inv_perm]), scales, zeros, g_idx
 
 
 def _hessian(x: Tensor) -> Tensor:

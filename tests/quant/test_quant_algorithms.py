@@ -62,3 +62,25 @@ def test_gptq_dead_columns_and_awq_pre_scale():
     assert a.pre_scale is not None and a.pre_scale.shape == (256,) and bool((a.pre_scale > 0).all())
     # the packed matrix encodes W / pre_scale: the effective weight approximates W
     assert float((a.effective_weight() - w).norm() / w.norm()) < 0.2
+
+
+def test_gptq_in_row_chunks_is_the_whole_matrix_gptq(monkeypatch):
+    """GPTQ runs in row chunks (a 248K-row LM head): rows are independent given H, so the codes,
+    scales, zeros and g_idx are bit-identical to one chunk, for plain, static and dynamic act-order."""
+    import dataclasses
+
+    from qwen35c.quant import algorithms
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 128, generator=gen)
+    x = torch.randn(512, 128, generator=gen) * torch.linspace(0.1, 3.0, 128)
+    x[:, 7] = 0.0                                                                       # a dead column
+    for options in ({}, {"act_order": True}, {"act_order": True, "static_groups": False}, {"symmetric": False}):
+        recipe = dataclasses.replace(parse_scheme("int4-gptq", group_size=32), **options)
+        whole = gptq(w, x, recipe)
+        monkeypatch.setattr(algorithms, "_GPTQ_CHUNK_BYTES", 4 * 128 * 7)            # 7 rows a chunk
+        chunked = gptq(w, x, recipe)
+        monkeypatch.undo()
+        for part in ("qweight", "scales", "zeros", "g_idx"):
+            a, b = getattr(whole, part), getattr(chunked, part)
+            assert (a is None and b is None) or torch.equal(a, b), (options, part)
