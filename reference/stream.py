@@ -11,9 +11,9 @@ while the layers stream past, so a short prompt set costs one pass over the weig
 decoding works too (a `Cache` per batch, `new_cache`); each decode step is one pass.
 
 `layer_hook(index, layer) -> module`, `head_hook(lm_head) -> module` and `embed_hook(table) -> table`
-transform a freshly loaded layer / the head / the embedding table before it runs (the quantization-emulating reference replaces linears with their
-dequantized twins there). Sequential quantization drives `load_layer`, `step_info` and `embed`
-itself. Memory: one layer in `dtype` + activations + edges; see `layer_bytes`.
+transform a freshly loaded layer / the head / the embedding table before it runs (the
+quantization-emulating reference replaces linears with their dequantized twins there). Sequential
+quantization drives `load_layer`, `step_info` and `embed` itself. Memory: one layer in `dtype` + activations + edges; see `layer_bytes`.
 """
 
 from __future__ import annotations

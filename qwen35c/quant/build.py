@@ -108,8 +108,8 @@ class Prepared:
             shared = SHARED_EMBEDDING in weights and self.record.get("embedding", "").startswith("shared")
             return emulated_head[0].weight if shared else table
 
-        return StreamedModel(self.model_dir, torch.float32, layer_hook=lambda index, layer: emulate_layer(layer, index, weights),
-                             head_hook=head, embed_hook=embedding)
+        return StreamedModel(self.model_dir, torch.float32, head_hook=head, embed_hook=embedding,
+                             layer_hook=lambda index, layer: emulate_layer(layer, index, weights))
 
 
 def prepare(model_dir: str | Path, meta: dict) -> Prepared:

@@ -175,7 +175,8 @@ def test_tied_embedding_shared_one_int4_table(checkpoint_factory, tmp_path):
     head's dequantized codes."""
     ckpt = checkpoint_factory("tiny", tie_word_embeddings=True)
     out = tmp_path / "shared"
-    build_artifact(ckpt, "cpu-int4", out, quantize="int4-rtn group-size=16 include=lm_head.weight tied-embedding=shared")
+    build_artifact(ckpt, "cpu-int4", out,
+                   quantize="int4-rtn group-size=16 include=lm_head.weight tied-embedding=shared")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"]["embedding"].startswith("shared")
     model = onnx.load(out / "model.onnx", load_external_data=False)
