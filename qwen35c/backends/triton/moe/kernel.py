@@ -48,6 +48,20 @@ def moe_route_kernel(
 
 
 @triton.jit
+def sorted_block(sorted_ptr, block_expert_ptr, num_padded_ptr, NUM_SLOTS, BLOCK_M: tl.constexpr):
+    """Program axis 0's block of expert-sorted positions (moe_align's layout): (positions, slots,
+    slot_ok, expert, active); padding positions and blocks past num_padded are not ok / not active."""
+    pid_m = tl.program_id(0)
+    num_padded = tl.load(num_padded_ptr)
+    active = (pid_m * BLOCK_M < num_padded).to(tl.int32)
+    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_ptr + positions)
+    slot_ok = (slots < NUM_SLOTS) & (positions < num_padded)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    return positions, slots, slot_ok, expert, active
+
+
+@triton.jit
 def moe_gate_up_kernel(
     x_ptr, w_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, y_ptr,
     H, INTER, NUM_SLOTS, TOP_K,
@@ -56,15 +70,10 @@ def moe_gate_up_kernel(
 ):
     """Program (row block, column block of I): y[p, c] = SiLU(x_t W_gate[e, c]) * (x_t W_up[e, c]) for the
     padded sorted position p holding slot s (token t = s // TOP_K) of expert e."""
-    pid_m = tl.program_id(0)
+    positions, slots, slot_ok, expert, active = sorted_block(sorted_ptr, block_expert_ptr, num_padded_ptr,
+                                                             NUM_SLOTS, BLOCK_M)
     pid_n = tl.program_id(1)
-    num_padded = tl.load(num_padded_ptr)
-    active = (pid_m * BLOCK_M < num_padded).to(tl.int32)
-    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + positions)
-    slot_ok = (slots < NUM_SLOTS) & (positions < num_padded)
     tokens = (slots // TOP_K).to(tl.int64)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
     ks = tl.arange(0, BLOCK_K)
@@ -96,14 +105,9 @@ def moe_down_kernel(
 ):
     """Program (row block, column block of H): y[s, c] = w_s * sum_i a[p, i] W_down[e, c, i], scattered back
     to slot order (s = sorted[p])."""
-    pid_m = tl.program_id(0)
+    positions, slots, slot_ok, expert, active = sorted_block(sorted_ptr, block_expert_ptr, num_padded_ptr,
+                                                             NUM_SLOTS, BLOCK_M)
     pid_n = tl.program_id(1)
-    num_padded = tl.load(num_padded_ptr)
-    active = (pid_m * BLOCK_M < num_padded).to(tl.int32)
-    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + positions)
-    slot_ok = (slots < NUM_SLOTS) & (positions < num_padded)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     ks = tl.arange(0, BLOCK_K)

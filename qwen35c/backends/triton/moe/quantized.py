@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from qwen35c.backends.triton.moe.kernel import moe_align, sorted_block
+
 
 @triton.jit
 def _weight_tile(w_ptr, s_ptr, expert, rows, cols, ks, row_ok, k_ok, stride_we, stride_wn, stride_se, stride_sn,
@@ -46,15 +48,10 @@ def moe_gate_up_q_kernel(
 ):
     """As moe_gate_up_kernel, weights FP8 / INT4: y[p, c] = SiLU(x_t Wg[e, c]) * (x_t Wu[e, c]).
     FP8: x holds E4M3 codes (or fp32 E4M3 values) with xs [tokens, ceil(H/128)] scales."""
-    pid_m = tl.program_id(0)
+    positions, slots, slot_ok, expert, active = sorted_block(sorted_ptr, block_expert_ptr, num_padded_ptr,
+                                                             NUM_SLOTS, BLOCK_M)
     pid_n = tl.program_id(1)
-    num_padded = tl.load(num_padded_ptr)
-    active = (pid_m * BLOCK_M < num_padded).to(tl.int32)
-    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + positions)
-    slot_ok = (slots < NUM_SLOTS) & (positions < num_padded)
     tokens = (slots // TOP_K).to(tl.int64)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
     ks = tl.arange(0, BLOCK_K)
@@ -90,14 +87,9 @@ def moe_down_q_kernel(
     FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """As moe_down_kernel (routing weight fused, scattered to slot order), weights FP8 / INT4."""
-    pid_m = tl.program_id(0)
+    positions, slots, slot_ok, expert, active = sorted_block(sorted_ptr, block_expert_ptr, num_padded_ptr,
+                                                             NUM_SLOTS, BLOCK_M)
     pid_n = tl.program_id(1)
-    num_padded = tl.load(num_padded_ptr)
-    active = (pid_m * BLOCK_M < num_padded).to(tl.int32)
-    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + positions)
-    slot_ok = (slots < NUM_SLOTS) & (positions < num_padded)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     ks = tl.arange(0, BLOCK_K)
@@ -135,7 +127,6 @@ def moe_experts_quantized(x, w13, s13, w2, s2, weights, ids, fmt: str, group: in
     import torch
 
     from qwen35c.backends.triton.gemm.fp8 import fp8_quantize_activations
-    from qwen35c.backends.triton.moe.kernel import moe_align
 
     n, k = ids.shape
     hidden, inter = x.shape[1], w13.shape[1] // 2
