@@ -106,7 +106,7 @@ def test_uniform_batch_one_launch_last_only(artifact):
 
 def test_nonzero_initial_state_and_continuation(artifact):
     """Random conv / recurrent states in both models, a prompt, then a second prompt on top of the
-    state (token by token through the decode program); final GDN states compared too."""
+    state (the prefill program from each row's q_start); final GDN states compared too."""
     session, ref = artifact("tiny")
     gen = torch.Generator().manual_seed(3)
     state, cache = session.new_state(2, 16), ref.new_state(2, 16)
@@ -129,6 +129,30 @@ def test_nonzero_initial_state_and_continuation(artifact):
         if kind == "linear_attention":
             assert max_diff(state.ir(f"layers.{i}.conv"), cache.conv[i]) <= 1e-6
             assert max_diff(state.ir(f"layers.{i}.recurrent"), cache.recurrent[i]) <= 1e-6
+
+
+def test_chunked_prefill_across_chunk_and_block_boundaries(artifact):
+    """A ragged batch (lengths 130 and 70) fed as prompts of 63, then 2, then 65 tokens on top of the
+    state: every chunk's logits equal the whole prompt's at the same positions (the GDN chunk of 64
+    and attention's 64-row query blocks start mid-sequence), then a decode step."""
+    session, ref = artifact("tiny")
+    lengths, pieces = [130, 70], [63, 2, 65]
+    ids = ids_for(session, 2, 130, 11)
+    want = [ref.logits(ids[b:b + 1, :n])[0] for b, n in enumerate(lengths)]
+    state = session.new_state(2, 131)
+    begin, worst = 0, 0.0
+    for size in pieces:
+        lens = torch.tensor([max(0, min(size, n - begin)) for n in lengths])
+        got = session.prefill(ids[:, begin:begin + size], state, lens)
+        assert torch.isfinite(got).all()
+        for b, n in enumerate(lens.tolist()):
+            worst = max(worst, max_diff(got[b, :n], want[b][begin:begin + n]) if n else 0.0)
+        begin += size
+    assert state.q_start.tolist() == lengths and worst <= TOL, worst
+    nxt = torch.stack([w[-1] for w in want]).argmax(-1).view(2, 1)
+    cache = ref.new_state(2, 131)
+    ref.prefill(ids, cache, torch.tensor(lengths))
+    assert max_diff(session.decode(nxt, state), ref.decode(nxt, cache)) <= TOL
 
 
 def test_launch_counts(artifact):

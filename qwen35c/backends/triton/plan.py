@@ -4,7 +4,7 @@ Input: the graph after `TRITON_PIPELINE` (fused GDN, grouped MoE, the match pass
 gated_rms_norm / rope / swiglu, optionally `quantize`, then `insert-state`). Output: a `Plan`, two
 programs of steps over named buffers, weights and states:
 
-  prefill  every row starts at position 0 (q_start = 0), T >= 1 tokens, right-padded to `lengths`
+  prefill  T >= 1 tokens per row from its q_start (0 or on top of the state), right-padded to `lengths`
   decode   one token per row on top of the state
 
 A step is a kernel launch (kernel, spec name, constexprs, grid formula, argument bindings) or one
@@ -560,12 +560,15 @@ class _Model(_Lowering):
             cfg = ak.prefill_config(d)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             strides = []
-            for t, (row, head) in (("q", (hq * d, d)), ("k", (hkv * d, d)), ("v", (hkv * d, d)),
-                                   ("g", (hq * 2 * d, 2 * d)), ("o", (hq * d, d))):
+            for t, (row, head) in (("q", (hq * d, d)), ("g", (hq * 2 * d, 2 * d)), ("o", (hq * d, d))):
                 strides += [[f"stride_{t}b", f"int:T * {row}"], [f"stride_{t}t", f"int:{row}"], [f"stride_{t}h", f"int:{head}"]]
+            for t in "kv":      # keys and values from the cache (this step's just written): any q_start
+                strides += [[f"stride_{t}b", f"int:{hkv} * S * {d}"], [f"stride_{t}t", f"int:{d}"],
+                            [f"stride_{t}h", f"int:S * {d}"]]
             steps.append(Launch(
                 "attn_prefill", "attn_prefill_kernel", [f"cdiv(T, {cfg['BLOCK_M']})", f"B * {hq}"],
-                [["q_ptr", "buf:q"], ["k_ptr", "buf:k"], ["v_ptr", vp], ["g_ptr", gate], ["o_ptr", attn],
+                [["q_ptr", "buf:q"], ["k_ptr", f"state:layers.{i}.key_cache"], ["v_ptr", f"state:layers.{i}.value_cache"],
+                 ["g_ptr", gate], ["o_ptr", attn], ["start_ptr", "ctl:q_start"], ["kv_lens_ptr", "ctl:kv_lens"],
                  ["T", "int:T"], ["HQ", f"int:{hq}"], ["GROUP", f"int:{group}"], *strides, ["qk_scale", scale]],
                 dict(cfg, HEAD_DIM=d), warps, stages, layer=i))
         else:

@@ -15,10 +15,10 @@ a pool planned from the plan's `buffers` (rows by formula of B and T), allocated
 reused by every layer and every step of the same shape: no per-token allocation besides the
 returned logits.
 
-A prefill from an empty state (every q_start = 0) runs the `prefill` program: chunked GDN, flash
-prefill attention; a right-padded batch of different lengths runs the GDN kernels once per row (the
-chunk kernels' cu_seqlens address packed sequences, not padded rows). A prompt on top of a non-empty
-state runs token by token through the `decode` program, row by row (attn_prefill has no cache offset).
+A prompt runs the `prefill` program, from an empty state or on top of one (each row from its own
+q_start): chunked GDN from the recurrent / conv states, flash prefill attention over the KV cache;
+a right-padded batch of different lengths runs the GDN kernels once per row (the chunk kernels'
+cu_seqlens address packed sequences, not padded rows).
 """
 
 from __future__ import annotations
@@ -173,8 +173,6 @@ class TritonSession(Session):
         if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > length).any():
             raise QwenError(f"lengths {lengths.tolist()} must give each of the {batch} rows 0..{length} tokens")
         self._check(state, batch, lengths)
-        if state.q_start.any():
-            return self._continue_rows(ids, state, lengths, last_only)
         logits = self._run("prefill", ids, state, lengths, last_only)
         state.q_start += lengths
         return logits
@@ -212,21 +210,6 @@ class TritonSession(Session):
         need = int((state.q_start + lengths).max()) if batch else 0
         if need > state.capacity:
             raise QwenError(f"the state holds {state.capacity} positions; this step needs {need}")
-
-    def _continue_rows(self, ids, state, lengths, last_only):
-        """A prompt on top of a non-empty state: each row token by token through the decode program."""
-        batch, length = ids.shape
-        out = torch.zeros(batch, 1 if last_only else length, self.vocab)
-        for b, n in enumerate(lengths.tolist()):
-            row = state.row(b)
-            for t in range(n):
-                logits = self.decode(ids[b:b + 1, t:t + 1], row)
-                if not last_only:
-                    out[b, t] = logits[0, 0]
-                elif t == n - 1:
-                    out[b, 0] = logits[0, 0]
-            state.q_start[b] = row.q_start[0]
-        return out
 
     def _pool(self, program: str, env: dict) -> dict:
         """The activation buffers of `program` for this shape: allocated once, reused while it lasts."""

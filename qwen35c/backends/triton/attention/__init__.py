@@ -1,5 +1,6 @@
-"""Gated full attention: causal GQA prefill (flash-style online softmax) and split-KV decode over a
-KV cache [B, Hkv, S_max, D] with per-sequence lengths; out * sigmoid(gate) fused; scale D^-0.5.
+"""Gated full attention: causal GQA prefill (flash-style online softmax; from position 0 or on top
+of a KV cache) and split-KV decode over a KV cache [B, Hkv, S_max, D] with per-sequence lengths;
+out * sigmoid(gate) fused; scale D^-0.5.
 
 Twins: `naive.py`.
 """
@@ -20,7 +21,7 @@ def aot_specs(shapes: ModelShapes) -> list[KernelSpec]:
     group = shapes.num_attention_heads // shapes.num_key_value_heads
     strides = [f"stride_{t}{s}" for t in "qkvgo" for s in "bth"]
     args = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "g_ptr": "*bf16", "o_ptr": "*bf16",
-            "T": "i32", "HQ": "i32", "GROUP": "i32", **{s: "i32" for s in strides}, "qk_scale": "fp32"}
+            "start_ptr": "*i32", "kv_lens_ptr": "*i32", "T": "i32", "HQ": "i32", "GROUP": "i32", **{s: "i32" for s in strides}, "qk_scale": "fp32"}
     cfg = prefill_config(d)
     launch = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     specs = [make_spec(f"attn_prefill[{shapes.name}]", attn_prefill_kernel, args, dict(cfg, HEAD_DIM=d),

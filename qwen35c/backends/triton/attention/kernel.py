@@ -16,19 +16,26 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def attn_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, start_ptr, kv_lens_ptr,
     T, HQ, GROUP,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_gb, stride_gt, stride_gh,
     stride_ob, stride_ot, stride_oh, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (query block, batch*q-head). qk_scale = D^-0.5 * log2(e)."""
+    """Program (query block, batch*q-head). qk_scale = D^-0.5 * log2(e).
+
+    Query t of row b sits at position start[b] + t and attends to key positions <= its own and
+    < kv_lens[b] (k/v hold positions 0.. of the row: a KV cache with this step's keys written, or
+    this step's keys alone with start = 0). A row with no keys writes zeros.
+    """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
     h = bh % HQ
     hk = h // GROUP
+    start = tl.load(start_ptr + b).to(tl.int32)
+    n_kv = tl.load(kv_lens_ptr + b).to(tl.int32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < T
@@ -39,14 +46,14 @@ def attn_prefill_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
+    hi = tl.minimum(n_kv, start + (pid_m + 1) * BLOCK_M)
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < T
+        col_ok = cols < n_kv
         k = tl.load(k_base + cols.to(tl.int64)[None, :] * stride_kt + dims[:, None], mask=col_ok[None, :],
                     other=0.0).to(tl.float32)                                              # [D, BLOCK_N]
         s = tl.dot(q.to(q_ptr.dtype.element_ty), k.to(k_ptr.dtype.element_ty)) * qk_scale
-        allowed = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+        allowed = (cols[None, :] <= start + rows[:, None]) & col_ok[None, :]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
@@ -58,7 +65,7 @@ def attn_prefill_kernel(
         m_i = m_new
     gate = tl.load(g_ptr + b * stride_gb + h * stride_gh + rows.to(tl.int64)[:, None] * stride_gt + dims[None, :],
                    mask=row_ok[:, None], other=0.0).to(tl.float32)
-    out = acc / l_i[:, None] * tl.sigmoid(gate)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * tl.sigmoid(gate)
     o_rows = o_ptr + b * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_ot + dims[None, :]
     tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -163,20 +170,29 @@ def decode_num_splits(batch: int, kv_heads: int, max_len: int, block_n: int = 64
     return max(1, min(by_work, by_occupancy, 64))
 
 
-def attention_prefill(q, k, v, gate, scale: float | None = None):
-    """See naive.attention_prefill. Last dims must be unit-stride; q/gate may be views into one projection."""
+def attention_prefill(q, k, v, gate, scale: float | None = None, q_start=None, kv_lens=None):
+    """See naive.attention_prefill. Last dims must be unit-stride; q/gate may be views into one projection.
+    Without q_start, k/v are this step's [B, T, Hkv, D]; with q_start and kv_lens (int tensors on q's
+    device), KV caches [B, Hkv, S, D] already holding this step's keys."""
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    assert hq % hkv == 0 and k.shape == v.shape == (b, t, hkv, d) and gate.shape == q.shape
+    cached = q_start is not None
+    hkv = k.shape[1] if cached else k.shape[2]
+    assert hq % hkv == 0 and k.shape == v.shape and gate.shape == q.shape
+    assert (k.shape[0], k.shape[3]) == (b, d) if cached else k.shape == (b, t, hkv, d)
     assert d == triton.next_power_of_2(d) and all(x.stride(-1) == 1 for x in (q, k, v, gate))
+    if not cached:
+        q_start = torch.zeros(b, dtype=torch.int32, device=q.device)
+        kv_lens = torch.full((b,), t, dtype=torch.int32, device=q.device)
+    # (b, t, h) strides of k / v: a cache is [B, Hkv, S, D]
+    ks = (k.stride(0), k.stride(2), k.stride(1)) if cached else (k.stride(0), k.stride(1), k.stride(2))
+    vs = (v.stride(0), v.stride(2), v.stride(1)) if cached else (v.stride(0), v.stride(1), v.stride(2))
     scale = d ** -0.5 if scale is None else scale
     out = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device)
     cfg = prefill_config(d)
     grid = (triton.cdiv(t, cfg["BLOCK_M"]), b * hq)
     attn_prefill_kernel[grid](
-        q, k, v, gate, out, t, hq, hq // hkv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), gate.stride(0), gate.stride(1), gate.stride(2),
+        q, k, v, gate, out, q_start, kv_lens, t, hq, hq // hkv,
+        q.stride(0), q.stride(1), q.stride(2), *ks, *vs, gate.stride(0), gate.stride(1), gate.stride(2),
         out.stride(0), out.stride(1), out.stride(2), scale * LOG2E, HEAD_DIM=d, **cfg)
     return out
 

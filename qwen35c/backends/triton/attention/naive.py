@@ -5,22 +5,33 @@ from __future__ import annotations
 import torch
 
 
-def attention_prefill(q, k, v, gate, scale: float | None = None):
+def attention_prefill(q, k, v, gate, scale: float | None = None, q_start=None, kv_lens=None):
     """Causal GQA attention with the sigmoid output gate: out = softmax(q k^T * scale) v * sigmoid(gate).
 
     q, gate [B, T, Hq, D]; k, v [B, T, Hkv, D]; query head h uses kv head h // (Hq / Hkv).
+    With q_start and kv_lens [B]: k, v are KV caches [B, Hkv, S, D] holding positions < kv_lens[b]
+    (this step's keys included), query t of row b sits at position q_start[b] + t and attends to
+    positions <= its own; a row with no keys gives zeros.
     Returns [B, T, Hq, D] in q.dtype. scale defaults to D^-0.5.
     """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    if q_start is None:
+        q_start, kv_lens = [0] * b, [t] * b
+        k, v = k.transpose(1, 2), v.transpose(1, 2)                         # [B, Hkv, T, D]
+    hkv = k.shape[1]
     scale = d ** -0.5 if scale is None else scale
-    qf = q.float().transpose(1, 2)                                          # [B, Hq, T, D]
-    kf = k.float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)      # [B, Hq, T, D]
-    vf = v.float().transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
-    scores = qf @ kf.transpose(-1, -2) * scale                              # [B, Hq, T, T]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-    out = (probs @ vf).transpose(1, 2)                                      # [B, T, Hq, D]
+    out = torch.zeros(b, t, hq, d, dtype=torch.float32, device=q.device)
+    for i in range(b):
+        start, n = int(q_start[i]), int(kv_lens[i])
+        if n == 0:
+            continue
+        qf = q[i].float().transpose(0, 1)                                   # [Hq, T, D]
+        kf = k[i, :, :n].float().repeat_interleave(hq // hkv, dim=0)        # [Hq, n, D]
+        vf = v[i, :, :n].float().repeat_interleave(hq // hkv, dim=0)
+        scores = qf @ kf.transpose(-1, -2) * scale                          # [Hq, T, n]
+        causal = torch.arange(n, device=q.device)[None, :] <= start + torch.arange(t, device=q.device)[:, None]
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        out[i] = (probs @ vf).transpose(0, 1)
     return (out * torch.sigmoid(gate.float())).to(q.dtype)
 
 
