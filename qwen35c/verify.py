@@ -56,17 +56,42 @@ class ParityFailure(QwenError):
     exit_code = 1
 
 
-def _metrics(got: torch.Tensor, want: torch.Tensor) -> dict:
-    """got/want [N, V] logits of the same positions."""
-    got, want = got.double(), want.double()
-    diff = (got - want).abs()
-    cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
-    logp_want, logp_got = want.log_softmax(-1), got.log_softmax(-1)
-    kl = (logp_want.exp() * (logp_want - logp_got)).sum(-1).clamp_min(0)
-    return {"positions": int(got.shape[0]), "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+METRIC_ROWS = 16   # positions per slice in _metrics: fp64 [rows, V] temporaries, not [N, V] (248K vocab: 32 MB each)
+
+
+def _metric_parts(got: torch.Tensor, want: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+    """Per-position pieces of the metrics of got/want [N, V] (fp64, METRIC_ROWS positions at a time,
+    so the temporaries stay small at a large vocabulary); with `targets` [N], both sides' NLL sums."""
+    parts = {"n": int(got.shape[0]), "numel": got.numel(), "max_abs": 0.0, "abs_sum": 0.0,
+             "nll_got": 0.0, "nll_want": 0.0, "cos": [], "kl": [], "top1": []}
+    for begin in range(0, parts["n"], METRIC_ROWS):
+        g, w = got[begin:begin + METRIC_ROWS].double(), want[begin:begin + METRIC_ROWS].double()
+        diff = (g - w).abs()
+        parts["max_abs"], parts["abs_sum"] = max(parts["max_abs"], float(diff.max())), parts["abs_sum"] + float(diff.sum())
+        parts["cos"].append(torch.nn.functional.cosine_similarity(g, w, dim=-1))
+        logp_want, logp_got = w.log_softmax(-1), g.log_softmax(-1)
+        parts["kl"].append((logp_want.exp() * (logp_want - logp_got)).sum(-1).clamp_min(0))
+        parts["top1"].append(g.argmax(-1) == w.argmax(-1))
+        if targets is not None:
+            t = targets[begin:begin + METRIC_ROWS, None]
+            parts["nll_got"] -= float(logp_got.gather(1, t).sum())
+            parts["nll_want"] -= float(logp_want.gather(1, t).sum())
+    return parts
+
+
+def _reduce(parts: list[dict]) -> dict:
+    n, numel = sum(p["n"] for p in parts), sum(p["numel"] for p in parts)
+    cos, kl, top1 = (torch.cat([t for p in parts for t in p[key]]) for key in ("cos", "kl", "top1"))
+    return {"positions": n, "max_abs": max(p["max_abs"] for p in parts),
+            "mean_abs": sum(p["abs_sum"] for p in parts) / numel,
             "cosine_min": float(cos.min()), "kl_mean": float(kl.mean()),
             "kl_p99": float(torch.quantile(kl, 0.99)) if kl.numel() > 1 else float(kl.max()),
-            "top1": float((got.argmax(-1) == want.argmax(-1)).double().mean())}
+            "top1": float(top1.double().mean())}
+
+
+def _metrics(got: torch.Tensor, want: torch.Tensor) -> dict:
+    """got/want [N, V] logits of the same positions."""
+    return _reduce([_metric_parts(got, want)])
 
 
 def _merge(cases: list[dict]) -> dict:
@@ -196,21 +221,29 @@ def heldout_ids(tokenizer, max_tokens: int = LOSS_TOKENS) -> tuple[list[int], st
     return ids, f"held-out stdlib files ({', '.join(HELD_OUT)}), first {len(ids) - 1} tokens"
 
 
+WINDOW_LOGITS_BYTES = 512 << 20   # logits held per model and pass in quantization_loss
+
+
 def quantization_loss(full, emulated, ids: list[int], context: int = LOSS_CONTEXT) -> dict:
     """Teacher-forced KL(full || emulated), top-1 agreement and perplexity ratio over `ids`
-    (windows of `context` tokens, like `qwen35c perplexity --kl-base`)."""
+    (windows of `context` tokens, like `qwen35c perplexity --kl-base`). The windows go through the
+    models in groups whose logits fit WINDOW_LOGITS_BYTES (a 248K vocabulary: two windows a pass)."""
     from qwen35c.eval.perplexity import windows
 
     all_ids = torch.tensor(ids, dtype=torch.long)
     spans = list(windows(len(ids), context, context))
-    inputs = [all_ids[None, w.begin:w.end] for w in spans]
-    rows = [torch.arange(w.target_begin - 1, w.target_end - 1) - w.begin for w in spans]
-    want = torch.cat([y[0, r].float() for y, r in zip(_window_logits(full, inputs), rows)])
-    got = torch.cat([y[0, r].float() for y, r in zip(_window_logits(emulated, inputs), rows)])
-    targets = torch.cat([all_ids[w.target_begin:w.target_end] for w in spans])
-    metrics = _metrics(got, want)
-    nll = lambda logits: float(-logits.double().log_softmax(-1).gather(1, targets[:, None]).mean())  # noqa: E731
-    metrics["ppl_ratio"] = math.exp(nll(got) - nll(want))
+    per_group = max(1, WINDOW_LOGITS_BYTES // (4 * context * full.config.vocab_size))
+    parts = []
+    for first in range(0, len(spans), per_group):
+        group = spans[first:first + per_group]
+        inputs = [all_ids[None, w.begin:w.end] for w in group]
+        for w, want, got in zip(group, _window_logits(full, inputs), _window_logits(emulated, inputs)):
+            rows = torch.arange(w.target_begin - 1, w.target_end - 1) - w.begin
+            parts.append(_metric_parts(got[0, rows].float(), want[0, rows].float(),
+                                       all_ids[w.target_begin:w.target_end]))
+    metrics = _reduce(parts)
+    n = metrics["positions"]
+    metrics["ppl_ratio"] = math.exp((sum(p["nll_got"] for p in parts) - sum(p["nll_want"] for p in parts)) / n)
     return metrics
 
 

@@ -36,6 +36,11 @@ __all__ = ["Checkpoint", "WeightLoader", "load_model", "save_checkpoint", "make_
 VLM_PREFIX, TEXT_PREFIX = "model.language_model.", "model."
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _FINITE_CHECKED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)   # weights must be finite
+_FINITE_CHUNK = 1 << 22   # elements per isfinite() slice: small temporaries, not a copy of the tensor
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(_FINITE_CHUNK))
 
 
 class Checkpoint:
@@ -126,6 +131,7 @@ class WeightLoader:
         self.ckpt, self.config = ckpt, config
         self.prefix = text_prefix(ckpt.names())
         self.used: set[str] = set()     # checkpoint tensors read so far
+        self.finite: set[str] = set()   # ... and found finite (checked once per loader)
 
     def unused(self) -> list[str]:
         """Checkpoint tensors no parameter was read from (vision and MTP tensors excepted)."""
@@ -173,8 +179,10 @@ class WeightLoader:
         where = self.ckpt.file_of(name) if name in self.ckpt else self.ckpt.directory
         if tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(f"{where}: tensor '{name}' has shape {list(tensor.shape)}, expected {list(shape)}")
-        if tensor.dtype in _FINITE_CHECKED and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{where}: tensor '{name}' holds NaN or infinite values")
+        if name not in self.finite and tensor.dtype in _FINITE_CHECKED:
+            if not _all_finite(tensor):
+                raise CheckpointError(f"{where}: tensor '{name}' holds NaN or infinite values")
+            self.finite.add(name)
         self.used.add(name)
         return tensor
 

@@ -10,9 +10,12 @@ One call runs a whole prompt SET (`forward_many`): every batch's activations [B,
 while the layers stream past, so a short prompt set costs one pass over the weights. Incremental
 decoding works too (a `Cache` per batch, `new_cache`); each decode step is one pass.
 
-`layer_hook(index, layer) -> module`, `head_hook(lm_head) -> module` and `embed_hook(table) -> table`
-transform a freshly loaded layer / the head / the embedding table before it runs (the
-quantization-emulating reference replaces linears with their dequantized twins there). Sequential
+`layer_hook(index, layer) -> module` transforms a freshly loaded layer before it runs (the
+quantization-emulating reference replaces linears with their dequantized twins there);
+`head_hook(lm_head) -> module` sees the head before its weight is loaded (on the meta device):
+returned unchanged, the checkpoint's weight is loaded into it; another module replaces it, and
+nothing is loaded. `embed_hook(table) -> table` gives the lookup table (it is passed the fp32 table
+when a tied fp32 head holds it, else None: the lookups otherwise gather checkpoint rows). Sequential
 quantization drives `load_layer`, `step_info` and `embed` itself. Memory: one layer in `dtype` + activations + edges; see `layer_bytes`.
 """
 
@@ -87,24 +90,41 @@ class StreamedModel:
             setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
         return layer.eval()
 
-    def edges(self) -> tuple[Tensor, nn.Module, nn.Module]:
-        """(embedding [V, H], final norm, LM head): loaded once, kept; a tied head shares the embedding."""
+    def edges(self) -> tuple[Tensor | None, nn.Module, nn.Module]:
+        """(embedding [V, H], final norm, LM head): loaded once, kept; a tied head shares the embedding.
+        The embedding is None when nothing needs it whole: the lookups then gather their rows from the
+        mapped checkpoint (`embed`; an untied model, or a tied one whose head the head hook replaced)."""
         if self._edges is None:
             cfg = self.config
-            embed = self._load("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-            norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            norm.weight = nn.Parameter(self._load("model.norm.weight", (cfg.hidden_size,)), requires_grad=False)
+            embed, norm = None, self.final_norm()
             with torch.device("meta"):
                 head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-            head.weight = (nn.Parameter(embed, requires_grad=False) if cfg.tie_word_embeddings else
-                           nn.Parameter(self._load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)),
-                                        requires_grad=False))
-            if self.head_hook is not None:
-                head = self.head_hook(head)
+            replaced = self.head_hook(head) if self.head_hook is not None else head
+            if replaced is not head:                  # a replaced head: its table is not loaded at all
+                head = replaced
+            elif cfg.tie_word_embeddings:
+                embed = self._load("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+                head.weight = nn.Parameter(embed, requires_grad=False)
+            else:
+                head.weight = nn.Parameter(self._load("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)),
+                                           requires_grad=False)
             if self.embed_hook is not None:          # after the head's: a shared table may come from it
                 embed = self.embed_hook(embed)
             self._edges = (embed, norm, head)
         return self._edges
+
+    def final_norm(self) -> RMSNorm:
+        cfg = self.config
+        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm.weight = nn.Parameter(self._load("model.norm.weight", (cfg.hidden_size,)), requires_grad=False)
+        return norm
+
+    def head_source(self) -> tuple[str, Tensor]:
+        """(parameter name, the LM head's weight [V, H] as stored: a view of the mapped checkpoint,
+        in its dtype; `loader.release(name)` drops its pages). A tied head is the embedding."""
+        cfg = self.config
+        name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        return name, self.loader.tensor(name, (cfg.vocab_size, cfg.hidden_size))
 
     def close(self) -> None:
         self._edges = None
@@ -130,10 +150,11 @@ class StreamedModel:
         return StepInfo(cos, sin, q_start, lengths, valid, cache, False)
 
     def embed(self, ids: Tensor) -> Tensor:
-        """ids [B, T] -> [B, T, H]. Before the edges are loaded, the rows are gathered from the
+        """ids [B, T] -> [B, T, H]. Unless the edges hold the table, the rows are gathered from the
         mapped checkpoint and converted (exact: a gather commutes with an elementwise cast)."""
-        if self._edges is not None or self.embed_hook is not None:
-            return F.embedding(ids, self.edges()[0])
+        table = self.edges()[0] if self._edges is not None or self.embed_hook is not None else None
+        if table is not None:
+            return F.embedding(ids, table)
         name, cfg = "model.embed_tokens.weight", self.config
         rows = F.embedding(ids, self.loader.tensor(name, (cfg.vocab_size, cfg.hidden_size))).to(self.dtype)
         self.loader.release(name)

@@ -100,15 +100,15 @@ class Prepared:
 
         def head(linear: nn.Module) -> nn.Module:
             q = weights.get("lm_head.weight")
-            emulated_head.append(linear if q is None else EmulatedLinear(q, None, linear.weight.dtype))
+            emulated_head.append(linear if q is None else EmulatedLinear(q, None, torch.float32))
             return emulated_head[0]
 
         def embedding(table: torch.Tensor) -> torch.Tensor:
-            # tied-embedding=shared: the lookup reads the head's dequantized codes (one table, as the artifact)
-            shared = SHARED_EMBEDDING in weights and self.record.get("embedding", "").startswith("shared")
-            return emulated_head[0].weight if shared else table
+            return emulated_head[0].dequantized()   # the head's dequantized codes: one table, as the artifact
 
-        return StreamedModel(self.model_dir, torch.float32, head_hook=head, embed_hook=embedding,
+        # tied-embedding=shared: the lookup reads the head's codes; else rows of the checkpoint's table
+        shared = SHARED_EMBEDDING in weights and self.record.get("embedding", "").startswith("shared")
+        return StreamedModel(self.model_dir, torch.float32, head_hook=head, embed_hook=embedding if shared else None,
                              layer_hook=lambda index, layer: emulate_layer(layer, index, weights))
 
 

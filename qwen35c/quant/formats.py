@@ -36,7 +36,7 @@ __all__ = [
     "FP8_MAX", "FP8_BLOCK", "SCALE_FLOOR", "Fp8Weight", "Int4Weight", "QuantizedWeight",
     "fp8_quantize", "fp8_dequantize", "fp8_fake_quant_activations", "fp8_quantize_activations",
     "int4_quantize", "int4_group_params", "int4_codes", "int4_pack_codes", "int4_unpack_codes",
-    "int4_dequantize", "fake_quant_activations", "int4_fake_quant_activations", "gemm_input",
+    "int4_dequantize", "fake_quant_activations", "int4_fake_quant_activations", "gemm_input", "row_slice",
 ]
 
 FP8_MAX = 448.0          # float8_e4m3fn largest finite value (NVIDIA E4M3FN, not AMD's FNUZ 240)
@@ -297,3 +297,23 @@ def gemm_input(x: Tensor, weight: QuantizedWeight) -> Tensor:
     if pre is not None:
         x = x * pre.to(x.dtype)
     return fake_quant_activations(x, weight)
+
+
+def row_slice(weight: QuantizedWeight, begin: int = 0, end: int | None = None) -> QuantizedWeight:
+    """Output rows begin:end of a quantized matrix, as the same format (views, no copies). FP8 block
+    scales cover `block` rows each: a slice must start on a block edge."""
+    import dataclasses
+
+    end = weight.shape[0] if end is None else end
+    if (begin, end) == (0, weight.shape[0]):
+        return weight
+    if isinstance(weight, Int4Weight):
+        return dataclasses.replace(weight, qweight=weight.qweight[begin:end], scales=weight.scales[begin:end],
+                                   zeros=None if weight.zeros is None else weight.zeros[begin:end])
+    if weight.granularity == "block":
+        if begin % weight.block:
+            raise ValueError(f"an FP8 block-{weight.block} row slice must start on a block edge, not row {begin}")
+        scale = weight.scale[begin // weight.block:-(-end // weight.block)]
+    else:
+        scale = weight.scale[begin:end] if weight.granularity == "channel" else weight.scale
+    return dataclasses.replace(weight, weight=weight.weight[begin:end], scale=scale)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from qwen35c.errors import QwenError
 from qwen35c.quant import algorithms
 from qwen35c.quant.calibrate import Calibration
-from qwen35c.quant.formats import Int4Weight, QuantizedWeight, gemm_input
+from qwen35c.quant.formats import Int4Weight, QuantizedWeight, gemm_input, row_slice
 from qwen35c.quant.policy import Decision, plan_model
 from qwen35c.quant.recipe import Recipe
 from reference import ops
@@ -128,19 +128,38 @@ def note_fallback(out: QuantizedModel, fallback: list[str]) -> None:
 
 
 class EmulatedLinear(nn.Module):
-    """y = F.linear(fq(x) * pre_scale, W_deq, bias): the packed GEMM's math in the model dtype."""
+    """y = F.linear(fq(x) * pre_scale, W_deq, bias): the packed GEMM's math in the model dtype.
+
+    W_deq is held in `dtype` up to RESIDENT_ROWS output rows; a larger matrix (a 248K-row LM head:
+    1 GB in fp32) is dequantized RESIDENT_ROWS rows at a time in forward instead (the same numbers
+    per output column, computed in slices of ~32 MB at H = 1024)."""
+
+    RESIDENT_ROWS = 8192
 
     def __init__(self, qweight: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.qweight = qweight
-        self.weight = nn.Parameter(qweight.dequantize().to(dtype), requires_grad=False)
+        self.qweight, self.dtype = qweight, dtype
+        self.out_features, self.in_features = qweight.shape
+        resident = qweight.shape[0] <= self.RESIDENT_ROWS
+        self.weight = nn.Parameter(self.dequantized(), requires_grad=False) if resident else None
         pre = getattr(qweight, "pre_scale", None)
         self.register_buffer("pre_scale", None if pre is None else pre.to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0]
+
+    def dequantized(self, begin: int = 0, end: int | None = None) -> Tensor:
+        """Rows begin:end of W_deq in the model dtype."""
+        return row_slice(self.qweight, begin, end).dequantize().to(self.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(gemm_input(x, self.qweight), self.weight, self.bias)
+        x = gemm_input(x, self.qweight)
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        for begin in range(0, self.out_features, self.RESIDENT_ROWS):
+            end = min(begin + self.RESIDENT_ROWS, self.out_features)
+            out[..., begin:end] = F.linear(x, self.dequantized(begin, end),
+                                           None if self.bias is None else self.bias[begin:end])
+        return out
 
 
 class EmulatedMoeBlock(nn.Module):

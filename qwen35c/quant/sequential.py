@@ -149,13 +149,19 @@ def _quantize_experts(out: dict, params: dict, block: SparseMoeBlock, block_name
 
 def _quantize_edges(out: dict, stream: StreamedModel, units: list[Decision], xs: list[Tensor],
                     recipe: Recipe, seed: int) -> list[str]:
-    """Units outside the decoder layers (an included lm_head), calibrated on the final norm's output."""
-    _, norm, head = stream.edges()
+    """Units outside the decoder layers (an included lm_head), calibrated on the final norm's output.
+    The head is quantized from the mapped checkpoint as stored (RTN / GPTQ widen it to fp32 a row
+    chunk at a time: the same numbers as from an fp32 copy, without the 1-2 GB copy)."""
     calibration = None
     if recipe.needs_calibration:
+        norm = stream.final_norm()
         collector = Collector(MAX_ROWS, seed)
         for x in xs:
             collector.add("lm_head.weight", norm(x))
         calibration = collector.result(sum(x.shape[1] for x in xs), "all")
-    params = {"lm_head.weight": head.weight}
-    return quantize_units(out, params, [d for d in units if d.canonical == "lm_head.weight"], recipe, calibration)
+    name, weight = stream.head_source()
+    try:
+        return quantize_units(out, {"lm_head.weight": weight}, [d for d in units if d.canonical == "lm_head.weight"],
+                              recipe, calibration)
+    finally:
+        stream.loader.release(name)

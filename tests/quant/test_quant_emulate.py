@@ -90,3 +90,25 @@ def test_emulation_of_unquantized_recipe_is_identity(moe):
     assert not quantized.weights
     with torch.no_grad():
         assert torch.equal(emulate(model, quantized)(ids), model(ids))
+
+
+@pytest.mark.parametrize("make", ["int4-sym", "int4-asym", "fp8-block", "fp8-channel", "fp8-tensor"])
+def test_row_slices_and_a_head_dequantized_in_slices(make, monkeypatch):
+    """`row_slice` dequantizes to the same rows as the whole matrix; an EmulatedLinear over more than
+    RESIDENT_ROWS rows (an LM head) holds no fp32 copy and gives the resident one's outputs."""
+    from qwen35c.quant.formats import fp8_quantize, int4_quantize, row_slice
+
+    w = torch.randn(1000, 256, generator=torch.Generator().manual_seed(1))
+    kind, _, how = make.partition("-")
+    q = int4_quantize(w, 128, symmetric=how == "sym") if kind == "int4" else fp8_quantize(w, how)
+    whole = q.dequantize()
+    for begin, end in ((0, 256), (256, 1000), (512, 640)):
+        assert torch.equal(row_slice(q, begin, end).dequantize(), whole[begin:end])
+    x = torch.randn(2, 5, 256, generator=torch.Generator().manual_seed(2))
+    bias = torch.randn(1000)
+    resident = EmulatedLinear(q, bias, torch.float32)
+    monkeypatch.setattr(EmulatedLinear, "RESIDENT_ROWS", 256)
+    sliced = EmulatedLinear(q, bias, torch.float32)
+    assert resident.weight is not None and sliced.weight is None
+    assert torch.allclose(sliced(x), resident(x), rtol=0, atol=1e-5)   # measured 0 (the same dot products)
+    assert torch.equal(sliced.dequantized(), whole)
