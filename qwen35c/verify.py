@@ -123,13 +123,17 @@ def gate(metrics: dict, precision: str, greedy_match: float | None) -> tuple[boo
 
 def compare(artifact, reference, *, single=SINGLE_LENGTHS, batch=BATCH_LENGTHS, steps=DECODE_STEPS,
             seed: int = 0) -> dict:
-    """Run both sessions on the prompt set; returns per-case metrics, totals and greedy match."""
+    """Run both sessions on the prompt set; returns per-case metrics, totals and greedy match.
+    Freed heap goes back to the OS after each case (logits of a 248K vocabulary are 1 MB a position)."""
+    from reference.stream import return_freed_memory
+
     vocab = reference.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     cases = {}
     for length in single:
         ids = torch.randint(0, vocab, (1, length), generator=gen)
         cases[f"prefill T={length}"] = _metrics(artifact.logits(ids)[0].float(), reference.logits(ids)[0].float())
+        return_freed_memory()
     greedy = None
     if batch:
         lengths = list(batch)
@@ -138,9 +142,11 @@ def compare(artifact, reference, *, single=SINGLE_LENGTHS, batch=BATCH_LENGTHS, 
         lens = torch.tensor(lengths)
         sa, sr = artifact.new_state(len(lengths), width + steps + 1), reference.new_state(len(lengths), width + steps + 1)
         la, lr = artifact.prefill(ids, sa, lens).float(), reference.prefill(ids, sr, lens).float()
-        cases[f"batch prefill lengths={lengths}"] = _metrics(
-            torch.cat([la[b, :n] for b, n in enumerate(lengths)]), torch.cat([lr[b, :n] for b, n in enumerate(lengths)]))
+        cases[f"batch prefill lengths={lengths}"] = _reduce(
+            [_metric_parts(la[b, :n], lr[b, :n]) for b, n in enumerate(lengths)])
         nxt = torch.stack([lr[b, n - 1] for b, n in enumerate(lengths)]).argmax(-1)
+        del la, lr
+        return_freed_memory()
         got, want = [], []
         for _ in range(steps):
             da, dr = artifact.decode(nxt.view(-1, 1), sa)[:, 0].float(), reference.decode(nxt.view(-1, 1), sr)[:, 0].float()
@@ -381,7 +387,7 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
         checks.append({"name": "parity", "status": "not run", "detail": why})
         return _finish(report)
     say(f"loading the artifact ({manifest['backend']['name']})")
-    artifact = backend.load(directory, manifest, threads=threads)
+    artifact = backend.load(directory, manifest, threads=threads, lean=True)
     report["mode"] = getattr(artifact, "mode", None)
     prepared = _prepare(manifest, ref_path, checks, report, say) if quantized else None
     if prepared is not None or not quantized:

@@ -54,6 +54,7 @@ OPSET = 23
 MS_DOMAIN = "com.microsoft"
 ALIGN = 4096
 INLINE_LIMIT = 64          # tensors with at most this many elements live inside model.onnx
+STREAM_BYTES = 64 << 20    # a weight larger than this is converted and written a row chunk at a time
 
 ONNX_DTYPE = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
               "f64": TensorProto.DOUBLE, "i64": TensorProto.INT64, "i32": TensorProto.INT32,
@@ -101,15 +102,20 @@ class _DataWriter:
         self.offset = 0
 
     def write(self, array: np.ndarray) -> tuple[int, int]:
+        return self.write_rows([array])
+
+    def write_rows(self, chunks) -> tuple[int, int]:
+        """Consecutive row chunks of one tensor (arrays), at one aligned offset: (offset, length)."""
         pad = (-self.offset) % ALIGN
         if pad:
             self.file.write(b"\0" * pad)
             self.offset += pad
-        data = np.ascontiguousarray(array)
         start = self.offset
-        self.file.write(memoryview(data).cast("B"))
-        self.offset += data.nbytes
-        return start, data.nbytes
+        for array in chunks:
+            data = np.ascontiguousarray(array)
+            self.file.write(memoryview(data).cast("B"))
+            self.offset += data.nbytes
+        return start, self.offset - start
 
     def close(self) -> None:
         self.file.close()
@@ -271,15 +277,40 @@ class OnnxEmitter:
         key = (id(value), transform)
         if key in self.init_cache:
             return self.init_cache[key]
-        if tensor is None:
-            tensor = self.evaluate(value)
-        if transform == "t":
-            tensor = tensor.t()
         name = value.name + (f".{transform}" if transform else "")
-        self.add_tensor(name, tensor, value.dtype)
+        streamed = tensor is None and not transform and value.producer.op == "weight" and self._add_streamed(name, value)
+        if not streamed:
+            if tensor is None:
+                tensor = self.evaluate(value)
+            if transform == "t":
+                tensor = tensor.t()
+            self.add_tensor(name, tensor, value.dtype)
         self._released(value)
         self.init_cache[key] = name
         return name
+
+    def _add_streamed(self, name: str, value: Value) -> bool:
+        """A large weight as stored -> its external data, converted STREAM_BYTES of rows at a time
+        (a 248K-row fp32 embedding is never whole in memory); False for a small one."""
+        dtype = value.type.torch_dtype
+        source = self.weights(value.producer.attrs["name"])
+        if source.dim() == 0 or source.numel() * dtype.itemsize <= STREAM_BYTES:
+            return False
+        if self.on_weight:
+            self.on_weight(value.producer.attrs["name"])
+        rows = max(1, STREAM_BYTES // max(1, source[0].numel() * dtype.itemsize))
+        chunks = (_np(source[r:r + rows].to(dtype)) for r in range(0, source.shape[0], rows))
+        offset, length = self.data.write_rows(chunks)
+        self.initializers.append(self._external(name, value.dtype, list(source.shape), offset, length))
+        return True
+
+    def _external(self, name: str, dtype: str, dims: list[int], offset: int, length: int) -> TensorProto:
+        proto = TensorProto(name=name, data_type=ONNX_DTYPE[dtype], dims=dims)
+        proto.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(length))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = k, v
+        return proto
 
     def add_tensor(self, name: str, tensor: torch.Tensor, dtype: str) -> None:
         array = _np(tensor)
@@ -287,12 +318,7 @@ class OnnxEmitter:
             proto = onnx.numpy_helper.from_array(array, name)
             proto.data_type = ONNX_DTYPE[dtype]
         else:
-            offset, length = self.data.write(array)
-            proto = TensorProto(name=name, data_type=ONNX_DTYPE[dtype], dims=list(array.shape))
-            proto.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(length))):
-                entry = proto.external_data.add()
-                entry.key, entry.value = k, v
+            proto = self._external(name, dtype, list(array.shape), *self.data.write(array))
         self.initializers.append(proto)
 
     # ---- the walk ------------------------------------------------------------------------------

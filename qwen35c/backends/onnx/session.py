@@ -106,7 +106,9 @@ class OnnxState:
 class OnnxSession(Session):
     """`load(artifact)` for artifacts built by the onnx backend."""
 
-    def __init__(self, directory: Path, manifest: dict, threads: int | None = None):
+    def __init__(self, directory: Path, manifest: dict, threads: int | None = None, arena: bool = True):
+        """`arena=False` turns off ORT's CPU memory arena (which keeps its largest working set, grown
+        in doubling steps, for the session's life): slower allocation, a lower peak for the checks."""
         import onnxruntime as ort
 
         from reference.config import load_config
@@ -126,6 +128,7 @@ class OnnxSession(Session):
         if knobs.ort_spin is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", str(int(knobs.ort_spin)))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_cpu_mem_arena = arena
         options.log_severity_level = 3
         model = artifact_file(self.directory, manifest, backend["model"])
         try:

@@ -68,7 +68,7 @@ class TritonBackend:
             return reference, get_target(manifest["target"]["name"]).precision, f"emulating reference ({what})"
         return reference, lowering_gate(record), f"emulating reference ({what}, fp32 activations)"
 
-    def load(self, directory: Path, manifest: dict, threads: int | None = None):
+    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False):
         self.setup()
         from qwen35c.backends.triton.session import TritonSession
 
