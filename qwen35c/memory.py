@@ -9,10 +9,13 @@ Estimates are computed from shapes alone (config + the target's precision), neve
                          (arena, per-run buffers: ORT_WORKING x the fp32 embedding, calibrated on
                          the 0.8b preset, where it did not depend on the weights' precision) +
                          state / KV for the workload + activations (logits dominate);
-  build (streamed)     = the largest of its phases: quantization (edges in fp32 + a few copies of the
-                         largest decoder layer + calibration activations + one unit's Hessian /
-                         rows), emission (tensor by tensor: two of the largest) and the check (the artifact
-                         above + the streamed reference's edges and a layer + both sides' logits).
+  build (streamed)     = the largest of its phases: quantization (a few copies of the largest decoder
+                         layer + calibration activations + one unit's Hessian / rows; the head is
+                         quantized from the mapped checkpoint in row chunks), emission (tensor by
+                         tensor: two of the largest, a tensor over 64 MB written in 64 MB row chunks)
+                         and the check (the artifact above + the streamed reference's layer and, for
+                         an fp32 check, its [V, H] head: a quantized check's emulated head is
+                         dequantized in slices, its lookups gather checkpoint rows + both sides' logits).
 
 `available_bytes()` is /proc/meminfo MemAvailable, lowered to a cgroup (v2 or v1) limit minus usage
 when one is set. Numbers are bytes.
@@ -61,8 +64,12 @@ def _weight_bytes(config, precision: str, group_size: int = 128) -> tuple[int, i
 
     model = _skeleton(config)
     quantized: set[str] = set()
-    if precision == "int4":
-        recipe = parse_scheme("int4-gptq", group_size=group_size)
+    if precision == "int4":     # the cpu-int4 target's own include globs (attention, GDN, the head)
+        from qwen35c.targets import TARGETS
+
+        options = dict(part.split("=", 1) for part in TARGETS["cpu-int4"].quantize.split() if "=" in part)
+        recipe = parse_scheme("int4-gptq", group_size=group_size, strict_globs=False,
+                              include=tuple(g for g in options.get("include", "").split(";") if g))
         quantized = {d.name for d in plan_model(model, recipe) if d.quantize and d.expert is None}
     total = 0
     for name, p in model.named_parameters():
@@ -70,7 +77,8 @@ def _weight_bytes(config, precision: str, group_size: int = 128) -> tuple[int, i
             continue
         n = p.numel()
         total += n // 2 + 4 * n // group_size if name in quantized else 4 * n
-    tied = 4 * config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
+    # a tied fp32 head: ORT prepacks its own copy of the table for the head's GEMM
+    tied = 4 * config.vocab_size * config.hidden_size if config.tie_word_embeddings and "lm_head.weight" not in quantized else 0
     return total, tied
 
 
@@ -112,20 +120,25 @@ def _largest_tensor(config) -> int:
     return 4 * max(p.numel() for p in _skeleton(config).parameters())
 
 
+STREAM_CHUNK = 64 << 20       # qwen35c.backends.onnx.emit.STREAM_BYTES
+HEAD_CHUNK = 256 << 20        # fp32 rows of the head GPTQ works on at a time (quant.algorithms)
+
+
 def build_peak(config, precision: str = "fp32", calibrated: bool | None = None, check: bool = True) -> Estimate:
     """Peak RSS of a streamed `qwen35c build` (the largest phase; see the module docstring)."""
     layer = _layer_bytes(config)
-    edges = 4 * config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    table = 4 * config.vocab_size * config.hidden_size
     calibrated = precision == "int4" if calibrated is None else calibrated
     widest_k = max(config.intermediate_size or 0, config.moe_intermediate_size or 0, config.hidden_size)
-    quantize = PROCESS_BASE + edges + 3 * layer
+    quantize = PROCESS_BASE + min(table, HEAD_CHUNK) + 3 * layer
     if calibrated:
         quantize += 3 * CALIB_TOKENS * config.hidden_size * 4 + 3 * CALIB_ROWS * widest_k * 4 + 4 * widest_k ** 2 * 4
     phases = {"quantize": quantize if precision != "fp32" else 0,
-              "emit": PROCESS_BASE + 2 * _largest_tensor(config)}
+              "emit": PROCESS_BASE + 2 * min(_largest_tensor(config), max(layer, STREAM_CHUNK))}
     if check:
         reference_logits = 2 * CHECK_PROMPT * config.vocab_size * 4
-        phases["check"] = artifact_peak(config, precision).total + edges + 2 * layer + reference_logits
+        head = table if precision == "fp32" else 0
+        phases["check"] = artifact_peak(config, precision).total + head + 2 * layer + reference_logits
     worst = max(phases.values())
     return Estimate(worst, phases)
 

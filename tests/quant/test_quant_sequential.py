@@ -72,14 +72,23 @@ def test_prepare_never_loads_the_whole_model(checkpoint_factory, monkeypatch):
     assert not torch.equal(prepared.model(ids), want)                    # and it really is quantized
 
 
-def test_streamed_emulation_of_quantized_experts_and_head(checkpoint_factory):
-    path = checkpoint_factory("tiny-moe")
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_emulation_of_quantized_experts_and_head(checkpoint_factory, monkeypatch, tied):
+    """Bit-equal to the resident emulation, and with a quantized head (tied or not) it holds no
+    [V, H] table: lookups gather checkpoint rows, the head is dequantized a slice of rows at a time."""
+    from qwen35c.quant.model import EmulatedLinear
+
+    path = checkpoint_factory("tiny-moe", tie_word_embeddings=tied)
     model = load_model(path)
+    assert model.config.tie_word_embeddings == tied
     recipe = parse_scheme("int4-rtn", group_size=16, include=("lm_head.weight",))
     decisions = restrict(plan_model(model, recipe), None, "")
     quantized = quantize_sequential(StreamedModel(path), recipe, decisions, None)
     assert "lm_head.weight" in quantized.weights
-    prepared = Prepared(quantized, path, {})
+    monkeypatch.setattr(EmulatedLinear, "RESIDENT_ROWS", 128)          # vocab 512: four slices
+    streamed = Prepared(quantized, path, {}).emulated()
     ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(prepared.emulated()(ids), emulate(model, quantized)(ids))
+        assert torch.equal(streamed(ids), emulate(model, quantized)(ids))
+    table, _, head = streamed.edges()
+    assert table is None and isinstance(head, EmulatedLinear) and head.weight is None
