@@ -259,6 +259,16 @@ def test_plan_text_and_json_round_trip(artifact):
     text = (session.directory / "plan.txt").read_text()
     assert text == plan.text() and "launch gdn_chunk_prep" in text and "host embedding" in text
     assert plan_text(session.directory) == text
+    # a launch binding (or zero-padding) a buffer / weight / state the plan does not declare: refused at load
+    for index in (0, None):
+        data = plan.to_json()
+        launch = next(s["launch"] for s in data["programs"]["prefill"] if "launch" in s and s["launch"]["pads"])
+        if index is None:
+            launch["pads"] = ["nowhere"]
+        else:
+            launch["args"][index][1] = "buf:nowhere"
+        with pytest.raises(QwenError, match="binds buf:nowhere, which the plan does not declare"):
+            Plan.from_json(data)
 
 
 @pytest.mark.slow

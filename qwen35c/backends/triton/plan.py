@@ -152,9 +152,27 @@ class Plan:
         def step(s):
             return Launch(**s["launch"]) if "launch" in s else HostOp(**s["host"])
 
-        return cls(data["model"], [PackedWeight(**w) for w in data["weights"]], data["buffers"], data["states"],
+        plan = cls(data["model"], [PackedWeight(**w) for w in data["weights"]], data["buffers"], data["states"],
                    data["variables"], {k: [step(s) for s in v] for k, v in data["programs"].items()},
                    list(data.get("notes", [])))
+        plan.check_names()
+        return plan
+
+    def check_names(self) -> None:
+        """Every buffer, weight and state a launch binds (or zero-pads) is declared: a QwenError naming
+        the step otherwise, at load, never a KeyError in the middle of a run."""
+        declared = {"buf": set(self.buffers), "w": {w.name for w in self.weights},
+                    "state": {s["name"] for s in self.states}}
+        for program, steps in self.programs.items():
+            for st in steps:
+                if not isinstance(st, Launch):
+                    continue
+                names = [b for _, b in st.args] + [f"buf:{p}" for p in st.pads]
+                for binding in names:
+                    kind, _, value = binding.partition(":")
+                    if kind in declared and value.partition("+")[0] not in declared[kind]:
+                        raise QwenError(f"plan: {program} launch {st.spec} (layer {st.layer}) binds {binding}, "
+                                        f"which the plan does not declare")
 
     def text(self) -> str:
         """Deterministic, diffable text form."""
