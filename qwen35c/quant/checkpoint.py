@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from qwen35c.errors import QwenError
-from qwen35c.quant.formats import FP8_BLOCK, Fp8Weight, Int4Weight, fp8_quantize, int4_pack_codes, int4_unpack_codes
+from qwen35c.quant.formats import FP8_BLOCK, Fp8Weight, Int4Weight, fp8_quantize, int4_pack_codes
 from qwen35c.quant.model import QuantizedModel
 from qwen35c.quant.policy import Decision, canonical_name, classify, plan
 from qwen35c.quant.recipe import Recipe, parse_scheme

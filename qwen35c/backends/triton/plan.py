@@ -644,7 +644,7 @@ class _Model(_Lowering):
         topk_w, topk_ids = "buf:" + self.buf("topk_w", "M", k, "f32"), "buf:" + self.buf("topk_ids", "M", k, "i32")
         steps.append(Launch("moe_route", "moe_route_kernel", [f"cdiv(M, {cfg['ROWS']})"],
                             [["logits_ptr", router], ["w_out_ptr", topk_w], ["id_out_ptr", topk_ids], ["N", "int:M"],
-                             ["E", f"int:{e}"], ["stride_l", f"int:$W_router"]],
+                             ["E", f"int:{e}"], ["stride_l", "int:$W_router"]],
                             dict(cfg, TOP_K=k), warps, 1, layer=i))
         cfg = expert_gemm_config(8 if phase == "decode" else 4096 * 8)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
