@@ -228,10 +228,17 @@ def _check(impl, directory: Path, manifest: dict, model: Path, prepared) -> dict
 
     session = impl.load(directory, manifest, threads=1, lean=True)
     reference, precision, against = impl.reference(model, manifest, prepared, session)
-    # The quantized-activations gate is statistical (top-1 >= 98%): the short set's ~90 positions allow
-    # one near-tie flip, so a backend that runs fast checks on the full set (~560 positions) there.
-    prompts = getattr(impl, "statistical_check_prompts", "short") if precision == "quantized-activations" else "short"
-    return quick_parity(session, reference, precision, against=against, prompts=prompts)
+    if precision != "quantized-activations":
+        return quick_parity(session, reference, precision, against=against)
+    # This gate is statistical (top-1 >= 98%): the short set's ~90 positions allow one near-tie flip.
+    # A backend that runs fast checks on the full set (~575 positions); a slow one (the Triton
+    # interpreter) on the short set first, and when that fails, the full set decides.
+    prompts = getattr(impl, "statistical_check_prompts", "short")
+    result = quick_parity(session, reference, precision, against=against, prompts=prompts)
+    if not result["passed"] and prompts == "short":
+        result = quick_parity(session, reference, precision, against=against, prompts="full")
+        result["summary"] += " (the short prompt set failed; the full set decided)"
+    return result
 
 
 __all__ = ["BuildReport", "Progress", "build_artifact", "resolve_pipeline"]
