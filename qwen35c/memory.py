@@ -57,19 +57,19 @@ def _skeleton(config):
         return Qwen35ForCausalLM(config)
 
 
-def _weight_bytes(config, precision: str, group_size: int = 128) -> tuple[int, int]:
+def _weight_bytes(config, precision: str) -> tuple[int, int]:
     """(artifact weight bytes, bytes of the tied fp32 head copy) for a precision: fp32 | int4."""
     from qwen35c.quant.policy import plan_model
-    from qwen35c.quant.recipe import parse_scheme
 
     model = _skeleton(config)
     quantized: set[str] = set()
-    if precision == "int4":     # the cpu-int4 target's own include globs (attention, GDN, the head)
+    group_size = 128
+    if precision == "int4":     # the cpu-int4 target's own recipe (attention, GDN, the head included)
+        from qwen35c.passes.manager import parse_pipeline
         from qwen35c.targets import TARGETS
 
-        options = dict(part.split("=", 1) for part in TARGETS["cpu-int4"].quantize.split() if "=" in part)
-        recipe = parse_scheme("int4-gptq", group_size=group_size, strict_globs=False,
-                              include=tuple(g for g in options.get("include", "").split(";") if g))
+        recipe = parse_pipeline(f"quantize{{{TARGETS['cpu-int4'].quantize}}}")[0].options.recipe()
+        group_size = recipe.group_size
         quantized = {d.name for d in plan_model(model, recipe) if d.quantize and d.expert is None}
     total = 0
     for name, p in model.named_parameters():
