@@ -3,6 +3,11 @@
 The CLI exits 130 on SIGINT and 143 on SIGTERM (128 + the signal), after the same cleanup as any
 failure: a build's temporary directory removed, an output file's temporary sibling unlinked. Only
 the first signal raises; later ones are ignored while that cleanup runs.
+
+Native code that runs Python while it cannot unwind a Python exception (onnx's nanobind extension
+initialising) would abort the process if the handler raised inside it ("terminate called after
+throwing an instance of 'nanobind::python_error'"): such code runs in a `deferred()` block, which
+holds a first signal and raises it when the block ends.
 """
 
 from __future__ import annotations
@@ -27,14 +32,31 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-_state = {"raised": False}
+_state = {"raised": False, "deferring": 0, "held": None}
 
 
 def _handler(signum, frame):
     if _state["raised"]:
         return
     _state["raised"] = True
+    if _state["deferring"]:
+        _state["held"] = signum
+        return
     raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block a first SIGINT/SIGTERM is held; it raises `Interrupted` when the block ends."""
+    _state["deferring"] += 1
+    try:
+        yield
+    finally:
+        _state["deferring"] -= 1
+        held = _state["held"]
+        if held is not None and not _state["deferring"]:
+            _state["held"] = None
+            raise Interrupted(held)   # the user's stop wins over an error of the block itself
 
 
 def install() -> None:
@@ -53,7 +75,7 @@ def interrupts_raise() -> Iterator[None]:
         return
     old = {sig: signal.getsignal(sig) for sig in SIGNALS}
     if any(h is not _handler for h in old.values()):
-        _state["raised"] = False     # outermost block: a fresh first signal
+        _state.update(raised=False, held=None)     # outermost block: a fresh first signal
     for sig in SIGNALS:
         signal.signal(sig, _handler)
     try:

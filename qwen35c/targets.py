@@ -117,12 +117,18 @@ GATES = {
     "fp8": {"kl_mean": 5e-3, "top1": 0.96},
     "int4": {"kl_mean": 0.05, "top1": 0.90},
     # artifact vs the quantization-emulating reference when activations are quantized at run time
-    # (FP8 dynamic / static): a last-bit fp32 difference upstream (ORT vs torch accumulation order)
-    # flips an E4M3 rounding (1/16 relative) and the flips propagate, so max |Δlogit| is not
-    # near-fp32 by construction; the gate is 10x below the fp8 loss gate. Weight-only recipes
-    # (INT4, FP8 weight-only) use the fp32 gate. Each FP8 lowering is checked exactly, per linear,
-    # by tests/quant/test_quant_lowering.py.
-    "quantized-activations": {"kl_mean": 5e-4, "top1": 0.98},
+    # (FP8 dynamic / static, INT4 with int8 activations): a last-bit fp32 difference upstream (ORT's
+    # or a Triton kernel's accumulation order vs torch's) flips an E4M3 / int8 rounding and the flips
+    # propagate, so max |Δlogit| is not near-fp32 by construction. The gate is these limits or,
+    # where the model itself is noisier, relative to its noise floor (`qwen35c.verify.noise_floor`:
+    # the emulation against itself with ±1 ulp at every quantizer input, on the same prompts):
+    # KL <= max(kl_mean, floor_kl_factor x floor KL), top-1 >= min(top1, floor top-1 - floor_top1_margin).
+    # Measured on the bundled qwen35-tiny, FP8 block-128, the full prompt set (575 positions): the
+    # floor is KL 2.8-3.2e-4 / top-1 0.981-0.983 (3 seeds); lowering bugs move KL 4-7x the floor
+    # (per-token scales 2.1e-3, no activation rounding 1.3e-3, 64-wide groups 2.1e-3) but top-1 only
+    # 1-3 points (0.970, 0.963, 0.951): KL is the statistic that tells a bug from the noise.
+    # Each FP8 and int8 lowering is checked exactly, per linear, by tests/quant/test_quant_lowering.py.
+    "quantized-activations": {"kl_mean": 5e-4, "top1": 0.98, "floor_kl_factor": 2.0, "floor_top1_margin": 0.02},
 }
 
 

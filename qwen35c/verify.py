@@ -104,21 +104,72 @@ def _merge(cases: list[dict]) -> dict:
             "top1": sum(c["top1"] * c["positions"] for c in cases) / n}
 
 
-def gate(metrics: dict, precision: str, greedy_match: float | None) -> tuple[bool, list[str]]:
+def limits_of(precision: str, floor: dict | None = None) -> dict:
+    """The gate's limits; for `quantized-activations`, widened to the measured noise floor."""
     from qwen35c.targets import GATES
 
-    limits, failures = GATES[precision], []
+    limits = dict(GATES[precision])
+    if precision == "quantized-activations":
+        if floor is None:
+            raise ValueError("the quantized-activations gate needs the reference's noise floor")
+        limits["kl_mean"] = max(limits["kl_mean"], limits.pop("floor_kl_factor") * floor["kl_mean"])
+        limits["top1"] = min(limits["top1"], floor["top1"] - limits.pop("floor_top1_margin"))
+    return limits
+
+
+def gate(metrics: dict, precision: str, greedy_match: float | None, floor: dict | None = None) -> tuple[bool, list[str]]:
+    limits, failures = limits_of(precision, floor), []
     if "max_abs_logit" in limits and not metrics["max_abs"] <= limits["max_abs_logit"]:
         failures.append(f"max |Δlogit| {metrics['max_abs']:.3g} > {limits['max_abs_logit']:g}")
     if "kl_mean" in limits and not metrics["kl_mean"] <= limits["kl_mean"]:
-        failures.append(f"mean KL {metrics['kl_mean']:.3g} > {limits['kl_mean']:g}")
+        failures.append(f"mean KL {metrics['kl_mean']:.3g} > {limits['kl_mean']:.3g}")
     if not metrics["top1"] >= limits["top1"]:
-        failures.append(f"top-1 agreement {metrics['top1']:.4f} < {limits['top1']:g}")
+        failures.append(f"top-1 agreement {metrics['top1']:.4f} < {limits['top1']:.4g}")
     if precision == "fp32" and greedy_match is not None and greedy_match < 1.0:
         failures.append(f"greedy continuation match {greedy_match:.3f} < 1")
     if any(math.isnan(v) for v in metrics.values() if isinstance(v, float)):
         failures.append("NaN in the metrics")
+    if failures and floor is not None:
+        failures.append(f"the reference's own noise floor: mean KL {floor['kl_mean']:.3g}, top-1 {floor['top1']:.4f}")
     return not failures, failures
+
+
+class _LastBitNoise:
+    """A reference session whose every call runs under `formats.last_bit_noise` (one generator for
+    the whole comparison: each call draws fresh noise)."""
+
+    def __init__(self, session, seed: int):
+        import torch
+
+        self._session, self._generator = session, torch.Generator().manual_seed(seed)
+
+    def __getattr__(self, name: str):
+        from qwen35c.quant.formats import last_bit_noise
+
+        attr = getattr(self._session, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with last_bit_noise(self._generator):
+                return attr(*args, **kwargs)
+        return call
+
+
+def noise_floor(reference, prompts: str = "full", seed: int = 0) -> dict:
+    """How far a last-bit difference at every activation quantizer's input moves the emulating
+    `reference`'s logits on the `prompts` set: the reference under `formats.last_bit_noise` vs itself.
+    The yardstick of the `quantized-activations` gate (see qwen35c.targets.GATES)."""
+    return compare(_LastBitNoise(reference, seed), reference, **PROMPT_SETS[prompts])["total"]
+
+
+def parity(artifact, reference, precision: str, prompts: str = "full") -> tuple[dict, bool, list[str]]:
+    """`compare` on a prompt set and the gate's verdict (with the noise floor where the gate needs it)."""
+    result = compare(artifact, reference, **PROMPT_SETS[prompts])
+    if precision == "quantized-activations":
+        result["floor"] = noise_floor(reference, prompts)
+    ok, failures = gate(result["total"], precision, result["greedy_match"], result.get("floor"))
+    return result, ok, failures
 
 
 def compare(artifact, reference, *, single=SINGLE_LENGTHS, batch=BATCH_LENGTHS, steps=DECODE_STEPS,
@@ -188,13 +239,15 @@ def quick_parity(session, reference, precision: str, against: str = "reference",
     """The build's own check of a loaded artifact `session` against `reference` (a session: the
     checkpoint's fp32 reference, or the quantization-emulating one for quantized builds, named by
     `against`) on the `prompts` set; numbers rounded so builds stay byte-identical."""
-    result = compare(session, reference, **PROMPT_SETS[prompts])
-    ok, failures = gate(result["total"], precision, result["greedy_match"])
-    total = {k: (float(f"{v:.2g}") if isinstance(v, float) else v) for k, v in result["total"].items()}
+    result, ok, failures = parity(session, reference, precision, prompts)
+    rounded = {key: {k: (float(f"{v:.2g}") if isinstance(v, float) else v) for k, v in result[key].items()}
+               for key in ("total", "floor") if key in result}
     summary = "pass" if ok else "; ".join(failures)
     out = {"status": "pass" if ok else "fail", "passed": ok, "by": "build", "precision": precision,
-           "prompts": _describe(PROMPT_SETS[prompts]), "metrics": total,
+           "prompts": _describe(PROMPT_SETS[prompts]), "metrics": rounded["total"],
            "greedy_match": result["greedy_match"], "summary": summary}
+    if "floor" in rounded:
+        out["noise_floor"] = rounded["floor"]
     if against != "reference":
         out["against"] = against
     return out
@@ -293,9 +346,9 @@ def _parity(artifact, backend, manifest: dict, ref_path: Path, prepared, checks:
     one: quantized weights, bf16-rounded weights), at that reference's gate."""
     reference, precision, against = backend.reference(ref_path, manifest, prepared, artifact)
     say(f"parity: artifact vs the {against}")
-    result = compare(artifact, reference, **PROMPT_SETS[prompts])
-    ok, failures = gate(result["total"], precision, result["greedy_match"])
-    report["parity"] = dict(result, against=against, gate=precision, prompts=prompts)
+    result, ok, failures = parity(artifact, reference, precision, prompts)
+    report["parity"] = dict(result, against=against, gate=precision, limits=limits_of(precision, result.get("floor")),
+                            prompts=prompts)
     checks.append({"name": "parity", "status": "pass" if ok else "fail",
                    "detail": f"artifact vs {against}: " + (f"within the {precision} gate" if ok else "; ".join(failures))})
 

@@ -622,6 +622,29 @@ def test_signal_during_a_forced_rebuild_keeps_the_old_artifact(ckpt, artifact, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_inside_native_initialisation_is_held_until_it_ends(sig, code):
+    """`signals.deferred()` (around onnx's nanobind import, which aborts the process when a Python
+    exception is raised inside it): the handler runs, but the exception comes when the block ends."""
+    from qwen35c import signals
+
+    steps = []
+    with signals.interrupts_raise(), pytest.raises(signals.Interrupted) as err:
+        with signals.deferred():
+            os.kill(os.getpid(), sig)
+            for _ in range(1000):       # the handler runs between bytecodes, here: it must not raise
+                time.sleep(0)
+            steps.append("block ended")
+        steps.append("after the block")
+    assert steps == ["block ended"] and err.value.exit_code == code
+    with signals.interrupts_raise(), pytest.raises(signals.Interrupted):   # outside a block: at once
+        os.kill(os.getpid(), sig)
+        for _ in range(1000):
+            time.sleep(0)
+        steps.append("not reached")
+    assert steps == ["block ended"]
+
+
 def test_a_checkpoint_of_symlinks_like_an_hf_cache_builds(ckpt, tmp_path):
     """Checkpoints may link into a blob store (the HF cache layout); artifacts may not hold links."""
     blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"

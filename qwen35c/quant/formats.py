@@ -27,6 +27,8 @@ INT4 (`Int4Weight`), the Triton INT4 GEMM / ONNX Runtime MatMulNBits layout flat
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +39,7 @@ __all__ = [
     "fp8_quantize", "fp8_dequantize", "fp8_fake_quant_activations", "fp8_quantize_activations",
     "int4_quantize", "int4_group_params", "int4_codes", "int4_pack_codes", "int4_unpack_codes",
     "int4_dequantize", "fake_quant_activations", "int4_fake_quant_activations", "gemm_input", "row_slice",
+    "last_bit_noise",
 ]
 
 FP8_MAX = 448.0          # float8_e4m3fn largest finite value (NVIDIA E4M3FN, not AMD's FNUZ 240)
@@ -278,9 +281,35 @@ def int4_fake_quant_activations(x: Tensor, group_size: int) -> Tensor:
     return (q * s).reshape(x.shape).to(x.dtype)
 
 
+_NOISE: list[torch.Generator] = []    # the innermost `last_bit_noise` block's generator
+
+
+@contextlib.contextmanager
+def last_bit_noise(generator: torch.Generator) -> Iterator[None]:
+    """Within the block every activation quantizer's input element moves to its fp32 neighbour below,
+    stays, or moves to the one above (drawn from `generator`): the emulation as it would be with a last-bit difference
+    upstream, which another fp32 accumulation order (ONNX Runtime's, a Triton kernel's) makes. Where x
+    sits on a rounding boundary the code flips, and the flips propagate; how far that moves the logits
+    is the yardstick of the `quantized-activations` gate (`qwen35c.verify.noise_floor`)."""
+    _NOISE.append(generator)
+    try:
+        yield
+    finally:
+        _NOISE.pop()
+
+
+def _last_bit(x: Tensor) -> Tensor:
+    x = x.float()
+    u = torch.randint(-1, 2, x.shape, generator=_NOISE[-1])
+    return torch.where(u == 0, x, torch.nextafter(x, torch.where(u > 0, torch.inf, -torch.inf)))
+
+
 def fake_quant_activations(x: Tensor, weight: QuantizedWeight) -> Tensor:
     """The activation rounding the packed GEMM of `weight` applies to its input x [..., K]
     (for INT4 with AWQ's pre_scale, the caller multiplies pre_scale in first: see `int4_gemm_input`)."""
+    quantized = weight.act_int8 if isinstance(weight, Int4Weight) else weight.activations != "none"
+    if quantized and _NOISE:
+        x = _last_bit(x)
     if isinstance(weight, Int4Weight):
         return int4_fake_quant_activations(x, weight.group_size) if weight.act_int8 else x
     if weight.activations == "none":

@@ -1,0 +1,92 @@
+"""The `quantized-activations` gate's yardstick: the emulating reference against itself with a
+last-bit difference at every activation quantizer (`formats.last_bit_noise`, `verify.noise_floor`).
+Another last-bit difference must pass the gate, a lowering bug must not: on the bundled qwen35-tiny
+(trained, so its near-ties are real) with the h100-fp8 recipe, block-128 E4M3 dynamic activations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qwen35c.quant.formats as formats
+from qwen35c.backends.triton.emit import emulating_reference
+from qwen35c.build import build_artifact
+from qwen35c.models import default_model_path
+from qwen35c.verify import PROMPT_SETS, _LastBitNoise, compare, gate, limits_of, noise_floor
+
+
+def test_last_bit_noise_moves_a_quantizer_input_by_at_most_one_ulp():
+    weight = formats.fp8_quantize(torch.randn(128, 256))
+    x = torch.randn(3, 256) * 10
+    seen = []
+    real = formats.fp8_fake_quant_activations
+    formats.fp8_fake_quant_activations = lambda v, *a, **k: seen.append(v) or real(v, *a, **k)
+    try:
+        plain = formats.fake_quant_activations(x, weight)
+        with formats.last_bit_noise(torch.Generator().manual_seed(0)):
+            noisy = formats.fake_quant_activations(x, weight)
+        with formats.last_bit_noise(torch.Generator().manual_seed(0)):
+            again = formats.fake_quant_activations(x, weight)
+    finally:
+        formats.fp8_fake_quant_activations = real
+    up, down = torch.nextafter(x, torch.tensor(torch.inf)), torch.nextafter(x, torch.tensor(-torch.inf))
+    moved = seen[1] != x
+    assert torch.equal(seen[0], x) and bool(((seen[1] == x) | (seen[1] == up) | (seen[1] == down)).all())
+    assert 0.5 < moved.float().mean() < 0.8                                # two in three move
+    assert torch.equal(noisy, again) and not torch.equal(plain, noisy)   # seeded; some codes flipped
+    none = formats.fp8_quantize(torch.randn(128, 256), activations="none")
+    with formats.last_bit_noise(torch.Generator().manual_seed(0)):       # weight-only: nothing to perturb
+        assert torch.equal(formats.fake_quant_activations(x, none), x)
+
+
+def test_the_gate_widens_to_the_floor_and_never_narrows():
+    assert limits_of("quantized-activations", {"kl_mean": 1e-5, "top1": 1.0}) == {"kl_mean": 5e-4, "top1": 0.98}
+    assert limits_of("quantized-activations", {"kl_mean": 4e-4, "top1": 0.95}) == pytest.approx(
+        {"kl_mean": 8e-4, "top1": 0.93})
+    with pytest.raises(ValueError, match="noise floor"):
+        limits_of("quantized-activations")
+    ok, failures = gate({"kl_mean": 9e-4, "top1": 0.99, "max_abs": 1.0}, "quantized-activations", None,
+                        {"kl_mean": 4e-4, "top1": 0.95})
+    assert not ok and "mean KL" in failures[0] and "noise floor" in failures[-1]
+
+
+@pytest.fixture(scope="module")
+def fp8_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "art"
+    build_artifact(default_model_path(), "h100-fp8", out, check=False)
+    return emulating_reference(default_model_path(), json.loads((out / "manifest.json").read_text())["quantization"])
+
+
+def _with_activation_quantizer(session, quantizer):
+    """`session` with FP8 activation quantization replaced by `quantizer` during its calls."""
+    class Patched:
+        def __getattr__(self, name):
+            attr = getattr(session, name)
+            if not callable(attr):
+                return attr
+
+            def call(*args, **kwargs):
+                real, formats.fp8_fake_quant_activations = formats.fp8_fake_quant_activations, quantizer
+                try:
+                    return attr(*args, **kwargs)
+                finally:
+                    formats.fp8_fake_quant_activations = real
+            return call
+    return Patched()
+
+
+def test_the_noise_floor_tells_a_lowering_bug_from_last_bit_noise(fp8_reference):
+    floor = noise_floor(fp8_reference, "full")
+    assert 1e-5 < floor["kl_mean"] < 5e-4 and floor["top1"] > 0.95   # measured 3.2e-4, 0.983
+    other = compare(_LastBitNoise(fp8_reference, seed=1), fp8_reference, **PROMPT_SETS["full"])
+    assert gate(other["total"], "quantized-activations", None, floor)[0]
+    real = formats.fp8_fake_quant_activations
+    bugs = {"per-token scales": lambda x, *a, **k: real(x, None),
+            "no activation rounding": lambda x, *a, **k: x,
+            "64-wide groups": lambda x, *a, **k: real(x, 64)}
+    for name, quantizer in bugs.items():
+        got = compare(_with_activation_quantizer(fp8_reference, quantizer), fp8_reference, **PROMPT_SETS["full"])
+        ok, failures = gate(got["total"], "quantized-activations", None, floor)
+        assert not ok and failures[0].startswith("mean KL"), (name, got["total"])
