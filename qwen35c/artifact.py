@@ -387,16 +387,20 @@ def _refuse_unsafe_target(out: Path, protected: list[Path]) -> None:
                             f"(the model directory, the current directory and their parents are never replaced)")
 
 
-def _replaceable(out: Path) -> str | None:
+# What `force` may replace besides an empty directory: (predicate, what it is). Exports have their own.
+ARTIFACT_OUTPUT = (is_artifact, "a qwen35c artifact (a valid manifest.json and only the files it lists)")
+
+
+def _replaceable(out: Path, ours=ARTIFACT_OUTPUT) -> str | None:
     """Why `out` may not be replaced by --force, or None."""
     mode = os.lstat(out).st_mode
     if stat.S_ISLNK(mode):
         return "it is a symlink"
     if not stat.S_ISDIR(mode):
         return "it is not a directory"
-    if not any(out.iterdir()) or is_artifact(out):
+    if not any(out.iterdir()) or ours[0](out):
         return None
-    return "it is neither empty nor a qwen35c artifact (a valid manifest.json and only the files it lists)"
+    return f"it is neither empty nor {ours[1]}"
 
 
 @contextlib.contextmanager
@@ -429,21 +433,21 @@ def _name_lock(parent: Path, name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _remove_stale(parent: Path, name: str) -> None:
+def _remove_stale(parent: Path, name: str, ours=ARTIFACT_OUTPUT) -> None:
     """Remove temporary siblings left by killed builds of the same output (we hold its lock, so no
     live build owns them): ours carry the partial marker, or are an old artifact being deleted."""
     prefixes = (f".{name}.tmp-", f".{name}.old-")
     for entry in parent.iterdir():
         if not entry.name.startswith(prefixes) or entry.is_symlink() or not entry.is_dir():
             continue
-        if (entry / PARTIAL_MARKER).is_file() or not any(entry.iterdir()) or is_artifact(entry):
+        if (entry / PARTIAL_MARKER).is_file() or not any(entry.iterdir()) or ours[0](entry):
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def check_output(out: Path, force: bool, protected: list[Path] | None = None) -> Path:
+def check_output(out: Path, force: bool, protected: list[Path] | None = None, ours=ARTIFACT_OUTPUT) -> Path:
     """The absolute output path, after refusing what a build may not write to: an existing path
-    without `force`; with it, anything but an empty directory or a qwen35c artifact; always a
-    protected directory or one of its parents (`protected_paths`)."""
+    without `force`; with it, anything but an empty directory or one of `ours` (a qwen35c artifact
+    unless told otherwise); always a protected directory or one of its parents (`protected_paths`)."""
     out = Path(os.path.abspath(out))
     if out.parent == out:
         raise QwenError(f"{out}: not a valid output directory")
@@ -451,26 +455,27 @@ def check_output(out: Path, force: bool, protected: list[Path] | None = None) ->
     if os.path.lexists(out):
         if not force:
             raise QwenError(f"{out}: already exists (use --force to replace it)")
-        why = _replaceable(out)
+        why = _replaceable(out, ours)
         if why:
             raise QwenError(f"{out}: --force refuses to replace it: {why}")
     return out
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path, force: bool, protected: list[Path] | None = None) -> Iterator[Path]:
+def atomic_directory(out: Path, force: bool, protected: list[Path] | None = None,
+                     ours=ARTIFACT_OUTPUT) -> Iterator[Path]:
     """Yields a temporary sibling directory; on success it becomes `out` atomically, on any failure
     or signal it is removed and an existing `out` is left as it was."""
     from qwen35c.signals import interrupts_raise
 
-    out = check_output(out, force, protected)
+    out = check_output(out, force, protected, ours)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise QwenError(f"{out.parent}: cannot create ({err.strerror})") from None
     with interrupts_raise(), _name_lock(out.parent, out.name):
-        _remove_stale(out.parent, out.name)
-        check_output(out, force, protected)       # again, under the lock
+        _remove_stale(out.parent, out.name, ours)
+        check_output(out, force, protected, ours)       # again, under the lock
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         tmp.mkdir()
         (tmp / PARTIAL_MARKER).touch()
@@ -478,13 +483,13 @@ def atomic_directory(out: Path, force: bool, protected: list[Path] | None = None
         try:
             yield tmp
             (tmp / PARTIAL_MARKER).unlink()
-            committed = _commit(tmp, out, force)
+            committed = _commit(tmp, out, force, ours)
         finally:
             if not committed:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _commit(tmp: Path, out: Path, force: bool) -> bool:
+def _commit(tmp: Path, out: Path, force: bool, ours=ARTIFACT_OUTPUT) -> bool:
     """Put `tmp` at `out`. With an existing `out` (allowed by `force`, checked again now) the two
     are exchanged atomically and the old one deleted; otherwise a no-replace rename."""
     with _signals_held():
@@ -494,7 +499,7 @@ def _commit(tmp: Path, out: Path, force: bool) -> bool:
                     raise QwenError(f"{out}: appeared during the build; nothing replaced")
                 os.rename(tmp, out)
             return True
-        why = _replaceable(out) if force else "it exists"
+        why = _replaceable(out, ours) if force else "it exists"
         if why:
             raise QwenError(f"{out}: changed during the build and {why}; nothing replaced")
         old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -389,34 +389,44 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
         raise
 
 
+def write_shards(directory: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], produce,
+                 shard_bytes: int = 4 << 30) -> list[str]:
+    """The tensors `specs` (name, dtype, shape), produced one at a time by `produce(name)`, as
+    `model.safetensors` or, past `shard_bytes`, `model-0000i-of-0000n.safetensors` shards with the
+    Hugging Face `model.safetensors.index.json`. Returns the file names written."""
+    shards, current, size = [], [], 0
+    for name, dtype, shape in specs:
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, dtype, shape))
+        size += nbytes
+    shards.append(current)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for file, shard in zip(files, shards):
+        write_safetensors(directory / file, shard, produce, {"format": "pt"})
+        weight_map.update({name: file for name, _, _ in shard})
+    if len(files) > 1:
+        (directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        files.append("model.safetensors.index.json")
+    return files
+
+
 def _write_checkpoint(config: Qwen35Config, out_dir: str | Path, specs, produce, dtype, layout,
                       shard_bytes: int = 4 << 30) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir}: exists and is not empty")
+    keys = {name: key for name, key, _ in specs}
     with staged_directory(out_dir) as tmp:
-        shards, current, size = [], [], 0
-        for name, key, shape in specs:
-            nbytes = dtype.itemsize
-            for d in shape:
-                nbytes *= d
-            if current and size + nbytes > shard_bytes:
-                shards.append(current)
-                current, size = [], 0
-            current.append((name, key, shape))
-            size += nbytes
-        shards.append(current)
-        files = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        weight_map = {}
-        for file, shard in zip(files, shards):
-            keys = {name: key for name, key, _ in shard}
-            write_safetensors(tmp / file, [(name, dtype, shape) for name, _, shape in shard],
-                              lambda name: produce(keys[name]), {"format": "pt"})
-            weight_map.update({name: file for name in keys})
-        if len(files) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        write_shards(tmp, [(name, dtype, shape) for name, _, shape in specs], lambda name: produce(keys[name]),
+                     shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(layout), indent=2) + "\n")
     return out_dir
 

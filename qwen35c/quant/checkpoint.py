@@ -34,7 +34,7 @@ from qwen35c.quant.model import QuantizedModel
 from qwen35c.quant.policy import Decision, canonical_name, classify, plan
 from qwen35c.quant.recipe import Recipe, parse_scheme
 
-__all__ = ["export_hf_fp8", "write_quantized", "import_quantized", "load_emulated_model",
+__all__ = ["export_hf_fp8", "write_quantized", "write_quantized_files", "import_quantized", "load_emulated_model",
            "gptq_pack", "gptq_unpack", "awq_pack", "awq_unpack"]
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)          # nibble i of a word holds column _AWQ_ORDER[i]
@@ -138,21 +138,34 @@ def _unit_tensor(ckpt, d: Decision) -> Tensor:
 
 def write_quantized(source_dir, out_dir, recipe: Recipe, fmt: str = "hf-fp8",
                     quantized: QuantizedModel | None = None, gptq_version: int = 2) -> Path:
-    """Write `source_dir`'s checkpoint quantized: units the plan selects come from `quantized`
-    (canonical names) or, for data-free FP8 without it, are quantized on the fly, one tensor at a
-    time (peak memory: one tensor). Other tensors are copied bit for bit. Atomic: temp dir + rename."""
+    """`write_quantized_files` into a fresh `out_dir` (absent or empty), atomically: temp dir + rename."""
     from reference.checkpoint import staged_directory
-    from reference.safetensors_io import write_safetensors
 
-    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise QwenError(f"{out_dir}: exists and is not empty")
+    with staged_directory(out_dir) as tmp:
+        write_quantized_files(source_dir, tmp, recipe, fmt, quantized, gptq_version)
+    return out_dir
+
+
+def write_quantized_files(source_dir, directory, recipe: Recipe, fmt: str = "hf-fp8",
+                          quantized: QuantizedModel | None = None, gptq_version: int = 2,
+                          shard_bytes: int = 4 << 30) -> list[str]:
+    """Write `source_dir`'s checkpoint quantized into the empty `directory`: units the plan selects
+    come from `quantized` (canonical names) or, for data-free FP8 without it, are quantized on the
+    fly, one tensor at a time (peak memory: one tensor). Other tensors are copied bit for bit.
+    Safetensors shards of at most `shard_bytes` (+ index), config.json with `quantization_config`,
+    the tokenizer files. Returns the file names written."""
+    from reference.checkpoint import write_shards
+
+    source_dir, directory = Path(source_dir), Path(directory)
     if fmt not in ("hf-fp8", "gptq", "awq"):
         raise QwenError(f"unknown quantized checkpoint format '{fmt}' (hf-fp8, gptq or awq)")
     if fmt == "hf-fp8" and (recipe.scheme != "fp8-block128" or recipe.activations != "dynamic"):
         raise QwenError(f"the official FP8 format is fp8-block128 with dynamic activations, not {recipe.label}")
     if fmt != "hf-fp8" and (not recipe.is_int4 or quantized is None):
         raise QwenError(f"{fmt} export needs an INT4 QuantizedModel")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise QwenError(f"{out_dir}: exists and is not empty")
     ckpt, raw = _read_source(source_dir)
     try:
         shapes = {n: tuple(ckpt.files[ckpt.location[n]].shape(n)) for n in ckpt.names()}
@@ -161,7 +174,7 @@ def write_quantized(source_dir, out_dir, recipe: Recipe, fmt: str = "hf-fp8",
         by_source: dict[str, list[Decision]] = {}
         for d in decisions:
             by_source.setdefault(d.source, []).append(d)
-        specs, producers, not_converted = [], {}, []
+        specs, producers, not_converted, converted = [], {}, [], []
         for source in sorted(shapes):
             units = by_source.get(source, [])
             if not any(u.quantize for u in units):
@@ -176,6 +189,7 @@ def write_quantized(source_dir, out_dir, recipe: Recipe, fmt: str = "hf-fp8",
                     producers[name] = (lambda d=d: _unit_tensor(ckpt, d).contiguous())
                     not_converted.append(name[: -len(".weight")])
                     continue
+                converted.append(d.name[: -len(".weight")])
                 for suffix, dtype, shape, fn in _unit_outputs(d, fmt, ckpt, quantized, gptq_version):
                     name = d.name[: -len("weight")] + suffix
                     specs.append((name, dtype, shape))
@@ -183,16 +197,18 @@ def write_quantized(source_dir, out_dir, recipe: Recipe, fmt: str = "hf-fp8",
         config = dict(raw)
         if not any(n == "lm_head.weight" for n in shapes) or "lm_head" in not_converted:
             not_converted = sorted(set(not_converted) | {"lm_head"})
-        config["quantization_config"] = _quant_config(recipe, fmt, sorted(set(not_converted)), gptq_version)
-        with staged_directory(out_dir) as tmp:
-            write_safetensors(tmp / "model.safetensors", specs, lambda name: producers[name](), {"format": "pt"})
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
-                if (source_dir / extra).is_file():
-                    shutil.copyfile(source_dir / extra, tmp / extra)
+        config["quantization_config"] = _quant_config(recipe, fmt, sorted(set(not_converted)), sorted(converted),
+                                                      gptq_version)
+        files = write_shards(directory, specs, lambda name: producers[name](), shard_bytes)
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        files.append("config.json")
+        for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+            if (source_dir / extra).is_file():
+                shutil.copyfile(source_dir / extra, directory / extra)
+                files.append(extra)
     finally:
         ckpt.close()
-    return out_dir
+    return files
 
 
 def _unit_outputs(d: Decision, fmt: str, ckpt, quantized: QuantizedModel | None, gptq_version: int):
@@ -217,7 +233,10 @@ def _unit_outputs(d: Decision, fmt: str, ckpt, quantized: QuantizedModel | None,
     return [(suffix, t.dtype, tuple(t.shape), (lambda t=t: t)) for suffix, t in tensors.items()]
 
 
-def _quant_config(recipe: Recipe, fmt: str, not_converted: list[str], gptq_version: int) -> dict:
+def _quant_config(recipe: Recipe, fmt: str, not_converted: list[str], converted: list[str], gptq_version: int) -> dict:
+    """`quantization_config` as vLLM's loaders read it (vllm/model_executor/layers/quantization/:
+    fp8.py `Fp8Config.from_config`, gptq.py / gptq_marlin.py `from_config` with `lm_head` and
+    `modules_in_block_to_quantize`, awq.py `AWQConfig.from_config` with `modules_to_not_convert`)."""
     if fmt == "hf-fp8":
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": [FP8_BLOCK, FP8_BLOCK], "modules_to_not_convert": not_converted}
@@ -225,6 +244,7 @@ def _quant_config(recipe: Recipe, fmt: str, not_converted: list[str], gptq_versi
         return {"quant_method": "gptq", "bits": 4, "group_size": recipe.group_size, "sym": recipe.symmetric,
                 "desc_act": recipe.act_order and not recipe.static_groups, "static_groups": recipe.static_groups,
                 "checkpoint_format": "gptq" if gptq_version == 1 else "gptq_v2",
+                "lm_head": "lm_head" not in not_converted, "modules_in_block_to_quantize": converted,
                 "modules_to_not_convert": not_converted, "qwen35c_recipe": recipe.to_dict()}
     return {"quant_method": "awq", "bits": 4, "group_size": recipe.group_size, "zero_point": not recipe.symmetric,
             "version": "gemm", "modules_to_not_convert": not_converted, "qwen35c_recipe": recipe.to_dict()}

@@ -1,0 +1,133 @@
+"""`qwen35c export`: Hugging Face checkpoints in the formats vLLM / SGLang / TensorRT-LLM load
+(hf-fp8, hf-gptq, hf-awq), written like artifacts (atomic, hashed, --force only over our own)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qwen35c.artifact import sha256_file
+from qwen35c.cli import main
+from qwen35c.export import EXPORT_MANIFEST, export_checkpoint, is_export, recipe_of
+from qwen35c.models import default_model_path
+from qwen35c.quant.checkpoint import import_quantized
+from qwen35c.quant.formats import fp8_quantize
+
+
+def cli(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    for fmt in ("hf-fp8", "hf-gptq", "hf-awq"):
+        code, out = cli("export", "--format", fmt, "-o", root / fmt)
+        assert code == 0, out
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["hf-fp8", "hf-gptq", "hf-awq"])
+def test_an_export_is_hashed_and_imports_back_bit_for_bit(exports, fmt):
+    out = exports / fmt
+    manifest = json.loads((out / EXPORT_MANIFEST).read_text())
+    assert is_export(out) and manifest["format"] == fmt
+    assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir() if p.name != EXPORT_MANIFEST)
+    for rel, entry in manifest["files"].items():
+        assert sha256_file(out / rel) == entry["sha256"] and (out / rel).stat().st_size == entry["size"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(manifest["files"])
+    back, qc = import_quantized(out)
+    source = default_model_path()
+    assert manifest["source"]["files"]["model.safetensors"] == sha256_file(source / "model.safetensors")
+    if fmt == "hf-fp8":
+        assert qc["quant_method"] == "fp8" and qc["weight_block_size"] == [128, 128]
+        from reference.checkpoint import Checkpoint
+
+        ckpt = Checkpoint(source)
+        try:
+            for name, q in back.weights.items():      # data-free: the codes of fp8_quantize, exactly
+                stored = name.replace("model.", "model.language_model.", 1)
+                want = fp8_quantize(ckpt.view(stored).float())
+                assert torch.equal(q.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
+                assert torch.equal(q.scale, want.scale), name
+        finally:
+            ckpt.close()
+        return
+    from qwen35c.quant.build import prepare
+
+    prepared = prepare(source, {"recipe": manifest["quantization"]["recipe"],
+                                "quantized": manifest["quantization"]["quantized"]})
+    assert prepared.record["packed_sha256"] == manifest["quantization"]["packed_sha256"]   # same codes as a build's
+    assert set(back.weights) == set(prepared.quantized.weights) and back.weights
+    for name, q in prepared.quantized.weights.items():
+        got = back.weights[name]
+        assert torch.equal(got.codes(), q.codes()), name
+        assert torch.equal(got.scales, q.scales.half().float()), name          # the formats store fp16 scales
+    if fmt == "hf-gptq":
+        assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq_v2" and qc["lm_head"] is False
+        assert sorted(qc["modules_in_block_to_quantize"]) == sorted(
+            n.replace("model.", "model.language_model.", 1)[: -len(".weight")] for n in prepared.quantized.weights)
+    else:
+        assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc["zero_point"] is True
+
+
+def test_transformers_loads_the_fp8_export_on_cpu(exports):
+    """HF transformers dequantizes an FP8 checkpoint on a CPU (its GPTQ/AWQ loaders need optimum /
+    gptqmodel and a GPU kernel: not installable here): the weights it builds are our codes x scales."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    model = transformers.AutoModelForCausalLM.from_pretrained(exports / "hf-fp8", dtype=torch.float32)
+    back, _ = import_quantized(exports / "hf-fp8")
+    params = dict(model.named_parameters())
+    checked = 0
+    for name, q in back.weights.items():
+        assert torch.equal(params[name], q.dequantize()), name            # text-only model: canonical names
+        checked += 1
+    assert checked == len(back.weights) > 0
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_export_refuses_what_the_format_cannot_hold(tmp_path):
+    for fmt, scheme, why in [("hf-awq", "int4-awq", "explicit"), ("hf-gptq", "int4-awq", "explicit"),
+                             ("hf-fp8", "int4-rtn", "block-128"), ("hf-gptq", "fp8-block128", "INT4"),
+                             ("hf-fp8", "fp8-tensor", "block-128"), ("hf-gptq", "int4-rtn activations=int8", "activation")]:
+        code, out = cli("export", "--format", fmt, "--quantize", scheme, "-o", tmp_path / "x")
+        assert code == 2 and why in out and "Traceback" not in out, (fmt, scheme, out)
+        assert not (tmp_path / "x").exists()
+    assert recipe_of("hf-awq", None).label == "int4-rtn-g128-asym"
+
+
+def test_export_outputs_follow_the_artifact_rules(exports, tmp_path):
+    out = tmp_path / "fp8"
+    assert cli("export", "--format", "hf-fp8", "-o", out)[0] == 0
+    code, text = cli("export", "--format", "hf-fp8", "-o", out)
+    assert code == 2 and "--force" in text
+    before = json.loads((out / EXPORT_MANIFEST).read_text())
+    assert cli("export", "--format", "hf-fp8", "-o", out, "--force")[0] == 0      # an export of ours: replaced
+    assert json.loads((out / EXPORT_MANIFEST).read_text())["files"] == before["files"]   # deterministic
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    code, text = cli("export", "--format", "hf-fp8", "-o", theirs, "--force")
+    assert code == 2 and "neither empty nor a qwen35c export" in text
+    assert (theirs / "notes.txt").read_text() == "keep me"
+    (out / "extra.bin").write_bytes(b"x")          # no longer exactly what its manifest lists: not ours
+    assert not is_export(out) and cli("export", "--format", "hf-fp8", "-o", out, "--force")[0] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp8", "theirs"]    # no temporaries left
+
+
+def test_a_large_export_is_sharded_with_an_index(tmp_path):
+    manifest = export_checkpoint(default_model_path(), "hf-fp8", tmp_path / "sharded", shard_bytes=2 << 20)
+    shards = sorted(f for f in manifest["files"] if f.endswith(".safetensors"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in manifest["files"]
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    whole, _ = import_quantized(Path(tmp_path / "sharded"))
+    assert whole.weights and all(torch.isfinite(q.dequantize()).all() for q in whole.weights.values())
