@@ -12,6 +12,13 @@ Formats (`FORMATS`):
             `int4-rtn symmetric=false`) and refuses `int4-awq`.
 The codes are exactly the ones a qwen35c build of the same recipe packs (`quant.build.prepare`), and
 import back bit for bit (`quant.checkpoint.import_quantized`).
+  triton-server  a Triton Inference Server model repository entry for an `onnx` artifact (`cpu`,
+            `cpu-int4`): `NAME/config.pbtxt` (platform `onnxruntime_onnx`) and `NAME/1/` holding the
+            artifact's hash-checked model.onnx and its data. Sequence batching, direct strategy: each
+            batch slot is one sequence, and the conv / recurrent states and the KV cache are implicit
+            state (zero initial state; the KV cache sized for `max_length` positions). The client
+            sends `input_ids [T]`, `q_start` (tokens already in the sequence), `lengths` (T) and
+            `logit_positions [P]` per request, with the sequence's correlation id and start flag.
 
 Every export is written like an artifact (`artifact.atomic_directory`: a temporary sibling under a lock,
 renamed into place; `--force` replaces only an empty directory or an earlier qwen35c export). Its
@@ -32,7 +39,9 @@ FORMATS = {
     "hf-fp8": ("hf-fp8", "fp8-block128"),
     "hf-gptq": ("gptq", "int4-gptq group-size=128"),
     "hf-awq": ("awq", "int4-rtn group-size=128 symmetric=false"),
+    "triton-server": (None, None),
 }
+TRITON_DTYPES = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "bf16": "TYPE_BF16", "i64": "TYPE_INT64"}
 
 
 def is_export(directory: Path) -> bool:
@@ -87,9 +96,9 @@ def export_checkpoint(model: Path, fmt: str, out: Path, *, quantize: str | None 
     from qwen35c.quant.checkpoint import _read_source, write_quantized_files
     from qwen35c.quant.policy import plan
 
-    if fmt not in FORMATS:
-        raise QwenError(f"unknown export format '{fmt}' (known: {', '.join(FORMATS)})")
-    writer = FORMATS[fmt][0]
+    writer = FORMATS.get(fmt, (None,))[0]
+    if writer is None:
+        raise QwenError(f"'{fmt}' is not a checkpoint format (known: {', '.join(f for f in FORMATS if FORMATS[f][0])})")
     recipe = recipe_of(fmt, quantize)
     model, protected = Path(model), protected_paths(Path(model))
     with atomic_directory(out, force, protected, OUTPUT) as tmp:
@@ -118,4 +127,86 @@ def export_checkpoint(model: Path, fmt: str, out: Path, *, quantize: str | None 
     return manifest
 
 
-__all__ = ["EXPORT_MANIFEST", "FORMATS", "export_checkpoint", "is_export", "recipe_of"]
+def _pbtxt_dims(dims) -> str:
+    return "[ " + ", ".join(str(d) for d in dims) + " ]"
+
+
+def triton_config(name: str, backend_section: dict, vocab: int, max_batch_size: int, max_length: int) -> str:
+    """config.pbtxt of an onnx artifact's graph (its `interface` and `states`, see module docstring)."""
+    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}",
+             "input [",
+             '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },',
+             '  { name: "q_start" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } },',
+             '  { name: "lengths" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } },',
+             '  { name: "logit_positions" data_type: TYPE_INT64 dims: [ -1 ] }',
+             "]",
+             "output [",
+             f'  {{ name: "logits" data_type: TYPE_FP32 dims: [ -1, {vocab} ] }}',
+             "]",
+             "sequence_batching {",
+             "  max_sequence_idle_microseconds: 600000000",
+             "  direct { }",
+             "  state ["]
+    states = backend_section["states"]
+    for i, spec in enumerate(states):
+        if spec["shape"][0] != "B" or spec["dtype"] not in TRITON_DTYPES:
+            raise QwenError(f"state '{spec['name']}': shape {spec['shape']} / dtype {spec['dtype']} has no "
+                            f"Triton implicit-state form (batch first, {', '.join(TRITON_DTYPES)})")
+        dims = [max_length if d == "S" else d for d in spec["shape"][1:]]
+        if not all(isinstance(d, int) for d in dims):
+            raise QwenError(f"state '{spec['name']}': dimension in {spec['shape']} other than B and S")
+        dtype = TRITON_DTYPES[spec["dtype"]]
+        lines += [f'    {{ input_name: "{spec["name"]}" output_name: "{spec["output"]}" data_type: {dtype} '
+                  f"dims: {_pbtxt_dims(dims)}",
+                  f'      initial_state: {{ name: "zero" data_type: {dtype} dims: {_pbtxt_dims(dims)} zero_data: true }}'
+                  f" }}{',' if i + 1 < len(states) else ''}"]
+    lines += ["  ]", "}", "instance_group [ { kind: KIND_CPU count: 1 } ]"]
+    return "\n".join(lines) + "\n"
+
+
+def export_triton_server(artifact: Path, out: Path, *, name: str | None = None, max_batch_size: int = 8,
+                         max_length: int = 4096, force: bool = False, say=lambda message: None) -> dict:
+    """A Triton Inference Server model repository holding artifact `artifact` (an onnx one) as `name`."""
+    import re
+    import shutil
+
+    from qwen35c.artifact import atomic_directory, file_table, protected_paths, sha256_file, tool_versions
+    from qwen35c.runtime import is_artifact_dir, open_checked
+
+    artifact = Path(artifact)
+    if not is_artifact_dir(artifact):
+        raise QwenError(f"{artifact}: --format triton-server exports a built artifact (a directory with manifest.json)")
+    manifest, _ = open_checked(artifact)            # every file's size and sha256, before anything is read
+    section = manifest["backend"]
+    if section["name"] != "onnx":
+        raise QwenError(f"{artifact}: a '{section['name']}' artifact; --format triton-server takes onnx artifacts "
+                        f"(targets cpu, cpu-int4): a Python-backend entry for triton artifacts is not written yet")
+    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(manifest["source"]["path"]).name) or "qwen35c"
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise QwenError(f"--name '{name}': a Triton model name is letters, digits, '_', '.', '-'")
+    if not 1 <= max_batch_size <= 1024 or not 1 <= max_length <= 1 << 20:
+        raise QwenError(f"--max-batch-size {max_batch_size} / --max-length {max_length} out of range")
+    config = json.loads((artifact / "config.json").read_text()) if "config.json" in manifest["files"] else {}
+    vocab = config.get("text_config", config).get("vocab_size")
+    if not isinstance(vocab, int):
+        raise QwenError(f"{artifact}: no vocab_size in its config.json")
+    text = triton_config(name, section, vocab, max_batch_size, max_length)
+    with atomic_directory(out, force, protected_paths(artifact), OUTPUT) as tmp:
+        version = tmp / name / "1"
+        version.mkdir(parents=True)
+        for rel in (section["model"], section["data"]):
+            shutil.copyfile(artifact / rel, version / Path(rel).name)
+            if sha256_file(version / Path(rel).name) != manifest["files"][rel]["sha256"]:
+                raise QwenError(f"{artifact / rel}: changed while it was copied")
+        (tmp / name / "config.pbtxt").write_text(text)
+        say(f"wrote model repository entry '{name}' ({len(section['states'])} implicit states)")
+        export = {"schema_version": 1, "format": "triton-server", "versions": tool_versions(), "model_name": name,
+                  "source": {"path": str(artifact), "manifest_sha256": sha256_file(artifact / "manifest.json"),
+                             "target": manifest["target"]["name"]},
+                  "quantization": manifest.get("quantization"), "files": file_table(tmp)}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(export, indent=2, sort_keys=True) + "\n")
+    return export
+
+
+__all__ = ["EXPORT_MANIFEST", "FORMATS", "export_checkpoint", "export_triton_server", "is_export", "recipe_of",
+           "triton_config"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -131,3 +132,112 @@ def test_a_large_export_is_sharded_with_an_index(tmp_path):
     assert set(index["weight_map"].values()) == set(shards)
     whole, _ = import_quantized(Path(tmp_path / "sharded"))
     assert whole.weights and all(torch.isfinite(q.dequantize()).all() for q in whole.weights.values())
+
+
+# ---- triton-server ---------------------------------------------------------------------------------
+
+class TritonSimulator:
+    """What Triton's ONNX Runtime backend does with the entry, by the entry's own config: requests of
+    one batch stacked along a new first dimension (`reshape` honoured), implicit states starting from
+    their zero initial state and fed back from the outputs they name. Sequence-batching, direct strategy:
+    a slot per sequence, in the order given."""
+
+    def __init__(self, entry: Path):
+        import onnxruntime as ort
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        self.config = text_format.Parse((entry / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        self.ort = ort.InferenceSession(str(entry / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.states: dict[int, dict[str, np.ndarray]] = {}
+
+    def start(self, sequence: int) -> None:
+        self.states[sequence] = {s.input_name: np.zeros(list(s.initial_state[0].dims), np.float32)
+                                 for s in self.config.sequence_batching.state}
+
+    def infer(self, requests: dict[int, dict[str, np.ndarray]]) -> dict[int, np.ndarray]:
+        assert len(requests) <= self.config.max_batch_size
+        order = list(requests)
+        feeds = {}
+        for spec in self.config.input:
+            rows = [requests[s][spec.name].reshape(list(spec.reshape.shape) if spec.HasField("reshape")
+                                                   else requests[s][spec.name].shape) for s in order]
+            feeds[spec.name] = np.stack(rows)
+        for state in self.config.sequence_batching.state:
+            feeds[state.input_name] = np.stack([self.states[s][state.input_name] for s in order])
+        names = [o.name for o in self.config.output] + [s.output_name for s in self.config.sequence_batching.state]
+        outputs = dict(zip(names, self.ort.run(names, feeds)))
+        for i, s in enumerate(order):
+            for state in self.config.sequence_batching.state:
+                self.states[s][state.input_name] = outputs[state.output_name][i]
+        return {s: outputs["logits"][i] for i, s in enumerate(order)}
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(tmp_path_factory):
+    from qwen35c.build import build_artifact
+
+    out = tmp_path_factory.mktemp("onnx") / "art"
+    build_artifact(default_model_path(), "cpu", out, check=False)
+    return out
+
+
+def test_a_triton_server_entry_serves_what_qwen35c_runs(onnx_artifact, tmp_path):
+    pytest.importorskip("tritonclient.grpc")
+    import onnx
+
+    from qwen35c.runtime import load
+
+    code, out = cli("export", onnx_artifact, "--format", "triton-server", "-o", tmp_path / "repo",
+                    "--name", "tiny", "--max-length", "256")
+    assert code == 0, out
+    entry = tmp_path / "repo" / "tiny"
+    assert is_export(tmp_path / "repo")
+    server = TritonSimulator(entry)
+    config = server.config
+    assert config.platform == "onnxruntime_onnx" and config.sequence_batching.HasField("direct")
+    graph = onnx.load(str(entry / "1" / "model.onnx"), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type for v in [*graph.input, *graph.output]}
+    kinds = {"TYPE_FP32": onnx.TensorProto.FLOAT, "TYPE_INT64": onnx.TensorProto.INT64}
+    from tritonclient.grpc import model_config_pb2
+
+    declared = [(i.name, i.data_type, i.dims) for i in [*config.input, *config.output]]
+    declared += [(n, s.data_type, s.dims) for s in config.sequence_batching.state for n in (s.input_name, s.output_name)]
+    assert {n for n, _, _ in declared} == set(types)                     # every graph input and output, no other
+    for name, dtype, dims in declared:
+        assert types[name].elem_type == kinds[model_config_pb2.DataType.Name(dtype)], name
+        graph_dims = [d.dim_value or -1 for d in types[name].shape.dim][1:]
+        assert all(g == -1 or g == d for g, d in zip(graph_dims, dims)), name
+
+    session = load(onnx_artifact)
+    prompts = [[5, 17, 300, 42, 9, 11, 12], list(range(70, 140))]      # the second crosses the 64-token chunk
+    want = session.generate(prompts, 12).tokens
+    for s, prompt in enumerate(prompts):                                 # each sequence's prefill alone
+        server.start(s)
+        logits = server.infer({s: {"input_ids": np.array(prompt), "q_start": np.array([0]),
+                                   "lengths": np.array([len(prompt)]),
+                                   "logit_positions": np.array([len(prompt) - 1])}})[s]
+        server.states[s]["next"] = int(logits[-1].argmax())
+    got = {s: [server.states[s].pop("next")] for s in range(len(prompts))}
+    for step in range(11):                                               # decode: both sequences in one batch
+        requests = {s: {"input_ids": np.array([got[s][-1]]), "q_start": np.array([len(prompts[s]) + step]),
+                        "lengths": np.array([1]), "logit_positions": np.array([0])} for s in got}
+        for s, logits in server.infer(requests).items():
+            got[s].append(int(logits[-1].argmax()))
+    assert [got[s] for s in range(len(prompts))] == want
+
+
+def test_triton_server_refuses_what_it_cannot_serve(tmp_path, onnx_artifact):
+    code, out = cli("export", default_model_path(), "--format", "triton-server", "-o", tmp_path / "r")
+    assert code == 2 and "built artifact" in out
+    code, out = cli("export", onnx_artifact, "--format", "triton-server", "-o", tmp_path / "r", "--name", "../x")
+    assert code == 2 and "model name" in out and not (tmp_path / "r").exists()
+    tampered = tmp_path / "tampered"
+    import shutil
+
+    shutil.copytree(onnx_artifact, tampered)
+    with open(tampered / "model.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    code, out = cli("export", tampered, "--format", "triton-server", "-o", tmp_path / "r")
+    assert code == 2 and "model.onnx.data" in out and not (tmp_path / "r").exists()

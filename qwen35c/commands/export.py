@@ -1,4 +1,4 @@
-"""`qwen35c export MODEL --format F -o OUT`: a checkpoint in the format a serving stack loads."""
+"""`qwen35c export SOURCE --format F -o OUT`: a checkpoint or artifact in the format a serving stack loads."""
 
 from __future__ import annotations
 
@@ -11,28 +11,42 @@ from qwen35c.export import FORMATS
 
 
 @click.command("export")
-@click.argument("model", required=False)
+@click.argument("source", required=False)
 @click.option("--format", "fmt", required=True, type=click.Choice(list(FORMATS)),
-              help="hf-fp8 (official Qwen FP8 block-128), hf-gptq, hf-awq: Hugging Face checkpoints that "
-                   "vLLM, SGLang and TensorRT-LLM load.")
+              help="hf-fp8 (official Qwen FP8 block-128), hf-gptq, hf-awq: Hugging Face checkpoints of a "
+                   "checkpoint SOURCE that vLLM, SGLang and TensorRT-LLM load; triton-server: a Triton Inference "
+                   "Server model repository of an onnx artifact SOURCE.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Export directory.")
 @click.option("--quantize", default=None, metavar="SCHEME",
               help="The recipe ('int4-gptq act-order=true', ...); default: the format's own "
-                   f"({'; '.join(f'{k}: {v[1]}' for k, v in FORMATS.items())}).")
+                   f"({'; '.join(f'{k}: {v[1]}' for k, v in FORMATS.items() if v[1])}).")
+@click.option("--name", default=None, help="triton-server: the model's name in the repository (default: the model's).")
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="triton-server: sequences batched together.")
+@click.option("--max-length", default=4096, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="triton-server: positions the KV-cache state holds per sequence.")
 @click.option("--force", is_flag=True,
               help="Replace an existing qwen35c export (or empty directory) at OUT; nothing else is ever replaced.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export manifest summary as JSON.")
-def command(model, fmt, output, quantize, force, as_json):
-    """Quantize MODEL (a checkpoint directory; default: the bundled dense model) with the format's
-    recipe and write it to OUT as a Hugging Face checkpoint, atomically, every file hashed."""
-    from qwen35c.export import export_checkpoint
+def command(source, fmt, output, quantize, name, max_batch_size, max_length, force, as_json):
+    """Write SOURCE in a serving stack's format to OUT, atomically, every file hashed: a checkpoint
+    (default: the bundled dense model) quantized with the format's recipe as a Hugging Face
+    checkpoint, or a built onnx artifact as a Triton Inference Server model repository."""
+    from qwen35c.errors import QwenError
+    from qwen35c.export import export_checkpoint, export_triton_server
     from qwen35c.models import resolve_model
 
-    manifest = export_checkpoint(resolve_model(model), fmt, output, quantize=quantize, force=force,
-                                 say=(lambda m: None) if as_json else info)
-    q = manifest["quantization"]
+    say = (lambda m: None) if as_json else info
+    if fmt == "triton-server":
+        if source is None or quantize is not None:
+            raise QwenError("--format triton-server takes a built artifact as SOURCE (and no --quantize)")
+        manifest = export_triton_server(Path(source), output, name=name, max_batch_size=max_batch_size,
+                                        max_length=max_length, force=force, say=say)
+    else:
+        manifest = export_checkpoint(resolve_model(source), fmt, output, quantize=quantize, force=force, say=say)
+    label = (manifest.get("quantization") or {}).get("label", "full precision")
     size = sum(f["size"] for f in manifest["files"].values())
     if as_json:
-        emit_json({"output": str(output), "format": fmt, "label": q["label"], "files": manifest["files"]})
+        emit_json({"output": str(output), "format": fmt, "label": label, "files": manifest["files"]})
         return
-    info(f"exported {output} ({fmt}, {q['label']}, {len(manifest['files'])} files, {size / 2**20:.1f} MiB)")
+    info(f"exported {output} ({fmt}, {label}, {len(manifest['files'])} files, {size / 2**20:.1f} MiB)")
