@@ -12,6 +12,9 @@ Formats (`FORMATS`):
             `int4-rtn symmetric=false`) and refuses `int4-awq`.
 The codes are exactly the ones a qwen35c build of the same recipe packs (`quant.build.prepare`), and
 import back bit for bit (`quant.checkpoint.import_quantized`).
+  genai     an ONNX Runtime GenAI model folder for an `onnx` artifact: the artifact's graph adapted to
+            GenAI's conventions (`backends/onnx/genai.py`; its weights file byte for byte),
+            `genai_config.json`, the tokenizer files. Pinned to onnxruntime-genai 0.18.0.
   triton-server  a Triton Inference Server model repository entry for an `onnx` artifact (`cpu`,
             `cpu-int4`): `NAME/config.pbtxt` (platform `onnxruntime_onnx`) and `NAME/1/` holding the
             artifact's hash-checked model.onnx and its data. Sequence batching, direct strategy: each
@@ -40,6 +43,7 @@ FORMATS = {
     "hf-gptq": ("gptq", "int4-gptq group-size=128"),
     "hf-awq": ("awq", "int4-rtn group-size=128 symmetric=false"),
     "triton-server": (None, None),
+    "genai": (None, None),
 }
 TRITON_DTYPES = {"f32": "TYPE_FP32", "f16": "TYPE_FP16", "bf16": "TYPE_BF16", "i64": "TYPE_INT64"}
 
@@ -164,29 +168,102 @@ def triton_config(name: str, backend_section: dict, vocab: int, max_batch_size: 
     return "\n".join(lines) + "\n"
 
 
+def _onnx_artifact(artifact: Path, fmt: str) -> tuple[dict, dict]:
+    """The manifest and config.json of a hash-checked onnx artifact (the source of genai / triton-server)."""
+    from qwen35c.runtime import is_artifact_dir, open_checked
+
+    if not is_artifact_dir(artifact):
+        raise QwenError(f"{artifact}: --format {fmt} exports a built artifact (a directory with manifest.json)")
+    manifest, _ = open_checked(artifact)            # every file's size and sha256, before anything is read
+    if manifest["backend"]["name"] != "onnx":
+        raise QwenError(f"{artifact}: a '{manifest['backend']['name']}' artifact; --format {fmt} takes onnx artifacts "
+                        f"(targets cpu, cpu-int4)"
+                        + (": a Python-backend entry for triton artifacts is not written yet" if fmt == "triton-server" else ""))
+    if "config.json" not in manifest["files"]:
+        raise QwenError(f"{artifact}: no config.json in the artifact")
+    return manifest, json.loads((artifact / "config.json").read_text())
+
+
+def _copy_checked(artifact: Path, manifest: dict, rel: str, dest: Path) -> None:
+    import shutil
+
+    from qwen35c.artifact import sha256_file
+
+    shutil.copyfile(artifact / rel, dest)
+    if sha256_file(dest) != manifest["files"][rel]["sha256"]:
+        raise QwenError(f"{artifact / rel}: changed while it was copied")
+
+
+def _export_manifest(fmt: str, artifact: Path, manifest: dict, tmp: Path, **extra) -> dict:
+    from qwen35c.artifact import file_table, sha256_file, tool_versions
+
+    export = {"schema_version": 1, "format": fmt, "versions": tool_versions(), **extra,
+              "source": {"path": str(artifact), "manifest_sha256": sha256_file(artifact / "manifest.json"),
+                         "target": manifest["target"]["name"]},
+              "quantization": manifest.get("quantization"), "files": file_table(tmp)}
+    (tmp / EXPORT_MANIFEST).write_text(json.dumps(export, indent=2, sort_keys=True) + "\n")
+    return export
+
+
+def export_genai(artifact: Path, out: Path, *, max_length: int | None = None, force: bool = False,
+                 say=lambda message: None) -> dict:
+    """An ONNX Runtime GenAI model folder of onnx artifact `artifact` (see the module docstring)."""
+    from qwen35c.artifact import atomic_directory, protected_paths
+    from qwen35c.backends.onnx.genai import GENAI_VERSION, adapt, genai_model_type
+
+    artifact = Path(artifact)
+    manifest, config = _onnx_artifact(artifact, "genai")
+    text = config.get("text_config", config)
+    kind = genai_model_type(config)
+    section = manifest["backend"]
+    context = int(text.get("max_position_embeddings", 4096))
+    max_length = max_length or min(context, 4096)
+    if not 1 <= max_length <= context:
+        raise QwenError(f"--max-length {max_length}: 1..{context} (the model's max_position_embeddings)")
+    with atomic_directory(out, force, protected_paths(artifact), OUTPUT) as tmp:
+        _copy_checked(artifact, manifest, section["data"], tmp / section["data"])
+        names = adapt(artifact / section["model"], section["states"], tmp / "model.onnx")
+        for rel in ("tokenizer.json", "tokenizer_config.json"):
+            if rel in manifest["files"]:
+                _copy_checked(artifact, manifest, rel, tmp / rel)
+        eos = text.get("eos_token_id", config.get("eos_token_id"))
+        pad = text.get("pad_token_id", config.get("pad_token_id"))
+        genai_config = {
+            "model": {
+                "bos_token_id": text.get("bos_token_id") or 1,
+                "context_length": context,
+                "decoder": {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                            "filename": "model.onnx", "head_size": text["head_dim"],
+                            "hidden_size": text["hidden_size"], "inputs": names["inputs"], "outputs": names["outputs"],
+                            "num_attention_heads": text["num_attention_heads"],
+                            "num_hidden_layers": text["num_hidden_layers"],
+                            "num_key_value_heads": text["num_key_value_heads"]},
+                "eos_token_id": eos, "pad_token_id": pad if pad is not None else eos,
+                "type": kind, "vocab_size": text["vocab_size"]},
+            "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                       "max_length": max_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                       "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                       "temperature": 1.0, "top_k": 1, "top_p": 1.0}}
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config, indent=2) + "\n")
+        say(f"wrote an ONNX Runtime GenAI {GENAI_VERSION} model ({kind}, {len(section['states'])} states)")
+        return _export_manifest("genai", artifact, manifest, tmp, onnxruntime_genai=GENAI_VERSION)
+
+
 def export_triton_server(artifact: Path, out: Path, *, name: str | None = None, max_batch_size: int = 8,
                          max_length: int = 4096, force: bool = False, say=lambda message: None) -> dict:
     """A Triton Inference Server model repository holding artifact `artifact` (an onnx one) as `name`."""
     import re
-    import shutil
 
-    from qwen35c.artifact import atomic_directory, file_table, protected_paths, sha256_file, tool_versions
-    from qwen35c.runtime import is_artifact_dir, open_checked
+    from qwen35c.artifact import atomic_directory, protected_paths
 
     artifact = Path(artifact)
-    if not is_artifact_dir(artifact):
-        raise QwenError(f"{artifact}: --format triton-server exports a built artifact (a directory with manifest.json)")
-    manifest, _ = open_checked(artifact)            # every file's size and sha256, before anything is read
+    manifest, config = _onnx_artifact(artifact, "triton-server")
     section = manifest["backend"]
-    if section["name"] != "onnx":
-        raise QwenError(f"{artifact}: a '{section['name']}' artifact; --format triton-server takes onnx artifacts "
-                        f"(targets cpu, cpu-int4): a Python-backend entry for triton artifacts is not written yet")
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(manifest["source"]["path"]).name) or "qwen35c"
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise QwenError(f"--name '{name}': a Triton model name is letters, digits, '_', '.', '-'")
     if not 1 <= max_batch_size <= 1024 or not 1 <= max_length <= 1 << 20:
         raise QwenError(f"--max-batch-size {max_batch_size} / --max-length {max_length} out of range")
-    config = json.loads((artifact / "config.json").read_text()) if "config.json" in manifest["files"] else {}
     vocab = config.get("text_config", config).get("vocab_size")
     if not isinstance(vocab, int):
         raise QwenError(f"{artifact}: no vocab_size in its config.json")
@@ -195,18 +272,12 @@ def export_triton_server(artifact: Path, out: Path, *, name: str | None = None, 
         version = tmp / name / "1"
         version.mkdir(parents=True)
         for rel in (section["model"], section["data"]):
-            shutil.copyfile(artifact / rel, version / Path(rel).name)
-            if sha256_file(version / Path(rel).name) != manifest["files"][rel]["sha256"]:
-                raise QwenError(f"{artifact / rel}: changed while it was copied")
+            _copy_checked(artifact, manifest, rel, version / Path(rel).name)
         (tmp / name / "config.pbtxt").write_text(text)
         say(f"wrote model repository entry '{name}' ({len(section['states'])} implicit states)")
-        export = {"schema_version": 1, "format": "triton-server", "versions": tool_versions(), "model_name": name,
-                  "source": {"path": str(artifact), "manifest_sha256": sha256_file(artifact / "manifest.json"),
-                             "target": manifest["target"]["name"]},
-                  "quantization": manifest.get("quantization"), "files": file_table(tmp)}
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps(export, indent=2, sort_keys=True) + "\n")
+        export = _export_manifest("triton-server", artifact, manifest, tmp, model_name=name)
     return export
 
 
-__all__ = ["EXPORT_MANIFEST", "FORMATS", "export_checkpoint", "export_triton_server", "is_export", "recipe_of",
+__all__ = ["EXPORT_MANIFEST", "FORMATS", "export_checkpoint", "export_genai", "export_triton_server", "is_export", "recipe_of",
            "triton_config"]

@@ -241,3 +241,58 @@ def test_triton_server_refuses_what_it_cannot_serve(tmp_path, onnx_artifact):
         f.write(b"\x00\x01")
     code, out = cli("export", tampered, "--format", "triton-server", "-o", tmp_path / "r")
     assert code == 2 and "model.onnx.data" in out and not (tmp_path / "r").exists()
+
+
+# ---- genai ----------------------------------------------------------------------------------------
+
+GENAI_PROMPTS = ["def fibonacci(n):", "The quick brown fox", "import numpy as np\n", "x = 1\ny = 2\nprint(x +",
+                 "class Stack:\n    def push(self, item):"]
+
+
+def _genai_greedy(folder: Path, prompt_ids: list[int], new: int):
+    """ONNX Runtime GenAI's own generator, greedy: (its tokens, its logits for the last prompt position)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt_ids, dtype=np.int32))
+    prompt_logits = np.array(generator.get_output("logits"))[0, -1].copy()
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens, prompt_logits
+
+
+@pytest.mark.parametrize("model,target", [("qwen35-tiny", "cpu"), ("qwen35-tiny-moe", "cpu"),
+                                          ("qwen35-tiny", "cpu-int4"), ("tiny-moe", "cpu")])
+def test_genai_generates_what_qwen35c_runs(model, target, tmp_path, checkpoint_factory):
+    """The genai export, run by onnxruntime-genai 0.18.0 itself: the same greedy tokens as the
+    artifact's own session over several prompts and 64 new tokens, prompt logits within 1e-4."""
+    pytest.importorskip("onnxruntime_genai")
+    from qwen35c.build import build_artifact
+    from qwen35c.models import resolve_model
+    from qwen35c.runtime import load
+
+    source = checkpoint_factory(model) if model == "tiny-moe" else resolve_model(model)
+    art = tmp_path / "art"
+    build_artifact(source, target, art, check=False)
+    code, out = cli("export", art, "--format", "genai", "-o", tmp_path / "genai", "--max-length", "512")
+    assert code == 0, out
+    config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
+    assert config["model"]["type"] in ("qwen3_5_text", "qwen3_5_moe_text")
+    session = load(art)
+    if model == "tiny-moe":                                   # no tokenizer: token ids
+        prompts = [[5 + 7 * i + j for j in range(3 + 11 * i)] for i in range(4)]
+    else:
+        prompts = [session.tokenizer.encode(text).ids for text in GENAI_PROMPTS]
+    prompts.append(list(range(30, 30 + 70)))                  # crosses the 64-token chunk
+    for ids in prompts:
+        want = session.generate([ids], 64).tokens[0]
+        got, logits = _genai_greedy(tmp_path / "genai", ids, 64)
+        assert got == want, ids
+        import torch
+
+        ours = session.prefill(torch.tensor([ids]), session.new_state(1, len(ids) + 1), last_only=True)[0, -1]
+        assert np.abs(logits - ours.numpy()).max() <= 1e-4

@@ -24,7 +24,7 @@ from qwen35c.export import FORMATS
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1, 1024),
               help="triton-server: sequences batched together.")
 @click.option("--max-length", default=4096, show_default=True, type=click.IntRange(1, 1 << 20),
-              help="triton-server: positions the KV-cache state holds per sequence.")
+              help="triton-server: positions the KV-cache state holds per sequence; genai: search.max_length.")
 @click.option("--force", is_flag=True,
               help="Replace an existing qwen35c export (or empty directory) at OUT; nothing else is ever replaced.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export manifest summary as JSON.")
@@ -33,15 +33,18 @@ def command(source, fmt, output, quantize, name, max_batch_size, max_length, for
     (default: the bundled dense model) quantized with the format's recipe as a Hugging Face
     checkpoint, or a built onnx artifact as a Triton Inference Server model repository."""
     from qwen35c.errors import QwenError
-    from qwen35c.export import export_checkpoint, export_triton_server
+    from qwen35c.export import export_checkpoint, export_genai, export_triton_server
     from qwen35c.models import resolve_model
 
     say = (lambda m: None) if as_json else info
-    if fmt == "triton-server":
+    if fmt in ("triton-server", "genai"):
         if source is None or quantize is not None:
-            raise QwenError("--format triton-server takes a built artifact as SOURCE (and no --quantize)")
-        manifest = export_triton_server(Path(source), output, name=name, max_batch_size=max_batch_size,
-                                        max_length=max_length, force=force, say=say)
+            raise QwenError(f"--format {fmt} takes a built onnx artifact as SOURCE (and no --quantize)")
+        if fmt == "genai":
+            manifest = export_genai(Path(source), output, max_length=max_length, force=force, say=say)
+        else:
+            manifest = export_triton_server(Path(source), output, name=name, max_batch_size=max_batch_size,
+                                            max_length=max_length, force=force, say=say)
     else:
         manifest = export_checkpoint(resolve_model(source), fmt, output, quantize=quantize, force=force, say=say)
     label = (manifest.get("quantization") or {}).get("label", "full precision")
