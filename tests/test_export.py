@@ -296,3 +296,17 @@ def test_genai_generates_what_qwen35c_runs(model, target, tmp_path, checkpoint_f
 
         ours = session.prefill(torch.tensor([ids]), session.new_state(1, len(ids) + 1), last_only=True)[0, -1]
         assert np.abs(logits - ours.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["hf-fp8", "hf-awq"])
+def test_the_moe_export_holds_quantized_routed_experts(fmt, tmp_path):
+    from qwen35c.models import resolve_model
+
+    assert cli("export", "qwen35-tiny-moe", "--format", fmt, "-o", tmp_path / fmt)[0] == 0
+    back, qc = import_quantized(tmp_path / fmt)
+    experts = [n for n in back.weights if ".mlp.experts." in n]
+    config = json.loads((resolve_model("qwen35-tiny-moe") / "config.json").read_text())
+    text = config.get("text_config", config)
+    parts = 3 if fmt == "hf-fp8" or text["moe_intermediate_size"] >= 128 else 2   # INT4 g128: down_proj needs K >= 128
+    assert len(experts) == text["num_hidden_layers"] * text["num_experts"] * parts
+    assert all(torch.isfinite(back.weights[n].dequantize()).all() for n in experts)
