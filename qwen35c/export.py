@@ -10,8 +10,9 @@ Formats (`FORMATS`):
             into the previous op; qwen35c's `int4-awq` keeps them explicit (`Int4Weight.pre_scale`),
             which the format cannot hold, so hf-awq is written from an RTN or GPTQ recipe (default
             `int4-rtn symmetric=false`) and refuses `int4-awq`.
-The codes are exactly the ones a qwen35c build of the same recipe packs (`quant.build.prepare`), and
-import back bit for bit (`quant.checkpoint.import_quantized`).
+            The hf-* codes are exactly the ones a qwen35c build of the same recipe packs
+            (`quant.build.prepare`, layer by layer; the packed INT4 codes of the whole model, 1/8 of its
+            fp32 bytes, are held until written) and import back bit for bit (`quant.checkpoint.import_quantized`).
   genai     an ONNX Runtime GenAI model folder for an `onnx` artifact: the artifact's graph adapted to
             GenAI's conventions (`backends/onnx/genai.py`; its weights file byte for byte),
             `genai_config.json`, the tokenizer files. Pinned to onnxruntime-genai 0.18.0.

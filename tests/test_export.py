@@ -76,6 +76,7 @@ def test_an_export_is_hashed_and_imports_back_bit_for_bit(exports, fmt):
             n.replace("model.", "model.language_model.", 1)[: -len(".weight")] for n in prepared.quantized.weights)
     else:
         assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc["zero_point"] is True
+        assert qc["lm_head"] is False and "lm_head" in qc["modules_to_not_convert"]
 
 
 def test_transformers_loads_the_fp8_export_on_cpu(exports):

@@ -247,7 +247,8 @@ def _quant_config(recipe: Recipe, fmt: str, not_converted: list[str], converted:
                 "lm_head": "lm_head" not in not_converted, "modules_in_block_to_quantize": converted,
                 "modules_to_not_convert": not_converted, "qwen35c_recipe": recipe.to_dict()}
     return {"quant_method": "awq", "bits": 4, "group_size": recipe.group_size, "zero_point": not recipe.symmetric,
-            "version": "gemm", "modules_to_not_convert": not_converted, "qwen35c_recipe": recipe.to_dict()}
+            "version": "gemm", "lm_head": "lm_head" not in not_converted, "modules_to_not_convert": not_converted,
+            "qwen35c_recipe": recipe.to_dict()}
 
 
 def export_hf_fp8(source_dir, out_dir, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Path:
