@@ -623,11 +623,13 @@ def test_signal_during_a_forced_rebuild_keeps_the_old_artifact(ckpt, artifact, t
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_inside_native_initialisation_is_held_until_it_ends(sig, code):
+def test_a_signal_inside_native_initialisation_is_held_until_it_ends(sig, code, monkeypatch):
     """`signals.deferred()` (around onnx's nanobind import, which aborts the process when a Python
     exception is raised inside it): the handler runs, but the exception comes when the block ends."""
     from qwen35c import signals
 
+    # a fresh first signal each time (an earlier in-process CLI call installed the handlers for good)
+    monkeypatch.setattr(signals, "_state", {"raised": False, "deferring": 0, "held": None})
     steps = []
     with signals.interrupts_raise(), pytest.raises(signals.Interrupted) as err:
         with signals.deferred():
@@ -637,6 +639,7 @@ def test_a_signal_inside_native_initialisation_is_held_until_it_ends(sig, code):
             steps.append("block ended")
         steps.append("after the block")
     assert steps == ["block ended"] and err.value.exit_code == code
+    signals._state["raised"] = False
     with signals.interrupts_raise(), pytest.raises(signals.Interrupted):   # outside a block: at once
         os.kill(os.getpid(), sig)
         for _ in range(1000):
