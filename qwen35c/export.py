@@ -16,7 +16,10 @@ Formats (`FORMATS`):
   genai     an ONNX Runtime GenAI model folder for an `onnx` artifact: the artifact's graph adapted to
             GenAI's conventions (`backends/onnx/genai.py`; its weights file byte for byte),
             `genai_config.json`, the tokenizer files. Pinned to onnxruntime-genai 0.18.0.
-  triton-server  a Triton Inference Server model repository entry for an `onnx` artifact (`cpu`,
+  triton-server  a Triton Inference Server model repository entry. For a `triton` (GPU runtime)
+            artifact: the Python backend (`NAME/1/model.py` = `qwen35c/triton_server_model.py`, the
+            artifact hash-checked into `NAME/1/artifact/`, sequence batching with START / END /
+            CORRID controls, logits of each request's last token). For an `onnx` artifact (`cpu`,
             `cpu-int4`): `NAME/config.pbtxt` (platform `onnxruntime_onnx`) and `NAME/1/` holding the
             artifact's hash-checked model.onnx and its data. Sequence batching, direct strategy: each
             batch slot is one sequence, and the conv / recurrent states and the KV cache are implicit
@@ -169,17 +172,16 @@ def triton_config(name: str, backend_section: dict, vocab: int, max_batch_size: 
     return "\n".join(lines) + "\n"
 
 
-def _onnx_artifact(artifact: Path, fmt: str) -> tuple[dict, dict]:
-    """The manifest and config.json of a hash-checked onnx artifact (the source of genai / triton-server)."""
+def _artifact(artifact: Path, fmt: str, backends: tuple[str, ...]) -> tuple[dict, dict]:
+    """The manifest and config.json of a hash-checked artifact of one of `backends`."""
     from qwen35c.runtime import is_artifact_dir, open_checked
 
     if not is_artifact_dir(artifact):
         raise QwenError(f"{artifact}: --format {fmt} exports a built artifact (a directory with manifest.json)")
     manifest, _ = open_checked(artifact)            # every file's size and sha256, before anything is read
-    if manifest["backend"]["name"] != "onnx":
-        raise QwenError(f"{artifact}: a '{manifest['backend']['name']}' artifact; --format {fmt} takes onnx artifacts "
-                        f"(targets cpu, cpu-int4)"
-                        + (": a Python-backend entry for triton artifacts is not written yet" if fmt == "triton-server" else ""))
+    if manifest["backend"]["name"] not in backends:
+        raise QwenError(f"{artifact}: a '{manifest['backend']['name']}' artifact; --format {fmt} takes "
+                        f"{' or '.join(backends)} artifacts")
     if "config.json" not in manifest["files"]:
         raise QwenError(f"{artifact}: no config.json in the artifact")
     return manifest, json.loads((artifact / "config.json").read_text())
@@ -213,7 +215,7 @@ def export_genai(artifact: Path, out: Path, *, max_length: int | None = None, fo
     from qwen35c.backends.onnx.genai import GENAI_VERSION, adapt, genai_model_type
 
     artifact = Path(artifact)
-    manifest, config = _onnx_artifact(artifact, "genai")
+    manifest, config = _artifact(artifact, "genai", ("onnx",))
     text = config.get("text_config", config)
     kind = genai_model_type(config)
     section = manifest["backend"]
@@ -250,15 +252,33 @@ def export_genai(artifact: Path, out: Path, *, max_length: int | None = None, fo
         return _export_manifest("genai", artifact, manifest, tmp, onnxruntime_genai=GENAI_VERSION)
 
 
+def python_backend_config(name: str, max_batch_size: int, max_length: int, gpu: bool) -> str:
+    """config.pbtxt of a Python-backend entry over a triton artifact (see `qwen35c.triton_server_model`)."""
+    control = ("    {{ name: \"{0}\" control [ {{ kind: CONTROL_SEQUENCE_{1} {2} }} ] }}")
+    return "\n".join([
+        f'name: "{name}"', 'backend: "python"', "max_batch_size: 1",   # one request per execute step
+        "input [", '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }', "]",
+        "output [", '  { name: "logits" data_type: TYPE_FP32 dims: [ -1 ] }', "]",
+        "sequence_batching {", "  max_sequence_idle_microseconds: 600000000",
+        f"  oldest {{ max_candidate_sequences: {max_batch_size} }}", "  control_input [",
+        control.format("START", "START", "int32_false_true: [ 0, 1 ]") + ",",
+        control.format("END", "END", "int32_false_true: [ 0, 1 ]") + ",",
+        control.format("CORRID", "CORRID", "data_type: TYPE_UINT64"), "  ]", "}",
+        'parameters { key: "artifact" value: { string_value: "artifact" } }',
+        f'parameters {{ key: "max_length" value: {{ string_value: "{max_length}" }} }}',
+        f"instance_group [ {{ kind: {'KIND_GPU' if gpu else 'KIND_CPU'} count: 1 }} ]"]) + "\n"
+
+
 def export_triton_server(artifact: Path, out: Path, *, name: str | None = None, max_batch_size: int = 8,
                          max_length: int = 4096, force: bool = False, say=lambda message: None) -> dict:
-    """A Triton Inference Server model repository holding artifact `artifact` (an onnx one) as `name`."""
+    """A Triton Inference Server model repository holding artifact `artifact` as `name`: an onnx
+    artifact on the ONNX Runtime backend, a triton artifact through the Python backend."""
     import re
 
-    from qwen35c.artifact import atomic_directory, protected_paths
+    from qwen35c.artifact import MANIFEST, atomic_directory, protected_paths
 
     artifact = Path(artifact)
-    manifest, config = _onnx_artifact(artifact, "triton-server")
+    manifest, config = _artifact(artifact, "triton-server", ("onnx", "triton"))
     section = manifest["backend"]
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", Path(manifest["source"]["path"]).name) or "qwen35c"
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
@@ -268,14 +288,25 @@ def export_triton_server(artifact: Path, out: Path, *, name: str | None = None, 
     vocab = config.get("text_config", config).get("vocab_size")
     if not isinstance(vocab, int):
         raise QwenError(f"{artifact}: no vocab_size in its config.json")
-    text = triton_config(name, section, vocab, max_batch_size, max_length)
     with atomic_directory(out, force, protected_paths(artifact), OUTPUT) as tmp:
         version = tmp / name / "1"
         version.mkdir(parents=True)
-        for rel in (section["model"], section["data"]):
-            _copy_checked(artifact, manifest, rel, version / Path(rel).name)
+        if section["name"] == "onnx":
+            text = triton_config(name, section, vocab, max_batch_size, max_length)
+            for rel in (section["model"], section["data"]):
+                _copy_checked(artifact, manifest, rel, version / Path(rel).name)
+        else:
+            import shutil
+
+            text = python_backend_config(name, max_batch_size, max_length, gpu=manifest["target"]["sm"] is not None)
+            for rel in manifest["files"]:
+                (version / "artifact" / rel).parent.mkdir(parents=True, exist_ok=True)
+                _copy_checked(artifact, manifest, rel, version / "artifact" / rel)
+            shutil.copyfile(artifact / MANIFEST, version / "artifact" / MANIFEST)
+            shutil.copyfile(Path(__file__).with_name("triton_server_model.py"), version / "model.py")
         (tmp / name / "config.pbtxt").write_text(text)
-        say(f"wrote model repository entry '{name}' ({len(section['states'])} implicit states)")
+        say(f"wrote model repository entry '{name}' ({'onnxruntime_onnx' if section['name'] == 'onnx' else 'python'} "
+            f"backend, {len(section.get('states', []))} states)")
         export = _export_manifest("triton-server", artifact, manifest, tmp, model_name=name)
     return export
 

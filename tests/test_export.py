@@ -311,3 +311,86 @@ def test_the_moe_export_holds_quantized_routed_experts(fmt, tmp_path):
     parts = 3 if fmt == "hf-fp8" or text["moe_intermediate_size"] >= 128 else 2   # INT4 g128: down_proj needs K >= 128
     assert len(experts) == text["num_hidden_layers"] * text["num_experts"] * parts
     assert all(torch.isfinite(back.weights[n].dequantize()).all() for n in experts)
+
+
+class FakePythonBackend:
+    """The part of Triton's `triton_python_backend_utils` a model.py uses, for an in-process harness:
+    requests are dicts of named numpy tensors, responses keep their tensors or error."""
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self._array = name, np.asarray(array)
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._array
+
+    class TritonError(Exception):
+        pass
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return FakePythonBackend.Tensor(name, request[name]) if name in request else None
+
+
+@pytest.fixture(scope="module")
+def triton_artifact(tmp_path_factory):
+    from qwen35c.build import build_artifact
+
+    out = tmp_path_factory.mktemp("triton") / "art"
+    build_artifact(default_model_path(), "h100-bf16", out, check=False)
+    return out
+
+
+def test_a_python_backend_entry_serves_a_triton_artifact(triton_artifact, tmp_path, monkeypatch):
+    """model.py driven through initialize / execute with real tensors by the harness above: two
+    interleaved sequences give the tokens `qwen35c run` gives (the kernels under the interpreter here)."""
+    import importlib.util
+    import sys
+
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from qwen35c.runtime import load
+
+    code, out = cli("export", triton_artifact, "--format", "triton-server", "-o", tmp_path / "repo", "--name", "q",
+                    "--max-length", "128")
+    assert code == 0, out
+    entry = tmp_path / "repo" / "q"
+    config = text_format.Parse((entry / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.backend == "python" and config.sequence_batching.HasField("oldest")
+    assert {c.name for c in config.sequence_batching.control_input} == {"START", "END", "CORRID"}
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakePythonBackend)
+    spec = importlib.util.spec_from_file_location("entry_model", entry / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
+                      "model_repository": str(entry), "model_version": "1"})
+
+    prompts = {7: [5, 17, 300], 8: list(range(40, 49))}                 # small: the interpreter runs every kernel
+    want = load(triton_artifact).generate(list(prompts.values()), 4).tokens
+    got = {c: [] for c in prompts}
+
+    def send(corrid, ids, start=0, end=0):
+        request = {"input_ids": np.array([ids], np.int64), "CORRID": np.array([[corrid]], np.uint64),
+                   "START": np.array([[start]], np.int32), "END": np.array([[end]], np.int32)}
+        (response,) = model.execute([request])
+        assert response.error is None, response.error
+        return int(response.output_tensors[0].as_numpy()[0].argmax())
+
+    for corrid, ids in prompts.items():
+        got[corrid].append(send(corrid, ids, start=1))
+    for step in range(3):                                                # the two sequences interleaved
+        for corrid in prompts:
+            got[corrid].append(send(corrid, [got[corrid][-1]], end=int(step == 2)))
+    assert [got[c] for c in prompts] == want
+    assert model.sequences == {}                                         # END dropped both states
+    (response,) = model.execute([{"input_ids": np.array([[1]]), "CORRID": np.array([[9]], np.uint64)}])
+    assert isinstance(response.error, FakePythonBackend.TritonError) and "no START" in str(response.error)
