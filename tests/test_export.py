@@ -293,8 +293,6 @@ def test_genai_generates_what_qwen35c_runs(model, target, tmp_path, checkpoint_f
         want = session.generate([ids], 64).tokens[0]
         got, logits = _genai_greedy(tmp_path / "genai", ids, 64)
         assert got == want, ids
-        import torch
-
         ours = session.prefill(torch.tensor([ids]), session.new_state(1, len(ids) + 1), last_only=True)[0, -1]
         assert np.abs(logits - ours.numpy()).max() <= 1e-4
 

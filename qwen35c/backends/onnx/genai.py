@@ -98,10 +98,12 @@ def adapt(model_file: Path, states: list[dict], out_file: Path) -> dict:
         if kind not in patterns:
             raise QwenError(f"state '{spec['name']}' ({spec['key']}): no GenAI convention for '{kind}' states")
         past, present, past_key, present_key = patterns[kind]
+        names["inputs"][past_key], names["outputs"][present_key] = past, present
         layer = _layer(spec["key"])
         past, present = past % layer, present % layer
-        names["inputs"][past_key], names["outputs"][present_key] = patterns[kind][0], patterns[kind][1]
-        old_in, old_out = old_inputs[spec["name"]], old_outputs[spec["output"]]
+        if spec["name"] not in old_inputs or spec["output"] not in old_outputs:
+            raise QwenError(f"{model_file}: state '{spec['name']}' is not an input/output pair of the graph")
+        old_in = old_inputs[spec["name"]]
         dims = [d.dim_value or d.dim_param for d in old_in.type.tensor_type.shape.dim]
         elem = old_in.type.tensor_type.elem_type
         if kind == "conv":              # ours [B, K-1, C], GenAI's [B, C, K-1]
