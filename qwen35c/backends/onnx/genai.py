@@ -11,7 +11,9 @@ Our graph takes q_start / lengths / logit_positions and channels-last conv state
 cache in place at q_start: the same contract as GenAI's shared buffer. So the graph is adapted, not
 GenAI: q_start = sum(attention_mask) - S, lengths = S, logit_positions = S - 1 (per row), the conv
 states transposed in and out, every state renamed through an Identity (ORT removes them). The
-weights are untouched (the external data file is the artifact's, byte for byte).
+weights are untouched (the external data file is the artifact's, byte for byte). GenAI's builder
+graphs also take `position_ids` [3, B, S] (text-only MRoPE: three equal rows); ours derives each
+position from q_start, so the adapted graph declares no such input and GenAI feeds none.
 
 Batches: GenAI left-pads prompts of different lengths, our graph right-pads; the adapted graph is
 exact for one sequence per generator, or sequences of equal length (what the tests check).
