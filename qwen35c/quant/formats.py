@@ -287,10 +287,11 @@ _NOISE: list[torch.Generator] = []    # the innermost `last_bit_noise` block's g
 @contextlib.contextmanager
 def last_bit_noise(generator: torch.Generator) -> Iterator[None]:
     """Within the block every activation quantizer's input element moves to its fp32 neighbour below,
-    stays, or moves to the one above (drawn from `generator`): the emulation as it would be with a last-bit difference
-    upstream, which another fp32 accumulation order (ONNX Runtime's, a Triton kernel's) makes. Where x
-    sits on a rounding boundary the code flips, and the flips propagate; how far that moves the logits
-    is the yardstick of the `quantized-activations` gate (`qwen35c.verify.noise_floor`)."""
+    stays, or moves to the one above (drawn from `generator`): the emulation as it would be with a
+    last-bit difference upstream, which another fp32 accumulation order (ONNX Runtime's, a Triton
+    kernel's) makes. Where x sits on a rounding boundary the code flips, and the flips propagate; how
+    far that moves the logits is the yardstick of the `quantized-activations` gate
+    (`qwen35c.verify.noise_floor`)."""
     _NOISE.append(generator)
     try:
         yield
