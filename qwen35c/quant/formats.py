@@ -308,8 +308,7 @@ def _last_bit(x: Tensor) -> Tensor:
 def fake_quant_activations(x: Tensor, weight: QuantizedWeight) -> Tensor:
     """The activation rounding the packed GEMM of `weight` applies to its input x [..., K]
     (for INT4 with AWQ's pre_scale, the caller multiplies pre_scale in first: see `int4_gemm_input`)."""
-    quantized = weight.act_int8 if isinstance(weight, Int4Weight) else weight.activations != "none"
-    if quantized and _NOISE:
+    if _NOISE and (weight.act_int8 if isinstance(weight, Int4Weight) else weight.activations != "none"):
         x = _last_bit(x)
     if isinstance(weight, Int4Weight):
         return int4_fake_quant_activations(x, weight.group_size) if weight.act_int8 else x

@@ -76,14 +76,12 @@ def adapt(model_file: Path, states: list[dict], out_file: Path) -> dict:
     # q_start = sum(attention_mask, 1) - S; lengths = S (per row); logit_positions = [[S - 1]] per row
     const("genai.axis1", [1])
     const("genai.one", [1])
-    const("genai.zero_like", [0])
     const("genai.col", [-1, 1])
     nodes += [helper.make_node("Shape", ["input_ids"], ["genai.shape"]),
               helper.make_node("Gather", ["genai.shape", "genai.one"], ["genai.S"], axis=0),
               helper.make_node("ReduceSum", ["attention_mask", "genai.axis1"], ["genai.total"], keepdims=0),
               helper.make_node("Sub", ["genai.total", "genai.S"], ["q_start"]),
-              helper.make_node("Mul", ["genai.total", "genai.zero_like"], ["genai.zeros"]),
-              helper.make_node("Add", ["genai.zeros", "genai.S"], ["lengths"]),
+              helper.make_node("Sub", ["genai.total", "q_start"], ["lengths"]),      # S, one per row
               helper.make_node("Sub", ["lengths", "genai.one"], ["genai.last"]),
               helper.make_node("Reshape", ["genai.last", "genai.col"], ["logit_positions"])]
 
