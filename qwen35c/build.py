@@ -207,9 +207,14 @@ def _emit_context(weights, prepared, target, graph, stages: _Stages):
 def _unused(weights, prepared) -> list[str]:
     """Checkpoint tensors the build never compiled: not read by the emitter, nor quantized (the
     packed weights of a quantized build come from `prepare`, which reads the checkpoint itself)."""
+    import re
+
     from qwen35c.quant.policy import canonical_name
 
     packed = set(prepared.record["quantized"]) | set(prepared.record["not_lowered"]) if prepared else set()
+    # per-expert units of a fused checkpoint tensor (quantized_moe) stand for the stacked tensor
+    packed |= {re.sub(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$",
+                      lambda m: ".experts." + ("down_proj" if m[1] == "down" else "gate_up_proj"), n) for n in packed}
     return [n for n in weights.unused() if not n.startswith("mtp.") and canonical_name(n) not in packed]
 
 

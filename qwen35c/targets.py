@@ -83,19 +83,24 @@ class Target:
 # step); in_proj_a / in_proj_b (gates), conv, A_log, dt_bias, norms and the router stay fp32.
 # The (tied) LM head is INT4 too, with fp32 activations (MatMulNBits accuracy_level 0): its int8
 # rounding moves the logits themselves and failed the artifact-vs-emulation top-1 gate on the tiny model.
+# Routed experts are INT4 too (the policy's default), as one quantized_moe per layer, lowered to ONNX
+# Runtime's QMoE, whose GEMMs take fp32 inputs: the emulation says so through fp32-activations.
 # strict-globs=false: these globs name every projection of the family; a model cut to fewer layers than
 # the full-attention interval has no self_attn at all (and must still build).
 CPU_INT4_INCLUDE = ("*.self_attn.[qkvo]_proj.weight;*.linear_attn.in_proj_[qz]*.weight;*.linear_attn.out_proj.weight;"
                     "lm_head.weight")
+CPU_INT4_FP32_ACTIVATIONS = "lm_head.weight;*.mlp.experts.*"
 
 _T = Target
 TARGETS: dict[str, Target] = {t.name: t for t in (
+    # `--quantize` goes before lower-moe (a whole moe op can become quantized_moe) and so before
+    # fuse-projections, which fuses the packed parts of sibling quantized linears
     _T("cpu", "any CPU", None, "onnx", "fp32", "fp32", "fp32", "onnx-cpu", "ubuntu-latest",
-       quantize_before="match-gated-rms-norm"),   # `--quantize`: before fuse-projections, which fuses packed parts
+       quantize_before="lower-moe"),
     _T("cpu-int4", "any CPU", None, "onnx", "int4 g128 GPTQ (symmetric), every projection", "int8 dynamic "
        "per token per group (MatMulNBits accuracy_level 4)", "int4", "onnx-cpu", "ubuntu-latest",
-       quantize="scheme=int4-gptq group-size=128 activations=int8 fp32-activations=lm_head.weight strict-globs=false "
-                "include=" + CPU_INT4_INCLUDE, quantize_before="match-gated-rms-norm"),
+       quantize="scheme=int4-gptq group-size=128 activations=int8 fp32-activations=" + CPU_INT4_FP32_ACTIVATIONS +
+                " strict-globs=false include=" + CPU_INT4_INCLUDE, quantize_before="lower-moe"),
     _T("a100-bf16", "NVIDIA A100", 80, "triton", "bf16", "bf16", "bf16", "triton", "gpu-a100"),
     _T("a100-int4", "NVIDIA A100", 80, "triton", "int4 g128 GPTQ W4A16", "bf16", "int4", "triton", "gpu-a100",
        quantize="scheme=int4-gptq group-size=128"),

@@ -12,13 +12,14 @@ from qwen35c.graph.ir import Graph, TensorType
 from qwen35c.graph.ops import TypeRuleError, register_op
 from qwen35c.passes.manager import Pass, PassResult, register_pass
 from qwen35c.quant.formats import Fp8Weight, Int4Weight, gemm_input
-from qwen35c.quant.policy import canonical_name, plan
+from qwen35c.quant.policy import canonical_name, classify, plan
 from qwen35c.quant.recipe import Recipe, parse_scheme
 
 __all__ = ["QuantizePass", "quantized_weight_source", "packed_parts", "NOT_LOWERED_REASON"]
 
-NOT_LOWERED_REASON = ("routed experts (stacked weights of moe / grouped_linear / batched_linear) stay high "
-                      "precision: no backend has a quantized grouped-expert lowering yet")
+NOT_LOWERED_REASON = ("routed experts (stacked weights of grouped_linear / batched_linear, i.e. quantize after "
+                      "lower-moe) stay high precision in the graph: only a `moe` op the quantize pass sees whole "
+                      "becomes quantized_moe")
 
 
 def packed_parts(q: Fp8Weight | Int4Weight) -> dict[str, torch.Tensor]:
@@ -83,6 +84,45 @@ def _impl_embedding(inputs, attrs, bindings):
 register_op("quantized_embedding", _infer_embedding, _impl_embedding, 3,
             ("weight", "group_size", "in_features", "out_features", "dtype"),
             doc="rows of a symmetric INT4 table (a tied LM head's codes, tied-embedding=shared), dequantized")
+
+
+def stacked_int4(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Stacked symmetric INT4 experts [E, O, K/2] u8 + [E, O, K/g] -> dequantized [E, O, K] fp32."""
+    e, o, half = qweight.shape
+    return Int4Weight(qweight.reshape(e * o, half), scales.reshape(e * o, -1).float(), None,
+                      group_size).dequantize().view(e, o, 2 * half)
+
+
+def _infer_moe_q(types, attrs):
+    x, router, gu_q, gu_s, down_q, down_s = types
+    if not attrs["norm_topk_prob"]:
+        raise TypeRuleError("quantized_moe: the top-k weights are always renormalised (norm_topk_prob true)")
+    e, g = router.shape[0], attrs["group_size"]
+    h, i = x.shape[1], down_q.shape[2] * 2
+    want = {"gate_up qweight": (gu_q, (e, 2 * i, h // 2)), "gate_up scales": (gu_s, (e, 2 * i, h // g)),
+            "down qweight": (down_q, (e, h, i // 2)), "down scales": (down_s, (e, h, i // g))}
+    for what, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise TypeRuleError(f"quantized_moe: {what} {list(t.shape)} != {list(shape)} (E={e}, H={h}, I={i}, group {g})")
+    return [x]
+
+
+def _impl_moe_q(inputs, attrs, bindings):
+    """The emulation: the experts dequantized, then the reference moe (fp32 GEMM inputs)."""
+    from reference.ops import moe_eager
+
+    x, router, gu_q, gu_s, down_q, down_s = inputs
+    g = attrs["group_size"]
+    return [moe_eager(x, router, stacked_int4(gu_q, gu_s, g).to(x.dtype), stacked_int4(down_q, down_s, g).to(x.dtype),
+                      attrs["top_k"], True)]
+
+
+register_op("quantized_moe", _infer_moe_q, _impl_moe_q, 6,
+            ("top_k", "norm_topk_prob", "group_size", "gate_up", "down"), foldable=False,
+            doc="moe(x, router, dequantize(gate_up), dequantize(down)) with renormalised top-k weights (the "
+                "norm_topk_prob of every Qwen3.5-MoE; ONNX Runtime's QMoE always renormalises): routed experts in "
+                "symmetric INT4, stacked [E, 2I, H/2] (gate rows, then up) and [E, H, I/2] with per-group scales; "
+                "fp32 GEMM inputs")
 
 
 @dataclass
@@ -153,14 +193,18 @@ class QuantizePass(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         recipe = self.options.recipe()
-        candidates, not_lowered = [], []
+        candidates, moes, not_lowered = [], [], []
         head = graph.outputs[0].producer if graph.outputs else None
+        shapes = {}
         for node in graph.nodes:
-            if node.op in ("moe", "grouped_linear", "batched_linear"):
-                # stacked routed-expert weights (moe: x, router, gate_up, down; grouped/batched: rows, w, ...)
-                stacked = node.inputs[2:] if node.op == "moe" else node.inputs[1:2]
-                not_lowered += [v.producer.attrs["name"] for v in stacked
+            if node.op in ("grouped_linear", "batched_linear"):
+                # stacked routed-expert weights after lower-moe (rows, w, ...): no quantized lowering
+                not_lowered += [v.producer.attrs["name"] for v in node.inputs[1:2]
                                 if v.producer is not None and v.producer.op == "weight"]
+            if node.op == "moe" and all(v.producer is not None and v.producer.op == "weight" for v in node.inputs[2:]):
+                moes.append(node)
+                for v in node.inputs[2:]:
+                    shapes[v.producer.attrs["name"]] = tuple(v.type.shape)
             if node.op != "linear" or node.inputs[1].producer is None or node.inputs[1].producer.op != "weight":
                 continue
             name = node.inputs[1].producer.attrs["name"]
@@ -172,10 +216,22 @@ class QuantizePass(Pass):
                 not_lowered.append(name)
                 continue
             candidates.append((node, name))
-        shapes = {}
         for node, name in candidates:
             shapes[name] = tuple(node.inputs[1].type.shape)
         decisions = {d.name: d for d in plan(sorted(shapes.items()), recipe)} if shapes else {}
+        reasons = {NOT_LOWERED_REASON} if not_lowered else set()
+        lowered_moes = []
+        for node in moes:
+            stacked = [v.producer.attrs["name"] for v in node.inputs[2:]]
+            units = [decisions.pop(n) for n in list(decisions) if decisions[n].source in stacked]
+            why = self._moe_blocker(recipe, units) or (None if node.attrs["norm_topk_prob"] else
+                                                       "norm_topk_prob false: quantized_moe renormalises the top-k weights")
+            if why is None:
+                lowered_moes.append(node)
+                decisions.update((u.name, u) for u in units)
+            else:
+                not_lowered += stacked
+                reasons.add(f"routed experts stay high precision: {why}")
         table = self._shared_table(graph, head, decisions, recipe)
         count = 0
         for node, name in candidates:
@@ -184,6 +240,9 @@ class QuantizePass(Pass):
             new = self._rewrite(graph, node, name, recipe, anchor=table if node is head else None)
             if table is not None and node is head:
                 self._share_embedding(graph, table, new)
+            count += 1
+        for node in lowered_moes:
+            self._rewrite_moe(graph, node, recipe)
             count += 1
         graph.metadata["quantization"] = {
             "recipe": recipe.to_dict(), "label": recipe.label,
@@ -196,8 +255,46 @@ class QuantizePass(Pass):
                 "shared with lm_head.weight (INT4 codes)" if table is not None
                 else "kept: the LM head is not a tied, quantized linear in this graph")
         if not_lowered:
-            graph.metadata["quantization"]["not_lowered_reason"] = NOT_LOWERED_REASON
+            graph.metadata["quantization"]["not_lowered_reason"] = "; ".join(sorted(reasons))
         return PassResult(graph, changed=count > 0, num_matches=count)
+
+    @staticmethod
+    def _moe_blocker(recipe: Recipe, units) -> str | None:
+        """Why a layer's routed experts cannot become one quantized_moe (all of them symmetric INT4 at the
+        recipe's group, fp32 GEMM inputs), or None."""
+        if not recipe.is_int4:
+            return f"{recipe.label}: quantized_moe is INT4 only"
+        if not recipe.symmetric or recipe.algorithm == "awq" or (recipe.act_order and not recipe.static_groups):
+            return f"{recipe.label}: quantized_moe takes symmetric INT4 without pre-scales or g_idx"
+        kept = [u for u in units if not u.quantize]
+        if kept:
+            return f"{kept[0].name}: {kept[0].reason} (a layer's experts are quantized all together or not at all)"
+        a8 = [u.name for u in units if recipe.int8_activations(u.canonical)]
+        if a8:
+            return (f"{a8[0]}: int8 activations asked for, but the quantized MoE GEMMs take fp32 inputs (add "
+                    f"'*.mlp.experts.*' to fp32-activations)")
+        return None
+
+    @staticmethod
+    def _rewrite_moe(graph: Graph, node, recipe: Recipe) -> None:
+        """moe(x, router, gate_up, down) -> quantized_moe(x, router, gate_up#qweight, gate_up#scales,
+        down#qweight, down#scales) over the stacked packed parts of every expert."""
+        x, router, gate_up, down = node.inputs
+        gs = recipe.group_size
+        inputs = [x, router]
+        for value in (gate_up, down):
+            e, o, k = value.type.shape
+            name = value.producer.attrs["name"]
+            for part, type_ in (("qweight", TensorType("u8", (e, o, k // 2))), ("scales", TensorType("f32", (e, o, k // gs)))):
+                inputs.append(graph.add_node("weight", [], [type_], {"name": f"{name}#{part}"}, before=node).output)
+        attrs = {"top_k": node.attrs["top_k"], "norm_topk_prob": node.attrs["norm_topk_prob"], "group_size": gs,
+                 "scheme": recipe.label, "gate_up": gate_up.producer.attrs["name"], "down": down.producer.attrs["name"]}
+        new = graph.add_node("quantized_moe", inputs, [node.outputs[0].type], attrs, before=node)
+        graph.replace_all_uses(node.outputs[0], new.output)
+        graph.remove_nodes([node])
+        for value in (gate_up, down):
+            if not any(value in other.inputs for other in graph.nodes):
+                graph.remove_nodes([value.producer])
 
     @staticmethod
     def _shared_table(graph: Graph, head, decisions: dict, recipe: Recipe):
@@ -277,24 +374,57 @@ class QuantizePass(Pass):
 def quantized_weight_source(base: Callable[[str], torch.Tensor], recipe: Recipe,
                             quantized=None) -> Callable[[str], torch.Tensor]:
     """A weight callable answering `<name>#<part>`: packed tensors from `quantized` (a
-    QuantizedModel, required for AWQ/GPTQ/static FP8), or data-free RTN/FP8 computed from `base`."""
+    QuantizedModel, required for AWQ/GPTQ/static FP8), or data-free RTN/FP8 computed from `base`.
+    A stacked expert tensor (`...mlp.experts.gate_up_proj` / `down_proj`) answers its per-expert units
+    stacked: [E, 2I, ...] gate rows then up rows per expert, as the checkpoint stores them."""
     from qwen35c.quant.algorithms import rtn
 
     cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def unit(name: str, full: Callable[[], torch.Tensor]):
+        q = quantized.weights.get(canonical_name(name)) if quantized is not None else None
+        if q is None:
+            if recipe.needs_calibration:
+                raise KeyError(f"{name}: {recipe.label} needs a calibrated QuantizedModel")
+            q = rtn(full(), recipe)
+        return q
+
+    def stacked(weight: str) -> dict[str, torch.Tensor]:
+        head, _, leaf = weight.rpartition(".")
+        projections = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+        whole: list[torch.Tensor] = []
+
+        def tensor() -> torch.Tensor:      # the fp32 stack: read only when a unit is quantized here (RTN)
+            if not whole:
+                whole.append(base(weight))
+            return whole[0]
+
+        experts = 0
+        while quantized is not None and canonical_name(f"{head}.{experts}.{projections[0]}.weight") in quantized.weights:
+            experts += 1
+        per_expert = []
+        for e in range(experts or tensor().shape[0]):
+            parts = []
+            for i, proj in enumerate(projections):
+                def rows(e=e, i=i):
+                    n = tensor().shape[1] // len(projections)
+                    return tensor()[e, i * n:(i + 1) * n]
+                parts.append(packed_parts(unit(f"{head}.{e}.{proj}.weight", rows)))
+            per_expert.append({key: torch.cat([p[key] for p in parts]) for key in parts[0]})
+        return {key: torch.stack([p[key] for p in per_expert]).contiguous() for key in per_expert[0]}
 
     def fetch(name: str) -> torch.Tensor:
         if "#" not in name:
             return base(name)
         weight, part = name.split("#", 1)
         if weight not in cache:
-            q = quantized.weights.get(canonical_name(weight)) if quantized is not None else None
-            if q is None:
-                if recipe.needs_calibration:
-                    raise KeyError(f"{weight}: {recipe.label} needs a calibrated QuantizedModel")
-                q = rtn(base(weight), recipe)
+            if classify(weight) == "experts_fused":
+                parts = stacked(weight)
+            else:
+                parts = packed_parts(unit(weight, lambda: base(weight)))
             if len(cache) >= 4:                 # a few linears at a time (a fused group's members): bounded memory
                 cache.pop(next(iter(cache)))
-            cache[weight] = packed_parts(q)
+            cache[weight] = parts
         return cache[weight][part]
 
     return fetch

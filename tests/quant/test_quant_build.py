@@ -46,10 +46,11 @@ def test_cpu_int4_manifest_records_the_recipe(int4_artifacts):
     assert DEFAULT_INT4_ALGORITHM == "gptq"
     assert TARGETS["a100-int4"].quantize == "scheme=int4-gptq group-size=128"
     assert TARGETS["cpu-int4"].quantize.startswith("scheme=int4-gptq group-size=128 activations=int8 "
-                                                   "fp32-activations=lm_head.weight strict-globs=false include=")
+                                                   "fp32-activations=lm_head.weight;*.mlp.experts.* strict-globs=false "
+                                                   "include=")
     assert TARGETS["cpu-int4"].pipeline == "onnx-cpu"
     assert q["recipe"]["scheme"] == "int4" and q["recipe"]["algorithm"] == "gptq" and q["recipe"]["group_size"] == 128
-    assert q["recipe"]["activations"] == "int8" and q["recipe"]["fp32_activations"] == ["lm_head.weight"]
+    assert q["recipe"]["activations"] == "int8" and q["recipe"]["fp32_activations"] == ["lm_head.weight", "*.mlp.experts.*"]
     assert q["label"] == "int4-gptq-g128-a8" and q["precision"] == "int4" and not q["recipe"]["act_order"]
     assert "quantize{scheme=int4-gptq group-size=128" in manifest["pipeline"]
     assert manifest["pipeline"].index("quantize{") < manifest["pipeline"].index("fuse-projections")
@@ -142,16 +143,32 @@ def test_fp8_gpu_targets_still_fail_clearly(checkpoint_factory, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_moe_experts_stay_high_precision_and_say_so(checkpoint_factory, tmp_path):
+def test_moe_routed_experts_int4_through_qmoe(checkpoint_factory, tmp_path):
+    """cpu-int4 on an MoE model: every layer's routed experts become one quantized_moe, lowered to ONNX
+    Runtime's QMoE; nothing is left not_lowered, the per-expert units are in the manifest, and the artifact
+    matches its emulation at the fp32 gate (weight-only recipe). The same experts left to lower-moe (quantize
+    after it, as the triton targets order it) stay high precision and say so."""
     ckpt = checkpoint_factory("tiny-moe")
     out = tmp_path / "moe"
     build_artifact(ckpt, "cpu-int4", out, quantize="int4-rtn group-size=16")
     q = json.loads((out / "manifest.json").read_text())["quantization"]
-    assert q["quantized"] and all(".shared_expert." in n for n in q["quantized"])
-    assert q["not_lowered"] and all(".mlp.experts." in n for n in q["not_lowered"])
-    assert "routed experts" in q["not_lowered_reason"]
+    assert not q["not_lowered"] and "not_lowered_reason" not in q
+    assert {f"model.layers.{i}.mlp.experts.{e}.{p}.weight" for i in range(4) for e in range(4)
+            for p in ("gate_proj", "up_proj", "down_proj")} <= set(q["quantized"])
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    assert [n.op_type for n in model.graph.node].count("QMoE") == 4
+    assert not {"TopK", "GatherElements"} & {n.op_type for n in model.graph.node}      # no lowered routing left
     report = _verify(out, "--skip", "quantization")
     assert _checks(report)["parity"] == "pass" and report["parity"]["total"]["max_abs"] <= 1e-3
+
+    from qwen35c.passes.manager import PassManager
+    from qwen35c.graph.trace import trace_checkpoint
+
+    graph = trace_checkpoint(ckpt).graph
+    PassManager("lower-moe,quantize{scheme=int4-rtn group-size=16}").run(graph)
+    meta = graph.metadata["quantization"]
+    assert meta["not_lowered"] and all(".mlp.experts." in n for n in meta["not_lowered"])
+    assert "lower-moe" in meta["not_lowered_reason"]
 
 
 @pytest.mark.slow

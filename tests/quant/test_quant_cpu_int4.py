@@ -89,7 +89,8 @@ def test_cpu_int4_pipeline_quantizes_before_the_match_passes():
 
     text = TARGETS["cpu-int4"].full_pipeline()
     names = [p.split("{", 1)[0] for p in text.split(",")]
-    assert names.index("lower-moe") + 1 == names.index("quantize") < names.index("fuse-projections")
+    # quantize sees each moe whole (quantized_moe) and the plain linears before the match passes fuse them
+    assert names.index("quantize") + 1 == names.index("lower-moe") < names.index("fuse-projections")
     # pipelines without the match passes keep the position right after lower-moe (before insert-state)
     std = TARGETS["a100-int4"].full_pipeline().split(",")
     assert [p.split("{", 1)[0] for p in std].index("quantize") + 1 == [p.split("{", 1)[0] for p in std].index("insert-state")

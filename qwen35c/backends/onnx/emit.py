@@ -642,6 +642,11 @@ class OnnxEmitter:
 
         return lower_quantized_embedding(self, node)
 
+    def op_quantized_moe(self, node):
+        from qwen35c.backends.onnx.quant import lower_quantized_moe
+
+        return lower_quantized_moe(self, node)
+
     def op_embedding(self, node):
         return self.node("Gather", [self._x(node, 0), self._x(node, 1)], axis=0, hint="embed")
 
