@@ -99,7 +99,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
        quantize_before="lower-moe"),
     _T("cpu-int4", "any CPU", None, "onnx", "int4 g128 GPTQ (symmetric), every projection", "int8 dynamic "
        "per token per group (MatMulNBits accuracy_level 4)", "int4", "onnx-cpu", "ubuntu-latest",
-       quantize="scheme=int4-gptq group-size=128 activations=int8 fp32-activations=" + CPU_INT4_FP32_ACTIVATIONS +
+       quantize="scheme=int4-gptq group-size=128 activations=int8 expert-groups=fit fp32-activations=" + CPU_INT4_FP32_ACTIVATIONS +
                 " strict-globs=false include=" + CPU_INT4_INCLUDE, quantize_before="lower-moe"),
     _T("a100-bf16", "NVIDIA A100", 80, "triton", "bf16", "bf16", "bf16", "triton", "gpu-a100"),
     _T("a100-int4", "NVIDIA A100", 80, "triton", "int4 g128 GPTQ W4A16", "bf16", "int4", "triton", "gpu-a100",

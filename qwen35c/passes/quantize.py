@@ -144,6 +144,8 @@ class QuantizeOptions:
                                                               "a target's globs, which a cut model may not all match)"})
     tied_embedding: Literal["kept", "shared"] = field(default="kept", metadata={
         "help": "a tied INT4 LM head: the embedding keeps its table (kept) or gathers the head's codes (shared)"})
+    expert_groups: Literal["fixed", "fit"] = field(default="fixed", metadata={
+        "help": "INT4 experts whose dims the group does not divide: kept (fixed) or a smaller group per layer (fit)"})
 
     def recipe(self) -> Recipe:
         options = {"include": tuple(g for g in self.include.split(";") if g),
@@ -158,6 +160,8 @@ class QuantizeOptions:
             options["activations"] = self.activations
         if self.tied_embedding != "kept":
             options["tied_embedding"] = self.tied_embedding      # the recipe refuses it but for INT4
+        if self.expert_groups != "fixed":
+            options["expert_groups"] = self.expert_groups
         return parse_scheme(self.scheme, **options)
 
     def validate(self) -> str | None:
@@ -227,7 +231,7 @@ class QuantizePass(Pass):
             why = self._moe_blocker(recipe, units) or (None if node.attrs["norm_topk_prob"] else
                                                        "norm_topk_prob false: quantized_moe renormalises the top-k weights")
             if why is None:
-                lowered_moes.append(node)
+                lowered_moes.append((node, units[0].group_size or recipe.group_size))
                 decisions.update((u.name, u) for u in units)
             else:
                 not_lowered += stacked
@@ -241,8 +245,8 @@ class QuantizePass(Pass):
             if table is not None and node is head:
                 self._share_embedding(graph, table, new)
             count += 1
-        for node in lowered_moes:
-            self._rewrite_moe(graph, node, recipe)
+        for node, group in lowered_moes:
+            self._rewrite_moe(graph, node, recipe, group)
             count += 1
         graph.metadata["quantization"] = {
             "recipe": recipe.to_dict(), "label": recipe.label,
@@ -269,6 +273,8 @@ class QuantizePass(Pass):
         kept = [u for u in units if not u.quantize]
         if kept:
             return f"{kept[0].name}: {kept[0].reason} (a layer's experts are quantized all together or not at all)"
+        if len({u.group_size for u in units}) > 1:
+            return f"{units[0].source}: the experts' INT4 groups differ (one group per quantized_moe)"
         a8 = [u.name for u in units if recipe.int8_activations(u.canonical)]
         if a8:
             return (f"{a8[0]}: int8 activations asked for, but the quantized MoE GEMMs take fp32 inputs (add "
@@ -276,11 +282,10 @@ class QuantizePass(Pass):
         return None
 
     @staticmethod
-    def _rewrite_moe(graph: Graph, node, recipe: Recipe) -> None:
+    def _rewrite_moe(graph: Graph, node, recipe: Recipe, gs: int) -> None:
         """moe(x, router, gate_up, down) -> quantized_moe(x, router, gate_up#qweight, gate_up#scales,
-        down#qweight, down#scales) over the stacked packed parts of every expert."""
+        down#qweight, down#scales) over the stacked packed parts of every expert (INT4 group `gs`)."""
         x, router, gate_up, down = node.inputs
-        gs = recipe.group_size
         inputs = [x, router]
         for value in (gate_up, down):
             e, o, k = value.type.shape

@@ -16,6 +16,7 @@ original measures quantization loss alone.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -91,8 +92,6 @@ def restrict(decisions: list[Decision], only: set[str] | None, only_reason: str)
     """Keep the policy's quantized units that are in `only` (canonical names); the rest become kept."""
     if only is None:
         return decisions
-    import dataclasses
-
     missing = sorted(set(only) - {d.canonical for d in decisions if d.quantize})
     if missing:
         raise QwenError(f"the graph quantized {missing[0]}, which the policy keeps for this model "
@@ -115,7 +114,8 @@ def quantize_units(out: dict[str, QuantizedWeight], params: dict[str, Tensor], t
         if recipe.is_fp8 and recipe.activations == "static" and amax is None:
             raise QwenError(f"{d.canonical}: no calibration activations for a static FP8 scale "
                             f"(use moe_calibration='all')")
-        out[d.canonical] = algorithms.quantize_weight(weight, recipe, rows, amax)
+        unit_recipe = recipe if d.group_size is None else dataclasses.replace(recipe, group_size=d.group_size)
+        out[d.canonical] = algorithms.quantize_weight(weight, unit_recipe, rows, amax)
         if progress is not None:
             progress(i + 1, len(todo), d.canonical)
     return fallback
@@ -221,8 +221,6 @@ def emulated_weights(quantized: QuantizedModel) -> dict[str, QuantizedWeight]:
     4) each unit says whether its activations are rounded to int8 (the recipe's, not the codes')."""
     weights = quantized.weights
     if quantized.recipe.is_int4 and quantized.recipe.activations == "int8":
-        import dataclasses
-
         weights = {n: dataclasses.replace(q, act_int8=quantized.recipe.int8_activations(n)) for n, q in weights.items()}
     if quantized.recipe.tied_embedding == "shared" and "lm_head.weight" in weights:
         weights = {**weights, SHARED_EMBEDDING: weights["lm_head.weight"]}   # the lookup reads the head's codes

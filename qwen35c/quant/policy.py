@@ -109,10 +109,14 @@ class Decision:
     source: str               # the stored tensor it comes from (differs for fused experts)
     expert: int | None = None
     part: str | None = None   # gate_proj | up_proj | down_proj for experts
+    group_size: int | None = None   # INT4 group when it is not the recipe's (Recipe.expert_group)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "role": self.role,
-                "quantize": self.quantize, "reason": self.reason, "source": self.source}
+        out = {"name": self.name, "shape": list(self.shape), "role": self.role,
+               "quantize": self.quantize, "reason": self.reason, "source": self.source}
+        if self.group_size is not None:
+            out["group_size"] = self.group_size
+        return out
 
 
 def expand_units(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], int | None, str | None]]:
@@ -147,7 +151,12 @@ def plan(tensors: Iterable[tuple[str, tuple[int, ...]]], recipe: Recipe) -> list
             used_include.update(hits_in)
             used_exclude.update(hits_ex)
             quantize, reason = _decide(role, unit_shape, recipe, family, hits_in, hits_ex)
-            out.append(Decision(name, canon, unit_shape, role, quantize, reason, source, expert, part))
+            group = None
+            if quantize and role == "expert" and recipe.is_int4 and recipe.expert_groups == "fit" \
+                    and recipe.expert_group(unit_shape) != recipe.group_size:
+                group = recipe.expert_group(unit_shape)
+                reason += f", g{group} (the layer's expert dims {sorted(unit_shape)} are not multiples of {recipe.group_size})"
+            out.append(Decision(name, canon, unit_shape, role, quantize, reason, source, expert, part, group))
     unused = [g for g in recipe.include if g not in used_include] + [g for g in recipe.exclude if g not in used_exclude]
     if unused and recipe.strict_globs:
         raise QwenError(f"quantization glob(s) {unused} match no tensor name (names look like "
@@ -166,7 +175,10 @@ def _decide(role, shape, recipe: Recipe, family: str, hits_in, hits_ex) -> tuple
         wanted, why = True, _format(recipe)
     else:
         return False, _KEEP_REASON.get(role, "kept by default")
-    if recipe.is_int4 and shape[1] % recipe.group_size:
+    if recipe.is_int4 and role == "expert" and recipe.expert_groups == "fit":
+        if recipe.expert_group(shape) is None:
+            return False, f"expert dims {list(shape)}: no power-of-two group >= 16 divides both: kept"
+    elif recipe.is_int4 and shape[1] % recipe.group_size:
         return False, f"K={shape[1]} is not a multiple of group {recipe.group_size}: kept"
     return wanted, f"{why}: {_format(recipe)}" if hits_in else why
 

@@ -44,6 +44,10 @@ class Recipe:
     # a tied, quantized INT4 LM head: the embedding lookup keeps the full-precision table ("kept") or
     # reads the head's codes ("shared": one INT4 table for both, ORT GatherBlockQuantized + MatMulNBits)
     tied_embedding: Literal["kept", "shared"] = "kept"
+    # INT4 routed experts whose hidden / moe_intermediate are not multiples of group_size: kept high
+    # precision ("fixed") or quantized with the largest power-of-two group >= 16 dividing both ("fit";
+    # one group per MoE layer, recorded per unit; a single-group format such as GPTQ's cannot hold it)
+    expert_groups: Literal["fixed", "fit"] = "fixed"
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -74,8 +78,23 @@ class Recipe:
                                                      and not (self.act_order and not self.static_groups)):
             raise QwenError("tied-embedding=shared: the embedding gathers the head's codes as they are, so it "
                             "needs symmetric INT4 without AWQ's pre-scale or act-order's g_idx")
+        if self.expert_groups not in ("fixed", "fit"):
+            raise QwenError(f"expert-groups must be fixed or fit, not '{self.expert_groups}'")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise QwenError(f"group size {self.group_size}: must be a power of two >= 16 (MatMulNBits)")
+
+    def expert_group(self, shape: tuple[int, ...]) -> int | None:
+        """The INT4 group of a routed-expert unit [N, K] (gate/up: [I, H], down: [H, I], so both of the
+        layer's dims): group_size when it divides both, else with expert_groups=fit the largest power of
+        two >= 16 below it that does, else None (kept)."""
+        g = self.group_size
+        while g >= 16:
+            if not (shape[0] % g or shape[1] % g):
+                return g
+            if self.expert_groups != "fit":
+                return None
+            g //= 2
+        return None
 
     def int8_activations(self, name: str) -> bool:
         """Does the GEMM of quantized linear `name` (canonical) round its input to int8?"""
