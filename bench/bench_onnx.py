@@ -1,9 +1,10 @@
 """Benchmark the onnx backend on a checkpoint (not a test), side by side with its peers.
 
     python bench/bench_onnx.py --model /work/ckpt/0.8b --out /tmp/art-0.8b --threads 2 [--skip-build]
-        [--pipeline onnx-cpu] [--contexts 512,4096] [--new 64] [--repeats 3] [--long-repeats 1]
-        [--genai-python /work/venv-genai/bin/python --genai-model DIR] [--peers hf,reference]
-        [--llama-bench BUILD/bin/llama-bench --gguf F32.gguf] [--gemv-bound]
+        [--target cpu|cpu-int4] [--pipeline onnx-cpu] [--contexts 512,4096] [--new 64] [--repeats 3]
+        [--long-repeats 1] [--genai-python /work/venv-genai/bin/python --genai-model DIR]
+        [--peers hf,reference] [--llama-bench BUILD/bin/llama-bench --gguf F32.gguf[,Q4_0.gguf,...]]
+        [--gemv-bound]
 
 Reports `qwen35c build` time and peak RSS (skipped with --skip-build), then for every engine prefill
 tok/s (a CONTEXT-token prompt, logits at the last position only) and decode tok/s (NEW greedy tokens,
@@ -13,14 +14,22 @@ turns per repeat (ours, peer, ours, peer, ...), so the noise of a shared machine
 makes one short untimed run first (page faults of the first pass over the weights); the load
 average is recorded before and after.
 
+Bytes per decode token, for every engine from its own files: the weights a step reads (every ONNX
+initializer or GGUF tensor, except a table only gathered from: an embedding lookup reads one row a
+token; a tied head reads its table whole), plus our artifact's recurrent/conv state and KV cache at
+that context (the same model for every engine; llama.cpp keeps its KV in f16, so its figure is an
+upper bound). The decode roofline of an engine = the better of the two read-bandwidth probes over
+that.
+
 Peers:
   genai      ONNX Runtime GenAI (a model made by its builder, e.g. `python -m
              onnxruntime_genai.models.builder -i CKPT -o DIR -p fp32 -e cpu --extra_options
              exclude_mtp=true prune_lm_head=true`), run by --genai-python, a separate venv, so
              this project's venv stays clean. Prefill = append_tokens(prompt); decode = NEW
              generate_next_token() calls after one untimed call (see notes/cpu-peers).
-  llama      llama.cpp's `llama-bench` on an F32 GGUF of the same checkpoint (made with llama.cpp's
-             convert_hf_to_gguf.py): prefill = `-p CONTEXT -n 0`, decode = `-p 0 -n NEW -d CONTEXT`
+  llama      llama.cpp's `llama-bench` on GGUFs of the same checkpoint (made with llama.cpp's
+             convert_hf_to_gguf.py, quantized with llama-quantize), one engine per file
+             (`llama-<file stem>`, e.g. llama-q35-0.8b-q4_0): prefill = `-p CONTEXT -n 0`, decode = `-p 0 -n NEW -d CONTEXT`
              (the depth-CONTEXT prefill is untimed), one repetition per turn after its warm-up run;
              peak RSS is the largest llama-bench child's (the GGUF is memory-mapped).
   hf         HF transformers eager (fp32, fla blocked, logits_to_keep=1 at prefill).
@@ -252,13 +261,10 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return a.numel() * 4 / statistics.median(times) / 1e9
 
 
-def decode_bytes(artifact: str, context: int) -> int:
-    """Bytes a decode step must read at least: every weight once (the artifact's external data; a
-    tied embedding counts once, as the LM head reads all of it), the recurrent and conv states
-    read and written, and the KV cache up to `context`."""
+def state_bytes(artifact: str, context: int) -> int:
+    """Our artifact's recurrent and conv states (read and written) and its KV cache up to `context`."""
     manifest = json.load(open(os.path.join(artifact, "manifest.json")))
-    weights = sum(f["size"] for name, f in manifest["files"].items() if name.endswith(".data"))
-    total = weights
+    total = 0
     for spec in manifest["backend"]["states"]:
         shape = [context if d == "S" else 1 if d == "B" else d for d in spec["shape"]]
         size = 4 * math.prod(shape)
@@ -266,9 +272,98 @@ def decode_bytes(artifact: str, context: int) -> int:
     return total
 
 
-def build(model: str, out: str, pipeline: str | None) -> dict:
+_GATHERS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2)}
+
+
+def onnx_weight_bytes(path: str) -> int:
+    """Bytes of the initializers a decode step reads: all but tables that only gathers read."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    readers: dict[str, set] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                readers.setdefault(name, set()).add((node.op_type, i))
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(sub)
+    walk(model.graph)
+    total = 0
+    for init in model.graph.initializer:
+        if readers.get(init.name, set()) <= _GATHERS:
+            continue
+        external = {e.key: e.value for e in init.external_data}
+        if "length" in external:
+            total += int(external["length"])
+        elif init.raw_data:
+            total += len(init.raw_data)
+        else:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            total += math.prod(init.dims) * dtype.itemsize
+    return total
+
+
+_GGML_BLOCK = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+               10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+               30: (1, 2)}    # ggml type -> (elements per block, bytes per block): F32 F16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2..Q8_K BF16
+
+
+def gguf_weight_bytes(path: str) -> int:
+    """Bytes of the tensors a decode step reads from a GGUF: all but token_embd when a separate
+    output.weight exists (a tied model's head reads token_embd whole)."""
+    import struct
+
+    with open(path, "rb") as f:
+        def read(fmt):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+        def string():
+            return f.read(read("Q")).decode()
+        scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+        def value(kind):
+            if kind == 8:
+                return string()
+            if kind == 9:
+                inner, count = read("I"), read("Q")
+                return [value(inner) for _ in range(count)]
+            return read(scalar[kind])
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        read("I")
+        n_tensors, n_kv = read("Q"), read("Q")
+        for _ in range(n_kv):
+            string()
+            value(read("I"))
+        sizes = {}
+        for _ in range(n_tensors):
+            name = string()
+            dims = [read("Q") for _ in range(read("I"))]
+            kind = read("I")
+            read("Q")
+            per_block, block_bytes = _GGML_BLOCK[kind]
+            sizes[name] = math.prod(dims) // per_block * block_bytes
+    if "output.weight" in sizes:
+        sizes.pop("token_embd.weight", None)
+    return sum(sizes.values())
+
+
+def weight_bytes(kind: str, model: str) -> int | None:
+    if kind in ("ours", "gemv"):
+        manifest = json.load(open(os.path.join(model, "manifest.json")))
+        return onnx_weight_bytes(os.path.join(model, manifest["backend"]["model"]))
+    if kind == "genai":
+        return onnx_weight_bytes(os.path.join(model, "model.onnx"))
+    if kind == "llama":
+        return gguf_weight_bytes(model)
+    return None
+
+
+def build(model: str, out: str, target: str, pipeline: str | None) -> dict:
     cmd = ["/usr/bin/time", "-v", shutil.which("qwen35c") or "qwen35c", "build", "--model", model,
-           "--target", "cpu", "-o", out, "--force", "--no-check"] + (["--pipeline", pipeline] if pipeline else [])
+           "--target", target, "-o", out, "--force", "--no-check"] + (["--pipeline", pipeline] if pipeline else [])
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -276,7 +371,7 @@ def build(model: str, out: str, pipeline: str | None) -> dict:
         sys.exit(f"build failed:\n{proc.stderr[-3000:]}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     return {"build_seconds": round(seconds, 1), "build_peak_rss_mib": int(rss.group(1)) / 1024 if rss else None,
-            "pipeline": pipeline or "(target default)"}
+            "target": target, "pipeline": pipeline or "(target default)"}
 
 
 class Worker:
@@ -319,12 +414,13 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="decode tokens per measurement")
     ap.add_argument("--repeats", type=int, default=3, help="at context <= 512")
     ap.add_argument("--long-repeats", type=int, default=1, help="at context > 512 (prefill is long)")
-    ap.add_argument("--pipeline", default="onnx-cpu", help="build pipeline ('' = the target's default)")
+    ap.add_argument("--target", default="cpu", help="build target (cpu, cpu-int4)")
+    ap.add_argument("--pipeline", default="", help="build pipeline ('' = the target's default)")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--genai-python", default=None, help="python of a venv with onnxruntime-genai")
     ap.add_argument("--genai-model", default=None, help="an ORT GenAI model directory (builder output)")
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary")
-    ap.add_argument("--gguf", default=None, help="an F32 GGUF of the same checkpoint, for llama-bench")
+    ap.add_argument("--gguf", default=None, help="GGUFs of the same checkpoint (comma list), for llama-bench")
     ap.add_argument("--peers", default="", help="comma list of in-venv peers: hf, reference")
     ap.add_argument("--gemv-bound", action="store_true",
                     help="also time the artifact's MatMul/Gemm nodes alone: ORT's bound on a decode step")
@@ -338,7 +434,7 @@ def main() -> None:
 
     report = {"load_average_before": os.getloadavg(), "read_gb_s_before": round(read_bandwidth(args.threads), 1)}
     if not args.skip_build:
-        report.update(build(args.model, args.out, args.pipeline or None))
+        report.update(build(args.model, args.out, args.target, args.pipeline or None))
     engines = [("ours", sys.executable, args.out, "ours", None, ())]
     if args.baseline:
         artifact, src = args.baseline.split(":", 1)
@@ -346,11 +442,14 @@ def main() -> None:
     if args.genai_python and args.genai_model:
         engines.append(("genai", args.genai_python, args.genai_model, "genai", None, ()))
     if args.llama_bench and args.gguf:
-        engines.append(("llama", sys.executable, args.gguf, "llama", None, ("--llama-bench", args.llama_bench)))
+        for gguf in args.gguf.split(","):
+            name = "llama-" + os.path.basename(gguf).removesuffix(".gguf")
+            engines.append((name, sys.executable, gguf, "llama", None, ("--llama-bench", args.llama_bench)))
     for peer in filter(None, args.peers.split(",")):
         engines.append((peer, sys.executable, args.model, peer, None, ()))
     if args.gemv_bound:
         engines.append(("gemv-bound", sys.executable, args.out, "gemv", None, ()))
+    streamed = {name: weight_bytes(kind, model) for name, _, model, kind, _, _ in engines}
     workers = []
     for name, python, model, kind, env, extra in engines:  # loaded one after another, not interleaved
         w = Worker(name, python, model, args.threads, kind, env, extra)
@@ -379,8 +478,11 @@ def main() -> None:
     report["load_average_after"] = os.getloadavg()
     report["read_gb_s_after"] = round(read_bandwidth(args.threads), 1)
     bandwidth = max(report["read_gb_s_before"], report["read_gb_s_after"]) * 1e9
-    report["decode_roofline_tok_s"] = {  # the better bandwidth of the two probes over our bytes per step
-        f"@{c}": round(bandwidth / decode_bytes(args.out, int(c)), 2) for c in args.contexts.split(",")}
+    contexts = [int(c) for c in args.contexts.split(",")]
+    report["decode_bytes_per_token_mb"] = {name: {f"@{c}": round((b + state_bytes(args.out, c)) / 1e6, 1)
+                                                  for c in contexts} for name, b in streamed.items() if b}
+    report["decode_roofline_tok_s"] = {name: {f"@{c}": round(bandwidth / (b + state_bytes(args.out, c)), 2)
+                                              for c in contexts} for name, b in streamed.items() if b}
     print(json.dumps(report, indent=2))
 
 
