@@ -60,10 +60,11 @@ class Target:
 
     def full_pipeline(self, quantize: str | None = None) -> str:
         """The target's named pipeline with `quantize{...}` inserted right before the pass named by
-        `quantize_before` (by default `insert-state`: after lower-moe, so the shared expert's linears
-        are plain, and after the match passes, which the triton backend's fused kernels need on plain
-        linears; cpu-int4 quantizes before the match passes, so fuse-projections concatenates packed
-        weights), replacing a quantize pass already there. `quantize` ("SCHEME [opt=value ...]" or
+        `quantize_before` (by default `insert-state`: after the match passes, which the triton backend's
+        fused kernels need on plain linears, and after lower-moe, whose grouped experts the triton
+        packer quantizes itself; the CPU targets quantize before lower-moe, so each whole moe becomes a
+        quantized_moe (ORT's QMoE) and fuse-projections concatenates packed weights), replacing a
+        quantize pass already there. `quantize` ("SCHEME [opt=value ...]" or
         "scheme=SCHEME ...") replaces the target's own quantize options."""
         from qwen35c.passes.manager import parse_pipeline
 
@@ -81,15 +82,16 @@ class Target:
 # cpu-int4 quantizes attention q/k/v/o and the GDN in_proj_qkv / in_proj_z / out_proj as well as the
 # MLPs / experts the INT4 policy takes by default (issue 16: they were 0.93 GB of fp32 per 0.8B decode
 # step); in_proj_a / in_proj_b (gates), conv, A_log, dt_bias, norms and the router stay fp32.
-# The (tied) LM head is INT4 too, with fp32 activations (MatMulNBits accuracy_level 0): its int8
-# rounding moves the logits themselves and failed the artifact-vs-emulation top-1 gate on the tiny model.
+# The (tied) LM head is INT4 with int8 activations too, as the peers run it (ORT GenAI: accuracy_level 4;
+# llama.cpp: q8 activations): with fp32 ones (accuracy_level 0) it took a third of a 0.8B decode step,
+# for no measurable quality (bundled models, README) now that the lowering gate knows its noise floor.
 # Routed experts are INT4 too (the policy's default), as one quantized_moe per layer, lowered to ONNX
 # Runtime's QMoE, whose GEMMs take fp32 inputs: the emulation says so through fp32-activations.
 # strict-globs=false: these globs name every projection of the family; a model cut to fewer layers than
 # the full-attention interval has no self_attn at all (and must still build).
 CPU_INT4_INCLUDE = ("*.self_attn.[qkvo]_proj.weight;*.linear_attn.in_proj_[qz]*.weight;*.linear_attn.out_proj.weight;"
                     "lm_head.weight")
-CPU_INT4_FP32_ACTIVATIONS = "lm_head.weight;*.mlp.experts.*"
+CPU_INT4_FP32_ACTIVATIONS = "*.mlp.experts.*"
 
 _T = Target
 TARGETS: dict[str, Target] = {t.name: t for t in (
@@ -97,8 +99,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     # fuse-projections, which fuses the packed parts of sibling quantized linears
     _T("cpu", "any CPU", None, "onnx", "fp32", "fp32", "fp32", "onnx-cpu", "ubuntu-latest",
        quantize_before="lower-moe"),
-    _T("cpu-int4", "any CPU", None, "onnx", "int4 g128 GPTQ (symmetric), every projection", "int8 dynamic "
-       "per token per group (MatMulNBits accuracy_level 4)", "int4", "onnx-cpu", "ubuntu-latest",
+    _T("cpu-int4", "any CPU", None, "onnx", "int4 g128 GPTQ (symmetric), every projection and "
+       "routed expert", "int8 dynamic per token per group (MatMulNBits accuracy_level 4; routed experts fp32)", "int4", "onnx-cpu", "ubuntu-latest",
        quantize="scheme=int4-gptq group-size=128 activations=int8 expert-groups=fit fp32-activations=" + CPU_INT4_FP32_ACTIVATIONS +
                 " strict-globs=false include=" + CPU_INT4_INCLUDE, quantize_before="lower-moe"),
     _T("a100-bf16", "NVIDIA A100", 80, "triton", "bf16", "bf16", "bf16", "triton", "gpu-a100"),

@@ -45,12 +45,12 @@ def test_cpu_int4_manifest_records_the_recipe(int4_artifacts):
 
     assert DEFAULT_INT4_ALGORITHM == "gptq"
     assert TARGETS["a100-int4"].quantize == "scheme=int4-gptq group-size=128"
-    assert TARGETS["cpu-int4"].quantize.startswith("scheme=int4-gptq group-size=128 activations=int8 "
-                                                   "fp32-activations=lm_head.weight;*.mlp.experts.* strict-globs=false "
+    assert TARGETS["cpu-int4"].quantize.startswith("scheme=int4-gptq group-size=128 activations=int8 expert-groups=fit "
+                                                   "fp32-activations=*.mlp.experts.* strict-globs=false "
                                                    "include=")
     assert TARGETS["cpu-int4"].pipeline == "onnx-cpu"
     assert q["recipe"]["scheme"] == "int4" and q["recipe"]["algorithm"] == "gptq" and q["recipe"]["group_size"] == 128
-    assert q["recipe"]["activations"] == "int8" and q["recipe"]["fp32_activations"] == ["lm_head.weight", "*.mlp.experts.*"]
+    assert q["recipe"]["activations"] == "int8" and q["recipe"]["fp32_activations"] == ["*.mlp.experts.*"]
     assert q["label"] == "int4-gptq-g128-a8" and q["precision"] == "int4" and not q["recipe"]["act_order"]
     assert "quantize{scheme=int4-gptq group-size=128" in manifest["pipeline"]
     assert manifest["pipeline"].index("quantize{") < manifest["pipeline"].index("fuse-projections")
