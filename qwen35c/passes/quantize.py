@@ -184,10 +184,13 @@ class QuantizePass(Pass):
                 `scales`, [`zeros`], [`g_idx`], [`pre_scale`]); `graph.metadata["quantization"]` holds the
                 recipe (`Recipe.to_dict()`) and the quantized / kept names. The weight source must
                 answer the `#` names: `quantized_weight_source(base, recipe, quantized)`.
-      Does not quantize routed experts inside `moe` / `grouped_linear` / `batched_linear` (stacked
-      weights) nor linears with a bias; they are listed under `not_lowered` and stay high precision
-      (NOT_LOWERED_REASON; the policy's INT4/FP8 default for experts is overridden, and the
-      emulating reference built for `verify` keeps them too, so it matches the artifact). The interpreter runs `quantized_linear` with the
+      A whole `moe` op (the pass runs before lower-moe) whose experts the policy quantizes, all of them
+      symmetric INT4 at one group with fp32 GEMM inputs, becomes `quantized_moe(x, router,
+      <gate_up>#qweight, #scales, <down>#qweight, #scales)` (stacked per-expert units). Experts that
+      cannot (FP8, AWQ, int8 activations, a kept unit, norm_topk_prob false) and the stacked weights of
+      `grouped_linear` / `batched_linear` (the pass ran after lower-moe: the triton packer quantizes
+      those itself), and linears with a bias, are listed under `not_lowered` with `not_lowered_reason`
+      and stay high precision; the emulating reference built for `verify` keeps them too. The interpreter runs `quantized_linear` with the
       dequantize twins, i.e. it evaluates the quantization-emulating reference.
     Options: scheme, group-size, symmetric, act-order, include / exclude (globs separated by ';').
     """
@@ -197,7 +200,7 @@ class QuantizePass(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         recipe = self.options.recipe()
-        candidates, moes, not_lowered = [], [], []
+        candidates, moes, not_lowered, reasons = [], [], [], set()
         head = graph.outputs[0].producer if graph.outputs else None
         shapes = {}
         for node in graph.nodes:
@@ -205,6 +208,7 @@ class QuantizePass(Pass):
                 # stacked routed-expert weights after lower-moe (rows, w, ...): no quantized lowering
                 not_lowered += [v.producer.attrs["name"] for v in node.inputs[1:2]
                                 if v.producer is not None and v.producer.op == "weight"]
+                reasons.add(NOT_LOWERED_REASON)
             if node.op == "moe" and all(v.producer is not None and v.producer.op == "weight" for v in node.inputs[2:]):
                 moes.append(node)
                 for v in node.inputs[2:]:
@@ -218,12 +222,12 @@ class QuantizePass(Pass):
                 name = "lm_head.weight"
             if len(node.inputs) == 3:
                 not_lowered.append(name)
+                reasons.add("linears with a bias stay high precision")
                 continue
             candidates.append((node, name))
         for node, name in candidates:
             shapes[name] = tuple(node.inputs[1].type.shape)
         decisions = {d.name: d for d in plan(sorted(shapes.items()), recipe)} if shapes else {}
-        reasons = {NOT_LOWERED_REASON} if not_lowered else set()
         lowered_moes = []
         for node in moes:
             stacked = [v.producer.attrs["name"] for v in node.inputs[2:]]

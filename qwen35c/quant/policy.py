@@ -18,11 +18,14 @@ silently quantize nothing). Fused expert tensors ([E, 2I, H] gate_up_proj, [E, H
 planned per expert and part under the official per-expert names `mlp.experts.{e}.{gate,up,down}_proj.weight`.
 
 Compiled artifacts: the policy says what SHOULD be quantized; the `quantize` pass quantizes what the
-backend can lower. Routed experts (stacked weights inside `moe` / `grouped_linear`) have no quantized
-lowering yet, so every artifact today keeps them high precision: the pass lists them under
-`not_lowered` with `not_lowered_reason`, the manifest records both, and the emulating reference that
-`verify` builds keeps them too (`quantize_model(..., only=...)`). The quality table in the README
-quantizes them (the policy's choice), as a measurement of what a grouped INT4/FP8 kernel would get.
+backend can lower. Routed experts become one `quantized_moe` per layer when the pass sees the whole
+`moe` op (the CPU targets; ONNX Runtime's QMoE); otherwise (stacked weights inside `grouped_linear`,
+FP8, ...) the pass lists them under `not_lowered` with `not_lowered_reason`, the manifest records both,
+and the emulating reference that `verify` builds keeps them too (`quantize_model(..., only=...)`); the
+triton packer quantizes not-lowered experts itself (`backends/triton/experts.py`). With
+`expert-groups=fit` an expert unit whose dims the INT4 group does not divide gets a smaller group
+(`Recipe.expert_group`, `Decision.group_size`). The quality table in the README quantizes experts (the
+policy's choice).
 """
 
 from __future__ import annotations
