@@ -5,7 +5,7 @@
     QWEN35C_ORT_SPIN       0 turns off spin-waiting in ORT's intra-op pool (better on an
                            oversubscribed machine, slower on an idle one); 1 forces it on; unset:
                            ORT's default.
-    QWEN35C_PREFILL_CHUNK  longest prompt piece one ONNX prefill step takes (default 1024 tokens;
+    QWEN35C_PREFILL_CHUNK  longest prompt piece one ONNX prefill step takes (default 256 tokens;
                            longer prompts run as consecutive chunks, bounding activation memory).
 
 A malformed value is an error naming the variable, never silently replaced by the default.
@@ -55,4 +55,4 @@ def settings() -> Settings:
     """The settings as the environment has them now (read at each call, so tests can set them)."""
     return Settings(threads=_int("QWEN35C_THREADS", 0, 0, MAX_THREADS),
                     ort_spin=_switch("QWEN35C_ORT_SPIN"),
-                    prefill_chunk=_int("QWEN35C_PREFILL_CHUNK", 1024, 1))
+                    prefill_chunk=_int("QWEN35C_PREFILL_CHUNK", 256, 1))

@@ -168,9 +168,10 @@ class OnnxSession(Session):
         return logits
 
     def prefill(self, ids, state, lengths=None, last_only=False):
-        """Prompts longer than `settings().prefill_chunk` (default 1024) tokens run as consecutive chunks
-        (the graph continues from q_start), which bounds the activations ORT holds at once (at 4K
-        tokens: the attention scores alone are heads x T x T floats) at no cost in speed. A row whose
+        """Prompts longer than `settings().prefill_chunk` (default 256) tokens run as consecutive chunks
+        (the graph continues from q_start), which bounds the activations ORT holds at once, and so the
+        arena it keeps for the session's life, at no cost in speed (0.8b cpu-int4, 4096-token prompt,
+        2 threads: chunks of 1024 -> 256 took peak RSS 2644 -> 1371 MiB at 220 -> 230 tok/s). A row whose
         prompt ended in an earlier chunk gets length 0 in the later ones: its state is left as it is."""
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
         batch, length = ids.shape
