@@ -94,6 +94,8 @@ def recipe_of(fmt: str, quantize: str | None):
                         "use int4-gptq or int4-rtn")
     if fmt == "hf-awq" and recipe.act_order and not recipe.static_groups:
         raise QwenError("--format hf-awq has no g_idx: GPTQ act-order needs static-groups=true")
+    if fmt != "hf-fp8" and recipe.expert_groups != "fixed":
+        raise QwenError(f"--format {fmt} has one group size for every linear; drop expert-groups={recipe.expert_groups}")
     return recipe
 
 

@@ -99,7 +99,8 @@ def test_transformers_loads_the_fp8_export_on_cpu(exports):
 def test_export_refuses_what_the_format_cannot_hold(tmp_path):
     for fmt, scheme, why in [("hf-awq", "int4-awq", "explicit"), ("hf-gptq", "int4-awq", "explicit"),
                              ("hf-fp8", "int4-rtn", "block-128"), ("hf-gptq", "fp8-block128", "INT4"),
-                             ("hf-fp8", "fp8-tensor", "block-128"), ("hf-gptq", "int4-rtn activations=int8", "activation")]:
+                             ("hf-fp8", "fp8-tensor", "block-128"), ("hf-gptq", "int4-rtn activations=int8", "activation"),
+                             ("hf-gptq", "int4-rtn expert-groups=fit", "one group size")]:
         code, out = cli("export", "--format", fmt, "--quantize", scheme, "-o", tmp_path / "x")
         assert code == 2 and why in out and "Traceback" not in out, (fmt, scheme, out)
         assert not (tmp_path / "x").exists()
