@@ -70,7 +70,8 @@ def _weight_bytes(config, precision: str) -> tuple[int, int]:
 
         recipe = parse_pipeline(f"quantize{{{TARGETS['cpu-int4'].quantize}}}")[0].options.recipe()
         group_size = recipe.group_size
-        quantized = {d.name for d in plan_model(model, recipe) if d.quantize and d.expert is None}
+        # a stacked expert tensor counts as INT4 through its per-expert units (quantized_moe)
+        quantized = {d.name if d.expert is None else d.source for d in plan_model(model, recipe) if d.quantize}
     total = 0
     for name, p in model.named_parameters():
         if name.startswith("mtp."):

@@ -164,7 +164,9 @@ class EmulatedLinear(nn.Module):
 
 class EmulatedMoeBlock(nn.Module):
     """The MoE block with quantized experts: same routing and combine as `ops.moe_eager`, each
-    expert's gate_up / down inputs fake-quantized (and AWQ-prescaled) like its packed GEMMs."""
+    expert's gate_up / down inputs fake-quantized (and AWQ-prescaled) like its packed GEMMs. A quantized
+    expert is dequantized when tokens reach it, not when the layer loads: a streamed 256-expert layer
+    decoding one token dequantizes its top-k experts, not all of them."""
 
     def __init__(self, block: SparseMoeBlock, gate_up: list[tuple[QuantizedWeight, QuantizedWeight] | None],
                  down: list[QuantizedWeight | None]):
@@ -177,6 +179,13 @@ class EmulatedMoeBlock(nn.Module):
     @staticmethod
     def _input(x: Tensor, q: QuantizedWeight | None) -> Tensor:
         return x if q is None else gemm_input(x, q)
+
+    def _weights(self, e: int) -> tuple[Tensor, Tensor]:
+        """Expert e's [2I, H] gate_up (gate rows, then up) and [H, I] down, dequantized where quantized."""
+        dtype = self.experts.gate_up_proj.dtype
+        gu, down = self.q_gate_up[e], self.q_down[e]
+        w_gu = self.experts.gate_up_proj[e] if gu is None else torch.cat([q.dequantize() for q in gu]).to(dtype)
+        return w_gu, self.experts.down_proj[e] if down is None else down.dequantize().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -191,15 +200,15 @@ class EmulatedMoeBlock(nn.Module):
             if not chunk.shape[0]:
                 continue
             gu = self.q_gate_up[e]
+            w_gu, w_down = self._weights(e)
             if gu is None or _same_input(*gu):
-                gate, up = F.linear(self._input(chunk, gu[0] if gu else None),
-                                    self.experts.gate_up_proj[e]).chunk(2, dim=-1)
+                gate, up = F.linear(self._input(chunk, gu[0] if gu else None), w_gu).chunk(2, dim=-1)
             else:  # gate and up transform their shared input differently (AWQ scales per unit)
-                i = self.experts.gate_up_proj.shape[1] // 2
-                gate = F.linear(self._input(chunk, gu[0]), self.experts.gate_up_proj[e][:i])
-                up = F.linear(self._input(chunk, gu[1]), self.experts.gate_up_proj[e][i:])
+                i = w_gu.shape[0] // 2
+                gate = F.linear(self._input(chunk, gu[0]), w_gu[:i])
+                up = F.linear(self._input(chunk, gu[1]), w_gu[i:])
             hidden = F.silu(gate) * up
-            outputs.append(F.linear(self._input(hidden, self.q_down[e]), self.experts.down_proj[e]))
+            outputs.append(F.linear(self._input(hidden, self.q_down[e]), w_down))
         routed = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1)
         routed = torch.empty_like(routed).index_copy(0, order, routed)
         routed = routed.view(x.shape[0], self.top_k, -1).sum(dim=1).to(x.dtype)
@@ -273,30 +282,21 @@ def _emulate_into(target: nn.Module, weights: dict[str, QuantizedWeight], dtype:
             raise QwenError(f"{name}: quantized shape {list(q.shape)} != model {list(linear.weight.shape)}")
         setattr(owner, leaf, EmulatedLinear(q, linear.bias, dtype))
     for block_name, per_expert in experts.items():
-        _emulate_experts(target, block_name, per_expert, dtype)
+        _emulate_experts(target, block_name, per_expert)
 
 
-def _emulate_experts(target: nn.Module, block_name: str, per_expert: dict[int, dict[str, QuantizedWeight]],
-                     dtype: torch.dtype) -> None:
+def _emulate_experts(target: nn.Module, block_name: str, per_expert: dict[int, dict[str, QuantizedWeight]]) -> None:
     block = target.get_submodule(block_name)
-    gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
-    num = gate_up.shape[0]
-    half = gate_up.shape[1] // 2
-    new_gu, new_down = gate_up.detach().clone(), down.detach().clone()
+    num = block.experts.gate_up_proj.shape[0]
     q_gu: list = [None] * num
     q_down: list = [None] * num
     for e, parts in per_expert.items():
         if "gate_proj" in parts or "up_proj" in parts:
             if not ("gate_proj" in parts and "up_proj" in parts):
                 raise QwenError(f"{block_name}.experts.{e}: gate_proj and up_proj must be quantized together")
-            new_gu[e, :half] = parts["gate_proj"].dequantize().to(dtype)
-            new_gu[e, half:] = parts["up_proj"].dequantize().to(dtype)
             q_gu[e] = (parts["gate_proj"], parts["up_proj"])
         if "down_proj" in parts:
-            new_down[e] = parts["down_proj"].dequantize().to(dtype)
             q_down[e] = parts["down_proj"]
-    block.experts.gate_up_proj = nn.Parameter(new_gu, requires_grad=False)
-    block.experts.down_proj = nn.Parameter(new_down, requires_grad=False)
     owner_name, _, leaf = block_name.rpartition(".")
     setattr(target.get_submodule(owner_name), leaf, EmulatedMoeBlock(block, q_gu, q_down))
 
