@@ -270,6 +270,8 @@ class QuantizePass(Pass):
     def _moe_blocker(recipe: Recipe, units) -> str | None:
         """Why a layer's routed experts cannot become one quantized_moe (all of them symmetric INT4 at the
         recipe's group, fp32 GEMM inputs), or None."""
+        if not units:
+            return "the policy planned no expert units for these stacked weights"
         if not recipe.is_int4:
             return f"{recipe.label}: quantized_moe is INT4 only"
         if not recipe.symmetric or recipe.algorithm == "awq" or (recipe.act_order and not recipe.static_groups):
