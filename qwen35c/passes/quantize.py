@@ -232,8 +232,7 @@ class QuantizePass(Pass):
         for node in moes:
             stacked = [v.producer.attrs["name"] for v in node.inputs[2:]]
             units = [decisions.pop(n) for n in list(decisions) if decisions[n].source in stacked]
-            why = self._moe_blocker(recipe, units) or (None if node.attrs["norm_topk_prob"] else
-                                                       "norm_topk_prob false: quantized_moe renormalises the top-k weights")
+            why = self._moe_blocker(recipe, units, node.attrs["norm_topk_prob"])
             if why is None:
                 lowered_moes.append((node, units[0].group_size or recipe.group_size))
                 decisions.update((u.name, u) for u in units)
@@ -267,9 +266,11 @@ class QuantizePass(Pass):
         return PassResult(graph, changed=count > 0, num_matches=count)
 
     @staticmethod
-    def _moe_blocker(recipe: Recipe, units) -> str | None:
-        """Why a layer's routed experts cannot become one quantized_moe (all of them symmetric INT4 at the
-        recipe's group, fp32 GEMM inputs), or None."""
+    def _moe_blocker(recipe: Recipe, units, norm_topk_prob: bool) -> str | None:
+        """Why a layer's routed experts cannot become one quantized_moe (all of them symmetric INT4 at one
+        group, fp32 GEMM inputs, renormalised top-k weights), or None."""
+        if not norm_topk_prob:
+            return "norm_topk_prob false: quantized_moe renormalises the top-k weights"
         if not units:
             return "the policy planned no expert units for these stacked weights"
         if not recipe.is_int4:

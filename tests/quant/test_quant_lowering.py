@@ -89,6 +89,14 @@ class _MiniEmitter:
     def evaluate(self, value):
         return self.tensors[value.producer.attrs["name"]]
 
+    def session(self, out, rows, features):
+        """An ORT session over the emitted nodes: x [rows, features] -> out."""
+        model = helper.make_model(
+            helper.make_graph(self.nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, features])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], self.inits),
+            opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
     def initializer(self, value, transform=""):
         tensor = self.evaluate(value)
         return self._init(tensor.t() if transform == "t" else tensor, value.dtype)
@@ -139,11 +147,7 @@ def test_onnx_lowering_matches_emulation(scheme, options):
     tensors = {v.producer.attrs["name"]: source(v.producer.attrs["name"]) for v in node.inputs[1:]}
     emitter = _MiniEmitter(tensors)
     (out,) = lower_quantized_linear(emitter, node)
-    model = helper.make_model(
-        helper.make_graph(emitter.nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 256])],
-                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], emitter.inits),
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = emitter.session(out, "B", 256)
     x = torch.randn(6, 256) * torch.linspace(0.2, 4, 256)
     got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
     q = quantized.weights[NAMES[2]]
@@ -177,11 +181,7 @@ def test_int4_int8_activations_lowering_matches_emulation(group_size):
     emitter = _MiniEmitter({v.producer.attrs["name"]: source(v.producer.attrs["name"]) for v in node.inputs[1:]})
     (out,) = lower_quantized_linear(emitter, node)
     assert [a.i for a in emitter.nodes[-1].attribute if a.name == "accuracy_level"] == [4]
-    model = helper.make_model(
-        helper.make_graph(emitter.nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 256])],
-                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], emitter.inits),
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = emitter.session(out, "B", 256)
     q = dataclasses.replace(quantized.weights[NAMES[2]], act_int8=True)
     gen = torch.Generator().manual_seed(1)
     for m in (1, 3, 64, 300):
@@ -258,11 +258,7 @@ def test_quantized_moe_lowering_matches_twin(top_k, norm=True):
     node = next(n for n in g.nodes if n.op == "quantized_moe")
     emitter = _MiniEmitter({v.producer.attrs["name"]: source(v.producer.attrs["name"]) for v in node.inputs[1:]})
     (out,) = lower_quantized_moe(emitter, node)
-    model = helper.make_model(
-        helper.make_graph(emitter.nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], emitter.inits),
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = emitter.session(out, "N", 64)
     gen = torch.Generator().manual_seed(2)
     for n in (1, 63, 64, 65, 129):
         x = torch.randn(n, 64, generator=gen)
