@@ -34,6 +34,8 @@ class GraphSession:
         if lengths is None:
             lengths = torch.full((batch,), length, dtype=torch.long)
         inputs = {"input_ids": input_ids, "q_start": self.seq_lens.clone(), "lengths": lengths, **self.state}
+        if any(v.name == "commit" for v in self.graph.inputs):
+            inputs["commit"] = lengths
         out = run(self.graph, inputs, self.weights)
         for name, out_name in self._out_of.items():
             self.state[name] = out[out_name]

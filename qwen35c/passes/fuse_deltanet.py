@@ -16,7 +16,9 @@ by
 The fused op has a chunked prefill form (chunk_size tokens per chunk, WY/UT transform: a unit
 lower-triangular solve per chunk, then one sequential pass over chunks) and a recurrent decode
 form (T = 1), chosen by the sequence length at run time. Steps t >= lengths[b] are masked
-(g = 0, beta = 0), so right padding never reaches the recurrent state. Its naive twin,
+(g = 0, beta = 0), so right padding never reaches the recurrent state. insert-state gives the op
+a tenth input, `commit` [B] <= lengths: the returned states hold only the first commit[b] tokens
+while the outputs cover all lengths[b] (what a speculative verify step needs). Its naive twin,
 `gated_deltanet_naive`, composes the reference model's eager ops with the same signature.
 
 Contract:
@@ -46,7 +48,7 @@ L2_EPS = 1e-6
 # ---- the fused op: type rule, implementation, naive twin ------------------------------------
 
 def _infer_gated_deltanet(types, attrs):
-    mixed, a, b, conv_w, a_log, dt_bias, conv_state, state, lengths = types
+    mixed, a, b, conv_w, a_log, dt_bias, conv_state, state, lengths, *commit = types
     nk, nv, dk, dv = (attrs[k] for k in ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim"))
     channels = 2 * nk * dk + nv * dv
     if mixed.rank != 3 or mixed.shape[2] != channels:
@@ -57,34 +59,60 @@ def _infer_gated_deltanet(types, attrs):
         raise TypeRuleError(f"gated_deltanet: conv weight must be [{channels}, K], got {conv_w}")
     if state.dtype != "f32" or state.shape != (mixed.shape[0], nv, dk, dv):
         raise TypeRuleError(f"gated_deltanet: state must be f32[B, {nv}, {dk}, {dv}], got {state}")
-    if lengths.dtype != "i64":
-        raise TypeRuleError("gated_deltanet: lengths must be i64")
+    if lengths.dtype != "i64" or any(c.dtype != "i64" or c.shape != lengths.shape for c in commit):
+        raise TypeRuleError("gated_deltanet: lengths (and commit) must be i64[B]")
     o = TensorType(mixed.dtype, (*mixed.shape[:2], nv, dv))
     return [o, conv_state, state]
 
 
-def _gates(a, b, a_log, dt_bias, lengths):
-    """beta = sigmoid(b) (model dtype), g = -exp(A_log) softplus(a + dt_bias) (f32); 0 when padded."""
+def _gates(a, b, a_log, dt_bias, lengths, start=None):
+    """beta = sigmoid(b) (model dtype), g = -exp(A_log) softplus(a + dt_bias) (f32); both 0 outside
+    steps start[b] <= t < lengths[b] (start 0 by default), so those steps leave the state as it is."""
     beta = torch.sigmoid(b)
     g = -a_log.float().exp() * F.softplus(a.float() + dt_bias)
-    valid = (torch.arange(a.shape[1]) < lengths.view(-1, 1))[..., None]           # [B, T, 1]
+    steps = torch.arange(a.shape[1])
+    valid = steps < lengths.view(-1, 1)
+    if start is not None:
+        valid &= steps >= start.view(-1, 1)
+    valid = valid[..., None]                                                        # [B, T, 1]
     return g.masked_fill(~valid, 0.0), beta.masked_fill(~valid, 0)
 
 
-def gated_deltanet_naive(mixed, a, b, conv_w, a_log, dt_bias, conv_state, state, lengths, *,
+def _split_at_commit(delta_rule, o_state, gates, lengths, commit):
+    """The commit split every implementation shares. `delta_rule(g, beta, state) -> (o, state')`
+    runs the rule on the step's q/k/v; `o_state` is its result with the gates of steps < commit
+    (so state' is the state after `commit` tokens: what is kept). Outputs of steps commit..lengths-1
+    continue from that state with the earlier steps masked, which leave it unchanged."""
+    o, state = o_state
+    if commit is None or bool((commit >= lengths).all()):
+        return o, state
+    later, _ = delta_rule(*gates(lengths, commit), state)
+    first = (torch.arange(o.shape[1]) < commit.view(-1, 1)).view(*commit.shape, -1, *[1] * (o.dim() - 2))
+    return torch.where(first, o, later), state
+
+
+def gated_deltanet_naive(mixed, a, b, conv_w, a_log, dt_bias, conv_state, state, lengths, commit=None, *,
                          num_k_heads, num_v_heads, head_k_dim, head_v_dim, chunk_size=64):
-    """The naive twin: the reference's eager conv and recurrent delta rule, step by step."""
+    """The naive twin: the reference's eager conv and recurrent delta rule, step by step; the state
+    is kept after `commit` tokens (default: lengths), the outputs cover `lengths` tokens."""
     from reference.ops import causal_conv1d_eager, recurrent_gated_delta_rule
 
     batch, length, _ = mixed.shape
-    y, conv_new = causal_conv1d_eager(mixed, conv_w, conv_state, lengths)
+    kept = lengths if commit is None else commit
+    y, conv_new = causal_conv1d_eager(mixed, conv_w, conv_state, kept)
     key = num_k_heads * head_k_dim
     q, k, v = y.split([key, key, num_v_heads * head_v_dim], dim=-1)
     q = q.reshape(batch, length, num_k_heads, head_k_dim)
     k = k.reshape(batch, length, num_k_heads, head_k_dim)
     v = v.reshape(batch, length, num_v_heads, head_v_dim)
-    g, beta = _gates(a, b, a_log, dt_bias, lengths)
-    o, state = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+
+    def rule(g, beta, s):
+        return recurrent_gated_delta_rule(q, k, v, g, beta, s)
+
+    def gates(end, start=None):
+        return _gates(a, b, a_log, dt_bias, end, start)
+
+    o, state = _split_at_commit(rule, rule(*gates(kept), state), gates, lengths, commit)
     return o, conv_new, state
 
 
@@ -132,39 +160,51 @@ def _delta_rule_chunked(q, k, v, g, beta, state, chunk: int):
     return out.reshape(batch, heads, n * chunk, -1)[:, :, :length], state
 
 
-def gated_deltanet_ref(mixed, a, b, conv_w, a_log, dt_bias, conv_state, state, lengths, *,
+def gated_deltanet_ref(mixed, a, b, conv_w, a_log, dt_bias, conv_state, state, lengths, commit=None, *,
                        num_k_heads, num_v_heads, head_k_dim, head_v_dim, chunk_size=64):
     """The fused op: conv + SiLU (reference op), gates, head repeat, L2 norm, then the chunked
-    (T > 1) or recurrent (T = 1) delta rule in fp32."""
+    (T > 1) or recurrent (T = 1) delta rule in fp32.
+
+    `commit` [B] (<= lengths, default lengths) is how many of the step's tokens enter the returned
+    conv and recurrent states; outputs cover all `lengths` tokens. A speculative verify step feeds
+    its drafts after the tokens it commits: the drafts get outputs but leave no trace in the state."""
     from reference.ops import causal_conv1d_eager
 
     batch, length, _ = mixed.shape
-    y, conv_new = causal_conv1d_eager(mixed, conv_w, conv_state, lengths)
+    kept = lengths if commit is None else commit
+    y, conv_new = causal_conv1d_eager(mixed, conv_w, conv_state, kept)
     key = num_k_heads * head_k_dim
     q, k, v = y.split([key, key, num_v_heads * head_v_dim], dim=-1)
     ratio = num_v_heads // num_k_heads
     q = q.reshape(batch, length, num_k_heads, head_k_dim).repeat_interleave(ratio, dim=2)
     k = k.reshape(batch, length, num_k_heads, head_k_dim).repeat_interleave(ratio, dim=2)
     v = v.reshape(batch, length, num_v_heads, head_v_dim)
-    g, beta = _gates(a, b, a_log, dt_bias, lengths)
     q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))                    # [B, H, T, d]
-    g, beta = g.transpose(1, 2).float(), beta.transpose(1, 2).float()
     q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2_EPS) * head_k_dim ** -0.5
     k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2_EPS)
-    if length == 1:
-        o, state = _delta_rule_recurrent(q, k, v, g, beta, state.float())
-    else:
-        o, state = _delta_rule_chunked(q, k, v, g, beta, state.float(), chunk_size)
-    return o.transpose(1, 2).contiguous().to(mixed.dtype), conv_new, state
+
+    def rule(g, beta, s):
+        g, beta = g.transpose(1, 2).float(), beta.transpose(1, 2).float()
+        if length == 1:
+            o, s = _delta_rule_recurrent(q, k, v, g, beta, s.float())
+        else:
+            o, s = _delta_rule_chunked(q, k, v, g, beta, s.float(), chunk_size)
+        return o.transpose(1, 2), s                                             # [B, T, H, dv]
+
+    def gates(end, start=None):
+        return _gates(a, b, a_log, dt_bias, end, start)
+
+    o, state = _split_at_commit(rule, rule(*gates(kept), state), gates, lengths, commit)
+    return o.contiguous().to(mixed.dtype), conv_new, state
 
 
 _ATTRS = ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
 register_op("gated_deltanet", _infer_gated_deltanet,
             lambda i, a, b: list(gated_deltanet_ref(*i, **{k: a[k] for k in _ATTRS},
                                                     chunk_size=a.get("chunk_size", 64))),
-            9, _ATTRS, foldable=False,
+            (9, 10), _ATTRS, foldable=False,
             doc="(o, conv_state', state') = gated_deltanet(mixed, a, b, conv_w, A_log, dt_bias, "
-                "conv_state, state, lengths)")
+                "conv_state, state, lengths[, commit])")
 
 
 # ---- the rewrite -----------------------------------------------------------------------------

@@ -8,6 +8,13 @@ inside the graph. After:
 
 * q_start[b]: tokens row b has already consumed (its position offset); lengths[b]: valid new
   tokens of row b (right padding beyond). One graph serves prefill (T >= 1) and decode (T = 1).
+* commit[b] <= lengths[b] (graphs whose GDN layers are fused `gated_deltanet` ops; an input
+  the caller sets to lengths for an ordinary step): the GDN conv and recurrent states come back
+  after the row's first commit[b] tokens, while outputs and logits cover all lengths[b] tokens and
+  every token's keys and values are written. A speculative verify step commits the tokens already
+  accepted and only computes its drafts: rejected drafts need no rollback, and the next step,
+  starting at q_start + commit, writes over their cache positions. Graphs with unfused GDN ops
+  get no commit input (metadata `commit = false`).
 * conv state [B, C, K-1] (model dtype) and recurrent state [B, nv, dk, dv] (fp32) per GDN layer;
   K/V cache [B, nkv, S, hd] per attention layer, S the cache capacity (a symbol). Each state input
   carries `state = "layers.<i>.<kind>"` and is paired with the output of the same key.
@@ -83,6 +90,15 @@ class InsertState(Pass):
                 g.rename(g.value(name), g.fresh_name(name))
         q_start = g.add_input("q_start", TensorType("i64", ("B",)))
         lengths = g.add_input("lengths", TensorType("i64", ("B",)))
+        fused = [n for n in g.nodes if n.op == "gated_deltanet"]
+        unfused = any(n.op in ("causal_conv1d", "gated_delta_rule") for n in g.nodes)
+        if fused and not unfused:
+            if "commit" in g.values():
+                g.rename(g.value("commit"), g.fresh_name("commit"))
+            commit = g.add_input("commit", TensorType("i64", ("B",)))
+            for node in fused:
+                node.inputs.append(commit)
+        g.metadata["commit"] = bool(fused) and not unfused
         matches = 0
         for old in _find_full(g, "T", ["B"], "i64"):
             g.replace_all_uses(old, lengths)

@@ -37,6 +37,9 @@ class GenerationResult:
     decode_seconds: float
     decode_steps: int
     logits: list[torch.Tensor] = field(default_factory=list)  # per row: [prompt + generated, V] fp32
+    decode_tokens: int | None = None   # tokens the decode steps produced (speculative: not steps x rows)
+    drafted: int = 0                   # speculative: draft tokens proposed, and how many were accepted
+    accepted: int = 0
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -44,8 +47,13 @@ class GenerationResult:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        produced = self.decode_steps * len(self.tokens)
+        produced = self.decode_steps * len(self.tokens) if self.decode_tokens is None else self.decode_tokens
         return produced / self.decode_seconds if self.decode_seconds else float("nan")
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / drafted tokens (speculative decoding)."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
 
 
 class Session:
@@ -67,18 +75,34 @@ class Session:
         """ids [B, 1] -> logits [B, 1, V]; advances `state` by one token per row."""
         raise NotImplementedError
 
+    def extend(self, ids, state, lengths, commit) -> torch.Tensor:
+        """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V] of every step; the state keeps
+        only the first commit[b] <= lengths[b] tokens of each row (a speculative verify step)."""
+        raise QwenError(f"{type(self).__name__} has no commit step: speculative decoding needs an artifact "
+                        f"whose graph takes `commit` (the onnx backend)")
+
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, T, V] of a full sequence, from an empty state."""
         return self.prefill(ids, self.new_state(ids.shape[0], ids.shape[1]))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] = (),
-                 keep_logits: bool = False, on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
+                 keep_logits: bool = False, on_token: Callable[[int, int], None] | None = None,
+                 speculative: int = 0, drafter=None) -> GenerationResult:
         """Greedy (temperature 0) or nucleus sampling; rows of different lengths share one batch.
 
-        `on_token(row, token)` is called as tokens are produced (for streaming)."""
+        `on_token(row, token)` is called as tokens are produced (for streaming). `speculative=K`
+        drafts up to K tokens a step with `drafter` (default: `qwen35c.runtime.speculative.
+        PromptLookup`) and verifies them in one pass; see `qwen35c.runtime.speculative`."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise QwenError("every prompt needs at least one token")
+        if speculative:
+            from qwen35c.runtime.speculative import generate_speculative
+
+            if keep_logits:
+                raise QwenError("keep_logits is not offered with speculative decoding")
+            return generate_speculative(self, prompts, max_new_tokens, speculative, drafter, temperature, top_p,
+                                        seed, stop_ids, on_token)
         batch, lengths = len(prompts), [len(p) for p in prompts]
         width = max(lengths)
         ids = torch.zeros(batch, width, dtype=torch.long)
@@ -121,13 +145,19 @@ class Session:
 def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).view(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution `generate` samples from: softmax(logits / T), cut to the nucleus top_p
+    (unnormalised: torch.multinomial normalises)."""
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).view(-1)
+    return probs
 
 
 class ReferenceSession(Session):

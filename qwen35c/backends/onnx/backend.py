@@ -12,6 +12,7 @@ _DTYPES = ("f32", "f16", "i64")
 _INTERFACE = {"inputs": ["input_ids i64[B,T]", "q_start i64[B]", "lengths i64[B]", "logit_positions i64[B,P]",
                          "<states>"],
               "outputs": ["logits f32[B,P,V]", "<state>.out"]}
+_COMMIT = "commit i64[B] (optional: defaults to lengths)"
 _MAX_DIM = 1 << 24          # a static state dimension larger than this is not a Qwen3.5 state
 
 
@@ -32,7 +33,8 @@ class OnnxBackend:
         return {"name": self.name, "model": emitted.model_file.name, "data": emitted.data_file.name,
                 "opset": 23, "domains": ["", "com.microsoft"], "min_onnxruntime": "1.32",
                 "states": [s.to_json() for s in emitted.states], "ops": emitted.ops,
-                "nodes": emitted.num_nodes, "interface": _INTERFACE}
+                "nodes": emitted.num_nodes,
+                "interface": {**_INTERFACE, "inputs": _INTERFACE["inputs"] + [_COMMIT] * emitted.commit}}
 
     def engine_status(self, section: dict) -> dict:
         return {"status": "ready", "detail": "ONNX Runtime (CPUExecutionProvider) loads the model at run time"}
@@ -44,6 +46,9 @@ class OnnxBackend:
         check.int(section.get("nodes"), "backend.nodes")
         for op, count in check.dict(section.get("ops"), "backend.ops").items():
             check.int(count, f"backend.ops[\"{op}\"]")
+        interface = check.dict(section.get("interface"), "backend.interface")
+        for j, entry in enumerate(check.list(interface.get("inputs"), "backend.interface.inputs")):
+            check.str(entry, f"backend.interface.inputs[{j}]")
         seen = set()
         for i, spec in enumerate(check.list(section.get("states"), "backend.states")):
             key = f"backend.states[{i}]"
@@ -115,6 +120,8 @@ def _check_model(directory: Path, manifest: dict) -> None:
             raise ArtifactError(f"{directory}/manifest.json: key 'backend.states[{i}]' ({spec['dtype']} "
                                 f"{spec['shape']}) disagrees with {section['model']} ({dtype} {dims})")
     expected = {"input_ids", "q_start", "lengths", "logit_positions"} | {s["name"] for s in section["states"]}
+    if _COMMIT in section["interface"]["inputs"]:
+        expected.add("commit")
     for name in sorted(expected - set(inputs)):
         raise ArtifactError(f"{file}: has no input '{name}' (the manifest's interface needs it)")
     for name in sorted(set(inputs) - expected):

@@ -3,7 +3,10 @@
 One graph serves prefill (T >= 1) and decode (T = 1) with dynamic B and T. Its interface:
 
     inputs : input_ids i64[B, T], q_start i64[B], lengths i64[B], logit_positions i64[B, P],
-             then every state input of the IR (layouts below)
+             then every state input of the IR (layouts below), then `commit` i64[B] when the IR
+             has one: tokens per row whose effect the GDN states keep (see insert-state). Its
+             default, [-1], means "lengths", so a caller that knows nothing of speculative
+             decoding (ORT GenAI, Triton server) never feeds it
     outputs: logits f32[B, P, V] (the LM head runs only at the positions asked for), then one
              `<state name>.out` per state input, same shape and layout
 
@@ -45,7 +48,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from qwen35c.backends.onnx.simplify import simplify
+from qwen35c.backends.onnx.simplify import simplify, subgraph_nodes
 from qwen35c.errors import QwenError
 from qwen35c.graph.ir import Graph, Value
 from qwen35c.graph.ops import OPS
@@ -91,6 +94,7 @@ class EmitResult:
     num_initializers: int
     data_bytes: int
     ops: dict[str, int] = field(default_factory=dict)
+    commit: bool = False                 # the graph takes `commit` (speculative verify steps)
 
 
 class _DataWriter:
@@ -354,7 +358,8 @@ class OnnxEmitter:
         model.ir_version = 10
         self.model_file.write_bytes(model.SerializeToString(deterministic=True))
         return EmitResult(self.model_file, self.out_dir / self.data_name, states, len(self.nodes),
-                          len(self.initializers), self.data.offset, dict(sorted(self.ops.items())))
+                          len(self.initializers), self.data.offset, dict(sorted(self.ops.items())),
+                          any(i.name == "commit" for i in inputs))
 
     def _simplify(self, outputs) -> None:
         """Drop the layout ops that cancel between neighbouring lowerings (see simplify.py), then
@@ -364,7 +369,7 @@ class OnnxEmitter:
         shape_tensors = {name: dims for dims, name in self.shapes.items()}
         self.nodes = simplify(self.nodes, self.known_shapes, shape_tensors, constants,
                               {o.name for o in outputs})
-        used = {i for n in self.nodes for i in n.input}
+        used = {i for n in self.nodes for inner in [n, *subgraph_nodes(n)] for i in inner.input}
         self.initializers = [t for t in self.initializers
                              if t.name in used or t.data_location == TensorProto.EXTERNAL]
         self.ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in self.nodes)
@@ -408,6 +413,11 @@ class OnnxEmitter:
         outputs = [helper.make_tensor_value_info("logits", ONNX_DTYPE["f32"], ["B", "P", logits.type.shape[-1]])]
         for spec in states:
             outputs.append(helper.make_tensor_value_info(spec.output, ONNX_DTYPE[spec.dtype], spec.shape))
+        if "commit" in by_name:   # an overridable initializer: -1 (any negative) stands for lengths
+            inputs.append(helper.make_tensor_value_info("commit", TensorProto.INT64, ["B"]))
+            self.initializers.append(onnx.numpy_helper.from_array(np.asarray([-1], np.int64), "commit"))
+            self.names[id(by_name["commit"])] = self.node(
+                "Where", [self.node("Less", ["commit", self.i64([0])])[0], "lengths", "commit"], hint="commit")[0]
         self.states = states
         self.logits_value = logits
         return inputs, outputs, states
@@ -433,9 +443,10 @@ class OnnxEmitter:
             else:
                 self.node("Identity", [renames.get(src, src)], outputs=[dst])
         for n in self.nodes:
-            for i, name in enumerate(n.input):
-                if name in renames:
-                    n.input[i] = renames[name]
+            for inner in [n, *subgraph_nodes(n)]:
+                for i, name in enumerate(inner.input):
+                    if name in renames:
+                        inner.input[i] = renames[name]
             for i, name in enumerate(n.output):
                 if name in renames:
                     n.output[i] = renames[name]
@@ -817,6 +828,44 @@ class OnnxEmitter:
         return self.node("Attention", [q, k, v, mask], scale=float(hd) ** -0.5, is_causal=0,
                          hint=node.outputs[0].name)
 
+    def _steps_below(self, n: str) -> str:
+        """[B, T, 1] bool: step t < n[b] (shared by every layer)."""
+        if ("below", n) not in self.shared:
+            steps = self.node("Unsqueeze", [self._steps(), self.i64([0])])[0]                 # [1, T]
+            self.shared[("below", n)] = self.node("Unsqueeze", [self.node("Less", [
+                steps, self.node("Unsqueeze", [n, self.i64([1])])[0]])[0], self.i64([2])])[0]  # [B, T, 1]
+        return self.shared[("below", n)]
+
+    def _uncommitted_outputs(self, o, q, k, v, kept_state, g, beta, kept, lengths, nv, dk, layer) -> str:
+        """Outputs of the steps past commit (a speculative step's drafts): LinearAttention again from
+        the kept state with only steps commit..lengths-1 unmasked (masked steps leave a state as it
+        is, so each draft sees exactly the state after the tokens before it). In an `If` on
+        max(lengths - commit) > 0, so an ordinary step (commit = lengths) costs one If, not a
+        second pass over the states."""
+        if "uncommitted" not in self.shared:
+            left = self.node("ReduceMax", [self.node("Sub", [lengths, kept])[0]], keepdims=0)[0]
+            self.shared["uncommitted"] = self.node("Greater", [left, self.const(np.asarray(0, np.int64))],
+                                                   hint="uncommitted")[0]
+        first = self._steps_below(kept)
+        later = self.node("And", [self.node("Not", [first])[0], self._steps_below(lengths)])[0]
+        zero = self.f32(np.zeros((1,), np.float32))
+        outer, self.nodes = self.nodes, []     # the then-branch's nodes; they read outer tensors by name
+        drafts, _ = self.node("LinearAttention", [q, k, v, kept_state, self.node("Where", [later, g, zero])[0],
+                                                  self.node("Where", [later, beta, zero])[0]],
+                              n_out=2, domain=MS_DOMAIN, q_num_heads=nv, kv_num_heads=nv,
+                              update_rule="gated_delta", scale=float(dk) ** -0.5, hint=f"L{layer}.gdn_drafts")
+        merged = self.node("Where", [first, o, drafts], hint=f"L{layer}.gdn_o")[0]
+        branch, self.nodes = self.nodes, outer
+        same = self.fresh(f"L{layer}.gdn_o")
+
+        def graph(nodes, name, out):
+            return helper.make_graph(nodes, f"L{layer}_{name}", [],
+                                     [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+        return self.node("If", [self.shared["uncommitted"]], hint=f"L{layer}.gdn_o",
+                         then_branch=graph(branch, "drafts", merged),
+                         else_branch=graph([helper.make_node("Identity", [o], [same])], "committed", same))[0]
+
     def op_gated_deltanet(self, node):
         """Causal conv + SiLU in standard ops, then the gated delta rule as
         com.microsoft::LinearAttention (update_rule gated_delta, packed [B, T, H*D] q/k/v, K-major
@@ -833,10 +882,12 @@ class OnnxEmitter:
 
         The gates are com.microsoft::LinearAttentionGate, the reference's fp32 formula
         g = -exp(A_log) · softplus(a + dt_bias), beta = sigmoid(b) (within 1e-6), then zeroed on
-        padded steps (t >= lengths[b]) so those never touch the state. q and k are L2-normalised as
+        steps t >= commit[b] (commit = lengths but in a speculative step) so padding and drafts
+        never touch the state; the drafts' outputs come from `_uncommitted_outputs`. q and k are L2-normalised as
         the reference's x·rsqrt(Σx² + 1e-6), written as one RMSNormalization (ORT's in-op norm has
         no epsilon and differs where |x| is small), and q is scaled by dk^-0.5 in-op. The new conv
-        state is gathered at each row's end of concat(state, x), so right padding never enters it.
+        state is gathered at each row's commit point of concat(state, x), so right padding (and a
+        draft) never enters it.
         """
         a = node.attrs
         nk, nv, dk, dv = a["num_k_heads"], a["num_v_heads"], a["head_k_dim"], a["head_v_dim"]
@@ -858,12 +909,13 @@ class OnnxEmitter:
         taps = self.initializer(conv_w_value, "taps", tensor=w.t().contiguous())                # [K, C]
         acc = self.node("ReduceSum", [self.node("Mul", [windows, taps])[0], self.i64([2])], keepdims=0)[0]
         y = self.node("Mul", [acc, self.node("Sigmoid", [acc])[0]], hint=f"L{a['layer']}.conv")[0]
-        # new conv state: steps lengths[b] .. lengths[b] + K-2 of row b of concat(state, x)
-        if ("conv_state", kernel, lengths) not in self.shared:   # the same steps for every layer
-            ends = self.node("Add", [self.node("Unsqueeze", [lengths, self.i64([1])])[0],
+        # new conv state: steps kept[b] .. kept[b] + K-2 of row b of concat(state, x)
+        kept = self._x(node, 9) if len(node.inputs) > 9 else lengths      # commit (see insert-state)
+        if ("conv_state", kernel, kept) not in self.shared:   # the same steps for every layer
+            ends = self.node("Add", [self.node("Unsqueeze", [kept, self.i64([1])])[0],
                                      self.i64([list(range(kernel - 1))])])[0]                  # [B, K-1]
-            self.shared[("conv_state", kernel, lengths)] = self.node("Unsqueeze", [ends, self.i64([2])])[0]
-        new_conv = self.node("GatherND", [joined, self.shared[("conv_state", kernel, lengths)]],
+            self.shared[("conv_state", kernel, kept)] = self.node("Unsqueeze", [ends, self.i64([2])])[0]
+        new_conv = self.node("GatherND", [joined, self.shared[("conv_state", kernel, kept)]],
                              batch_dims=1)[0]                                                  # [B, K-1, C]
         # q and k share one L2 norm: l2(x) = x·rsqrt(Σx² + ε) is RMSNormalization over dk with
         # epsilon ε/dk and scale dk^-0.5 (sqrt(Σx²/dk + ε/dk) = sqrt(Σx² + ε)·dk^-0.5; the /dk is
@@ -880,17 +932,14 @@ class OnnxEmitter:
         neg_a = self.initializer(a_log, "neg_exp", tensor=-self.evaluate(a_log).float().exp())
         dtb = self.name(dt_bias)
         g, beta = self.node("LinearAttentionGate", [a_in, dtb, neg_a, b_in], n_out=2, domain=MS_DOMAIN)
-        if ("valid", lengths) not in self.shared:
-            steps = self.node("Unsqueeze", [self._steps(), self.i64([0])])[0]                 # [1, T]
-            self.shared[("valid", lengths)] = self.node("Unsqueeze", [self.node("Less", [
-                steps, self.node("Unsqueeze", [lengths, self.i64([1])])[0]])[0], self.i64([2])])[0]  # [B, T, 1]
-        valid = self.shared[("valid", lengths)]
         zero = self.f32(np.zeros((1,), np.float32))
-        g = self.node("Where", [valid, g, zero])[0]
-        beta = self.node("Where", [valid, beta, zero])[0]
-        o, new_state = self.node("LinearAttention", [q, k, v, state, g, beta], n_out=2, domain=MS_DOMAIN,
-                                 q_num_heads=nv, kv_num_heads=nv, update_rule="gated_delta", scale=float(dk) ** -0.5,
-                                 hint=f"L{a['layer']}.gdn")
+        first = self._steps_below(kept)
+        o, new_state = self.node("LinearAttention", [q, k, v, state, self.node("Where", [first, g, zero])[0],
+                                                     self.node("Where", [first, beta, zero])[0]],
+                                 n_out=2, domain=MS_DOMAIN, q_num_heads=nv, kv_num_heads=nv, update_rule="gated_delta",
+                                 scale=float(dk) ** -0.5, hint=f"L{a['layer']}.gdn")
+        if kept != lengths:
+            o = self._uncommitted_outputs(o, q, k, v, new_state, g, beta, kept, lengths, nv, dk, a["layer"])
         batch, steps = node.inputs[0].type.shape[:2]
         self.known_shapes[o] = (batch, steps, nv * dv)
         o = self.node("Reshape", [o, self.i64([0, 0, nv, dv])])[0]

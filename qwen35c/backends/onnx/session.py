@@ -137,11 +137,15 @@ class OnnxSession(Session):
             raise QwenError(f"{model}: onnxruntime cannot load the model ({str(err).splitlines()[0][:300]})") from None
         self.vocab = self.config.vocab_size
         self.gqa = "com.microsoft::GroupQueryAttention" in backend.get("ops", {})
+        self.commits = any(i.name == "commit" for i in self.ort.get_overridable_initializers())
 
     def new_state(self, batch: int, max_len: int) -> OnnxState:
         return OnnxState(self.specs, batch, max_len)
 
-    def _run(self, ids: np.ndarray, state: OnnxState, lengths: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, state: OnnxState, lengths: np.ndarray, positions: np.ndarray,
+             commit: np.ndarray | None = None) -> np.ndarray:
+        import onnxruntime as ort
+
         batch, length = ids.shape
         if batch != state.batch:
             raise QwenError(f"batch {batch} does not match the state's batch {state.batch}")
@@ -160,11 +164,14 @@ class OnnxSession(Session):
         binding.bind_cpu_input("q_start", state.q_start.copy())
         binding.bind_cpu_input("lengths", np.ascontiguousarray(lengths, dtype=np.int64))
         binding.bind_cpu_input("logit_positions", np.ascontiguousarray(positions, dtype=np.int64))
+        if self.commits:   # an overridable initializer: bind_cpu_input looks only among the graph inputs
+            binding.bind_ortvalue_input("commit", ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(lengths if commit is None else commit, dtype=np.int64)))
         binding.bind_output("logits", "cpu")
         self.ort.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         state.swap()
-        state.q_start = state.q_start + lengths.astype(np.int64)
+        state.q_start = state.q_start + (lengths if commit is None else commit).astype(np.int64)
         return logits
 
     def prefill(self, ids, state, lengths=None, last_only=False):
@@ -226,6 +233,32 @@ class OnnxSession(Session):
             row.settle(1 - state.current)
         state.swap()
         state.q_start = state.q_start + lengths
+        return torch.from_numpy(result)
+
+    def extend(self, ids, state, lengths, commit):
+        """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V] of every step, keeping only the
+        first commit[b] tokens of each row in the state (the rest, a speculative step's drafts, are
+        computed and forgotten: the next step starts at q_start + commit)."""
+        if not self.commits:
+            raise QwenError(f"{self.directory}: this artifact's graph has no commit input (built before "
+                            f"speculative decoding, or with unfused GDN layers); rebuild it")
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
+        batch, length = ids.shape
+        lengths, commit = np.asarray(lengths, np.int64), np.asarray(commit, np.int64)
+        if (commit < 0).any() or (commit > lengths).any() or (lengths > length).any():
+            raise QwenError(f"commit {commit.tolist()} must lie within lengths {lengths.tolist()} <= {length}")
+        positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
+        if not (self.gqa and batch > 1 and length > 1):
+            return torch.from_numpy(self._run(ids, state, lengths, positions, commit))
+        result = np.zeros((batch, length, self.vocab), np.float32)   # row by row: see _prefill_rows
+        for b, n in enumerate(lengths.tolist()):
+            row = state.row(b)
+            if n:
+                result[b, :n] = self._run(np.ascontiguousarray(ids[b:b + 1, :n]), row, lengths[b:b + 1],
+                                          positions[:1, :n], commit[b:b + 1])[0]
+            row.settle(1 - state.current)
+        state.swap()
+        state.q_start = state.q_start + commit
         return torch.from_numpy(result)
 
     def decode(self, ids, state):

@@ -124,10 +124,11 @@ class Simplifier:
         alias: dict[str, str] = {}
         changed = False
         for node in self.nodes:
-            for i, name in enumerate(node.input):
-                while name in alias:
-                    name = alias[name]
-                node.input[i] = name
+            for inner in [node, *subgraph_nodes(node)]:   # an If branch reads outer tensors by name
+                for i, name in enumerate(inner.input):
+                    while name in alias:
+                        name = alias[name]
+                    inner.input[i] = name
             self.infer(node)
             keep = node.output[0] in self.outputs
             inner = producer.get(node.input[0]) if node.input else None
@@ -172,8 +173,18 @@ class Simplifier:
         for node in reversed(self.nodes):
             if any(o and o in needed for o in node.output):
                 kept.append(node)
-                needed.update(i for i in node.input if i)
+                needed.update(i for inner in [node, *subgraph_nodes(node)] for i in inner.input if i)
         return kept[::-1]
+
+
+def subgraph_nodes(node) -> list:
+    """The nodes of a control-flow node's branches (If / Loop bodies), nested ones included."""
+    found = []
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in graph.node:
+                found += [inner, *subgraph_nodes(inner)]
+    return found
 
 
 def _perm(node) -> list[int] | None:
@@ -193,4 +204,4 @@ def simplify(nodes, shapes, shape_tensors, constants, outputs) -> list:
     return Simplifier(nodes, shapes, shape_tensors, constants, outputs).run()
 
 
-__all__ = ["simplify", "dim"]
+__all__ = ["simplify", "dim", "subgraph_nodes"]

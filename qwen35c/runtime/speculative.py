@@ -1,0 +1,165 @@
+"""Speculative decoding on any session with a commit step (`Session.extend`).
+
+A step feeds each row's *pending* tokens (produced but not yet in the state: after the prefill its
+first token, later the drafts the last step accepted and the model's own next token) followed by up
+to K drafted tokens, in one pass over the weights:
+
+    ids = pending + drafts        lengths = |pending| + |drafts|        commit = |pending|
+
+The logits at the last pending position judge the first draft, the next position the second, and
+so on. The state keeps only the pending tokens (`commit`), so a rejected draft needs no rollback:
+the GDN conv and recurrent states never saw it and the next step, which starts at q_start + commit,
+writes over its KV-cache positions. Accepted drafts are computed again in the next step as pending
+tokens (at most K + 1 of them); that costs arithmetic, not weight reads, which bound decode on a CPU.
+
+Greedy: drafts are accepted while each equals the argmax; the first mismatch is replaced by the
+argmax, and when all are accepted the argmax after the last one is a bonus token. The tokens are
+plain greedy decoding's, up to the fp32 rounding that differs between a K+1-token pass and
+1-token passes (enough to flip an exact tie, nothing else).
+
+Sampling: the speculative sampling rule (Leviathan et al., Chen et al., 2023). With the drafter's
+distribution q, draft d is accepted with probability min(1, p(d) / q(d)); on rejection the token is
+drawn from max(p - q, 0) renormalised. A drafter that gives no distribution is a point mass (accept
+with p(d); on rejection draw from p without d). p is exactly what plain `generate` samples from
+(temperature, then top-p), so the output distribution is plain sampling's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from qwen35c.errors import QwenError
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: torch.Tensor | None = None      # [len(tokens), V] the drafter's q, None for a point mass
+
+
+class PromptLookup:
+    """Drafts by prompt lookup (n-gram matching): the tokens that followed the most recent earlier
+    occurrence of the context's last n tokens, longest n first. Free to run, and right whenever the
+    output repeats its input (code edits, extraction, summaries quoting the source)."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise QwenError(f"prompt lookup n-gram sizes {min_ngram}..{max_ngram} are not a range >= 1")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, contexts: list[list[int]], budgets: list[int]) -> list[Draft]:
+        return [Draft(self._lookup(c, k) if k > 0 else []) for c, k in zip(contexts, budgets)]
+
+    def _lookup(self, context: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
+            tail = context[-n:]
+            for i in range(len(context) - n - 1, -1, -1):
+                if context[i:i + n] == tail:
+                    return context[i + n:i + n + k]
+        return []
+
+
+def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int, k: int, drafter,
+                         temperature: float, top_p: float, seed: int, stop_ids, on_token):
+    """`Session.generate(..., speculative=k)`; see the module docstring."""
+    from qwen35c.runtime.session import GenerationResult, _choose, sampling_probs
+
+    if k < 1:
+        raise QwenError(f"speculative needs at least 1 draft token a step, got {k}")
+    drafter = drafter or PromptLookup()
+    batch, lengths = len(prompts), [len(p) for p in prompts]
+    width = max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        ids[b, :len(prompt)] = torch.tensor(prompt)
+    # a step reaches q_start + |pending| + |drafts| <= prompt + produced + K, and rows padded to the
+    # longest row (at most 2K + 1 tokens) write their padding that far too
+    state = session.new_state(batch, width + max_new_tokens + 2 * k + 2)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    last = session.prefill(ids, state, torch.tensor(lengths), last_only=True).float()[:, 0]
+    prefill_seconds = time.perf_counter() - start
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    done = [max_new_tokens <= 0] * batch
+
+    def emit(b: int, new: list[int]) -> None:
+        for token in new:
+            tokens[b].append(token)
+            if on_token:
+                on_token(b, token)
+            if token in stop_ids or len(tokens[b]) >= max_new_tokens:
+                done[b] = True
+                return
+
+    first = _choose(last, temperature, top_p, generator)
+    pending = [[int(t)] for t in first]
+    for b in range(batch):
+        if not done[b]:
+            emit(b, pending[b])
+    steps = drafted = accepted = 0
+    decode_seconds = 0.0
+    while not all(done):
+        budgets = [0 if done[b] else min(k, max_new_tokens - len(tokens[b]) - 1) for b in range(batch)]
+        drafts = drafter.propose([prompts[b] + tokens[b] for b in range(batch)], budgets)
+        drafts = [Draft(d.tokens[:budgets[b]], None if d.probs is None else d.probs[:budgets[b]])
+                  for b, d in enumerate(drafts)]
+        rows = [[] if done[b] else pending[b] + drafts[b].tokens for b in range(batch)]
+        step = torch.zeros(batch, max(len(r) for r in rows), dtype=torch.long)
+        for b, row in enumerate(rows):
+            step[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        commit = [0 if done[b] else len(pending[b]) for b in range(batch)]
+        start = time.perf_counter()
+        logits = session.extend(step, state, [len(r) for r in rows], commit).float()
+        decode_seconds += time.perf_counter() - start
+        steps += 1
+        for b in range(batch):
+            if done[b]:
+                continue
+            base, draft = len(pending[b]) - 1, drafts[b]
+            new = _judge(logits[b, base:base + len(draft.tokens) + 1], draft, temperature, top_p, generator,
+                         _choose, sampling_probs)
+            drafted += len(draft.tokens)
+            accepted += len(new) - 1
+            pending[b] = new
+            emit(b, new)
+    produced = sum(max(len(t) - 1, 0) for t in tokens)   # the first token of each row is the prefill's
+    return GenerationResult(tokens, lengths, prefill_seconds, decode_seconds, steps, [], produced,
+                            drafted, accepted)
+
+
+def _judge(logits: torch.Tensor, draft: Draft, temperature: float, top_p: float, generator,
+           choose, sampling_probs) -> list[int]:
+    """The accepted drafts and the model's own next token, from the logits after the last pending
+    token and after each draft ([len(draft) + 1, V])."""
+    if temperature <= 0:
+        best = logits.argmax(-1).tolist()
+        new = []
+        for i, d in enumerate(draft.tokens):
+            if best[i] != d:
+                return new + [best[i]]
+            new.append(d)
+        return new + [best[len(draft.tokens)]]
+    new = []
+    for i, d in enumerate(draft.tokens):
+        p = sampling_probs(logits[i], temperature, top_p)
+        p = p / p.sum()
+        q = None if draft.probs is None else draft.probs[i].float()
+        ratio = p[d] if q is None else p[d] / q[d]
+        if float(torch.rand((), generator=generator)) < float(ratio):
+            new.append(d)
+            continue
+        residual = p.clone()
+        if q is None:
+            residual[d] = 0
+        else:
+            residual = (p - q).clamp(min=0)
+        if float(residual.sum()) <= 0:     # only when p == q, where every draft is accepted anyway
+            residual = p
+        return new + [int(torch.multinomial(residual, 1, generator=generator))]
+    return new + [int(choose(logits[len(draft.tokens)][None], temperature, top_p, generator)[0])]
+
+
+__all__ = ["Draft", "PromptLookup", "generate_speculative"]
