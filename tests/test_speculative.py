@@ -1,0 +1,237 @@
+"""Speculative decoding: the commit step (the fused GDN op against its naive twin, the ONNX graph
+against running only the committed tokens) and `generate(speculative=K)` against plain decoding:
+token-for-token greedy equality whatever the drafts, and the sampling distribution."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qwen35c.build import build_artifact
+from qwen35c.errors import QwenError
+from qwen35c.passes.fuse_deltanet import gated_deltanet_naive, gated_deltanet_ref
+from qwen35c.runtime import load
+from qwen35c.runtime.speculative import Draft, PromptLookup
+
+NK, NV, DK, DV, K = 2, 4, 16, 12, 4    # grouped value heads, a head dim that is not a power of 2
+SAME = 2e-5      # a K+1-token pass against 1-token passes of the same artifact (fp32 rounding)
+
+
+def _gdn_inputs(length: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    channels = 2 * NK * DK + NV * DV
+    return [torch.randn(3, length, channels, generator=gen), torch.randn(3, length, NV, generator=gen),
+            torch.randn(3, length, NV, generator=gen), torch.randn(channels, K, generator=gen) * 0.5,
+            torch.empty(NV).uniform_(0, 2.5, generator=gen), torch.randn(NV, generator=gen),
+            torch.randn(3, channels, K - 1, generator=gen), torch.randn(3, NV, DK, DV, generator=gen)]
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 129])
+def test_commit_keeps_only_committed_tokens(length):
+    """gated_deltanet with commit < lengths: outputs are the ordinary step's at every valid position,
+    the states are those of a step over the committed tokens alone; the fused op equals its twin."""
+    args = _gdn_inputs(length, length)
+    dims = dict(num_k_heads=NK, num_v_heads=NV, head_k_dim=DK, head_v_dim=DV, chunk_size=16)
+    lengths = torch.tensor([length, max(1, length - 2), max(1, length // 2)])
+    commit = torch.tensor([max(0, length - 3), 0, max(1, length // 2)])
+    o, conv, state = gated_deltanet_ref(*args, lengths, commit, **dims)
+    o_twin, conv_twin, state_twin = gated_deltanet_naive(*args, lengths, commit, **dims)
+    o_plain, _, _ = gated_deltanet_ref(*args, lengths, **dims)
+    _, conv_kept, state_kept = gated_deltanet_ref(*args, commit, **dims)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(o[b, :n], o_plain[b, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o[b, :n], o_twin[b, :n], rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv, conv_kept) and torch.equal(conv, conv_twin)
+    torch.testing.assert_close(state, state_kept, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_twin, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-moe", "tiny-next"])
+def session(request, checkpoint_factory, tmp_path_factory):
+    ckpt = checkpoint_factory(request.param)
+    out = tmp_path_factory.mktemp("spec") / request.param
+    build_artifact(ckpt, "cpu", out)
+    return load(out)
+
+
+def _prefilled(session, prompts):
+    state = session.new_state(len(prompts), max(map(len, prompts)) + 16)
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p)
+    session.prefill(ids, state, torch.tensor([len(p) for p in prompts]), last_only=True)
+    return state
+
+
+def test_extend_state_equals_committed_tokens(session):
+    """A verify step (rows of different lengths and commits, one committing nothing) leaves exactly
+    the state of a step over the committed tokens, and its logits are those of plain decode steps."""
+    gen = np.random.default_rng(0)
+    vocab = session.config.vocab_size
+    prompts = [gen.integers(0, vocab, n).tolist() for n in (63, 64, 65)]
+    new = gen.integers(0, vocab, (3, 4))
+    lengths, commit = np.array([4, 3, 2]), np.array([2, 0, 1])
+    spec = _prefilled(session, prompts)
+    logits = session.extend(torch.from_numpy(new), spec, lengths, commit)
+    kept = _prefilled(session, prompts)
+    session.prefill(torch.from_numpy(new[:, :2]), kept, torch.from_numpy(commit))
+    assert spec.q_start.tolist() == kept.q_start.tolist()
+    for s in session.specs:
+        if "cache" not in s["name"]:
+            assert np.abs(spec.numpy(s["name"]) - kept.numpy(s["name"])).max() <= SAME, s["name"]
+    plain = _prefilled(session, prompts)
+    for t in range(4):
+        step = session.decode(torch.from_numpy(new[:, t:t + 1]), plain)[:, 0]
+        for b in range(3):
+            if t < lengths[b]:
+                assert (logits[b, t] - step[b]).abs().max() <= SAME, (b, t)
+    nxt = torch.from_numpy(gen.integers(0, vocab, (3, 1)))
+    assert (session.decode(nxt, spec) - session.decode(nxt, kept)).abs().max() <= SAME
+    with pytest.raises(QwenError, match="commit"):
+        session.extend(torch.from_numpy(new), spec, lengths, lengths + 1)
+
+
+class Oracle:
+    """Drafts the true greedy continuation, each token replaced by a random one with probability `err`
+    (err = 1: drafts that are always wrong; equality must not depend on good drafts)."""
+
+    def __init__(self, prompts, truth, err, vocab, seed=0):
+        self.prompts, self.truth, self.err, self.vocab = prompts, truth, err, vocab
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, contexts, budgets):
+        drafts = []
+        for b, (context, k) in enumerate(zip(contexts, budgets)):
+            done = len(context) - len(self.prompts[b])
+            tokens = self.truth[b][done:done + k]
+            drafts.append(Draft([t if self.rng.random() >= self.err else int(self.rng.integers(self.vocab))
+                                 for t in tokens]))
+        return drafts
+
+
+def test_speculative_greedy_equals_plain(session, monkeypatch):
+    """54 prompts (lengths 1 to 140, around the 64-token GDN chunk and across a 32-token prefill
+    chunk), batched with different lengths: speculative greedy == plain greedy, for K = 1, 2, 3,
+    perfect, noisy, always-wrong and prompt-lookup drafts, rows stopping at different times."""
+    monkeypatch.setenv("QWEN35C_PREFILL_CHUNK", "32")
+    gen = np.random.default_rng(1)
+    vocab = session.config.vocab_size
+    sizes = [1, 2, 5, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 140]
+    prompts = [gen.integers(0, vocab, sizes[i % len(sizes)]).tolist() for i in range(48)]
+    loop = [3, 4, 5] * 8          # repetitive prompts, so prompt lookup has something to find
+    prompts += [(loop * 12)[:n] for n in (7, 30, 64, 65, 100, 129)]
+    stop = (int(gen.integers(vocab)),)
+    checked = 0
+    for start in range(0, len(prompts), 9):
+        batch = prompts[start:start + 9]
+        plain = session.generate(batch, 20, stop_ids=stop).tokens
+        drafters = [Oracle(batch, plain, 0.0, vocab), Oracle(batch, plain, 0.35, vocab, start),
+                    Oracle(batch, plain, 1.0, vocab, start), PromptLookup()]
+        for k, drafter in zip((1 + start % 3, 2, 3, 2), drafters):
+            result = session.generate(batch, 20, stop_ids=stop, speculative=k, drafter=drafter)
+            assert result.tokens == plain, (start, k, type(drafter).__name__)
+            checked += len(batch)
+    assert checked == 4 * len(prompts) and len(prompts) >= 50
+    perfect = session.generate(prompts[:9], 20, speculative=3,
+                               drafter=Oracle(prompts[:9], session.generate(prompts[:9], 20).tokens, 0.0, vocab))
+    assert perfect.acceptance == 1.0 and perfect.decode_steps <= math.ceil(19 / 4)
+
+
+def _chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
+    """p-value of Pearson's chi-square goodness of fit (cells with expected < 5 pooled): the
+    chi-square survival function is the regularised upper incomplete gamma Q(dof / 2, stat / 2)."""
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_speculative_sampling_keeps_the_distribution(tmp_path):
+    """2400 samples of two tokens (the second drafted and judged by the speculative rule, K = 1) against the
+    model's exact joint p(t1) p(t2 | t1), with a point-mass drafter proposing the likeliest second
+    token and a drafter with its own distribution q. Chi-square goodness of fit at significance
+    0.001 (fixed seeds: the outcome is deterministic); a drafter that is always accepted must fail it.
+    The bundled trained model: a random one's near-uniform distribution leaves no cell to test."""
+    from qwen35c.models import bundled
+    from qwen35c.runtime.session import sampling_probs
+
+    out = tmp_path / "art"
+    build_artifact(bundled("qwen35-tiny"), "cpu", out)
+    session = load(out)
+    prompt, temperature, top_p = [11, 12, 13, 14], 0.7, 0.9
+    first = sampling_probs(session.logits(torch.tensor([prompt]))[0, -1].float(), temperature, top_p)
+    first = first / first.sum()
+    support = torch.nonzero(first).view(-1).tolist()
+    rows = torch.tensor([prompt + [t] for t in support])
+    second = sampling_probs(session.logits(rows)[:, -1].float(), temperature, top_p)
+    second = second / second.sum(-1, keepdim=True)
+    expected_joint = first[support].view(-1, 1) * second          # [len(support), V]
+    index = {t: i for i, t in enumerate(support)}
+
+    class Likeliest:
+        def propose(self, contexts, budgets):
+            return [Draft([int(second[index[c[-1]]].argmax())] if k else []) for c, k in zip(contexts, budgets)]
+
+    class Mixed:       # q = half the model's distribution, half uniform over the first 50 tokens
+        def __init__(self):
+            self.gen = torch.Generator().manual_seed(9)
+
+        def propose(self, contexts, budgets):
+            drafts = []
+            for c, k in zip(contexts, budgets):
+                if not k:
+                    drafts.append(Draft([]))
+                    continue
+                q = 0.5 * second[index[c[-1]]].clone()
+                q[:50] += 0.5 / 50
+                drafts.append(Draft([int(torch.multinomial(q, 1, generator=self.gen))], q.view(1, -1)))
+            return drafts
+
+    class Trusting(Likeliest):   # claims q(d) ~ 0: every draft is accepted (the rule is broken)
+        def propose(self, contexts, budgets):
+            drafts = super().propose(contexts, budgets)
+            for d in drafts:
+                d.probs = torch.full((len(d.tokens), second.shape[1]), 1e-9)
+            return drafts
+
+    def p_value(drafter) -> float:
+        """Also checks the test has power: enough cells of expected count >= 5."""
+        counts = np.zeros(tuple(expected_joint.shape))
+        for seed in range(12):
+            result = session.generate([prompt] * 200, 3, temperature=temperature, top_p=top_p, seed=seed,
+                                      speculative=1, drafter=drafter)
+            for t1, t2, _ in result.tokens:   # t2: drafted then judged (t3 may be a bonus token)
+                counts[index[t1], t2] += 1
+        expected = expected_joint.numpy().ravel() * counts.sum()
+        assert (expected >= 5).sum() >= 30
+        return _chi_square_p(counts.ravel(), expected)
+
+    assert p_value(Likeliest()) > 1e-3
+    assert p_value(Mixed()) > 1e-3
+    assert p_value(Trusting()) < 1e-3
+
+
+def test_speculative_needs_a_commit_step(checkpoint_factory):
+    from qwen35c.runtime.session import ReferenceSession
+
+    reference = ReferenceSession.from_checkpoint(checkpoint_factory("tiny"))
+    with pytest.raises(QwenError, match="commit"):
+        reference.generate([[1, 2, 3]], 4, speculative=2)
+    with pytest.raises(QwenError, match="at least 1"):
+        reference.generate([[1, 2, 3]], 4, speculative=-1)
+
+
+def test_prompt_lookup_drafts():
+    lookup = PromptLookup()
+    assert lookup.propose([[1, 2, 3, 9, 1, 2, 3]], [2])[0].tokens == [9, 1]
+    assert lookup.propose([[5, 6, 7]], [3])[0].tokens == []
+    assert lookup.propose([[4, 4, 4]], [0])[0].tokens == []
+    with pytest.raises(QwenError):
+        PromptLookup(0)
