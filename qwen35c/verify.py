@@ -10,6 +10,9 @@ Checks, in order (each reported as pass / fail / not run / skipped, never a pass
              (prefill, then teacher-forced decode steps), and greedy continuations
 Metrics per case: max / mean |Δlogit|, min cosine, KL(ref || artifact) mean and p99, top-1
 agreement; gated by the target's precision (`qwen35c.targets.GATES`).
+  speculative  (artifacts with a commit step) a verify step with drafts leaves the state of a step
+             over the committed tokens alone, and speculative greedy decoding (perfect, noisy and
+             always-wrong drafts, K = 1..3) gives plain greedy decoding's tokens on the batch prompts
 
 Exit codes: 0 only when the artifact was executed and every check that ran passed; 1 when a check
 failed; 2 when the input is bad or a check could not run (the report says why). Asking for less is
@@ -387,7 +390,60 @@ def _quantization_loss(manifest: dict, ref_path: Path, prepared, checks: list[di
                               + (f"within the {precision} gate" if ok else "; ".join(failures)))})
 
 
-SKIPPABLE = ("quantization", "bisect")
+SKIPPABLE = ("quantization", "speculative", "bisect")
+SPECULATIVE_TOLERANCE = 1e-4   # |Δ| of states / logits, a K+1-token step against 1-token steps (fp32 rounding)
+
+
+def _speculative(artifact, checks: list[dict], report: dict, seed: int = 0) -> None:
+    """The commit step against running only the committed tokens, then speculative greedy decoding
+    against plain greedy decoding. A token where the two part counts as a tie, not a failure, only
+    when plain decoding's own top-2 logits there are within twice the measured |Δ| (fp32 rounding
+    between a multi-token and a 1-token pass may pick either)."""
+    from qwen35c.runtime.speculative import Replay
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = artifact.config.vocab_size
+    lengths = list(BATCH_LENGTHS)
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    steps = 4
+    new = torch.randint(0, vocab, (len(prompts), steps), generator=gen)
+    take, commit = [steps, steps - 1, 2][:len(prompts)], [1, steps - 1, 0][:len(prompts)]
+
+    def prefilled():
+        state = artifact.new_state(len(prompts), max(lengths) + steps + 1)
+        ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(p)
+        artifact.prefill(ids, state, torch.tensor(lengths), last_only=True)
+        return state
+
+    spec, kept = prefilled(), prefilled()
+    artifact.extend(new, spec, take, commit)
+    artifact.prefill(new[:, :max(commit)], kept, torch.tensor(commit))
+    probe = torch.randint(0, vocab, (len(prompts), 1), generator=gen)
+    state_delta = float((artifact.decode(probe, spec) - artifact.decode(probe, kept)).abs().max())
+    plain = artifact.generate(prompts, 12, keep_logits=True)
+    mismatched = ties = 0
+    for k, err in ((1, 0.0), (2, 0.3), (3, 1.0)):
+        got = artifact.generate(prompts, 12, speculative=k,
+                                drafter=Replay(prompts, plain.tokens, err, vocab, seed + k)).tokens
+        for b, (x_row, y_row) in enumerate(zip(got, plain.tokens)):
+            j = next((j for j, (x, y) in enumerate(zip(x_row, y_row)) if x != y), None)
+            if j is None:
+                continue
+            logits = plain.logits[b][len(prompts[b]) - 1 + j].double()
+            if float(logits.max() - logits[x_row[j]]) <= 2 * SPECULATIVE_TOLERANCE:
+                ties += 1
+            else:
+                mismatched += 1
+    ok = state_delta <= SPECULATIVE_TOLERANCE and not mismatched
+    report["speculative"] = {"state_delta": state_delta, "rows": 3 * len(prompts), "mismatched": mismatched,
+                             "ties": ties, "tolerance": SPECULATIVE_TOLERANCE}
+    checks.append({"name": "speculative", "status": "pass" if ok else "fail",
+                   "detail": f"a verify step keeps the committed tokens' state (next logits max |Δ| {state_delta:.1e}, "
+                             f"limit {SPECULATIVE_TOLERANCE:g}); speculative greedy == plain greedy on "
+                             f"{3 * len(prompts) - mismatched}/{3 * len(prompts)} rows (K = 1..3, drafts perfect, "
+                             f"noisy, always wrong; {ties} ties within rounding)"})
 
 
 def verify_artifact(directory: str | Path, reference: str | Path | None = None, bisect: bool = False,
@@ -447,6 +503,11 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
         _parity(artifact, backend, manifest, ref_path, prepared, checks, report, say, prompts)
     if quantized:
         _quantization_loss(manifest, ref_path, prepared, checks, report, skip, say)
+    if "speculative" in skip:
+        checks.append({"name": "speculative", "status": "skipped", "detail": "--skip speculative"})
+    elif artifact.extends:
+        say("speculative decoding: commit step and greedy equality")
+        _speculative(artifact, checks, report)
     if bisect and "bisect" in skip:
         raise QwenError("--bisect and --skip bisect contradict each other")
     if bisect and quantized:

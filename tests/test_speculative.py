@@ -14,7 +14,7 @@ from qwen35c.build import build_artifact
 from qwen35c.errors import QwenError
 from qwen35c.passes.fuse_deltanet import gated_deltanet_naive, gated_deltanet_ref
 from qwen35c.runtime import load
-from qwen35c.runtime.speculative import Draft, PromptLookup
+from qwen35c.runtime.speculative import Draft, PromptLookup, Replay
 
 NK, NV, DK, DV, K = 2, 4, 16, 12, 4    # grouped value heads, a head dim that is not a power of 2
 SAME = 2e-5      # a K+1-token pass against 1-token passes of the same artifact (fp32 rounding)
@@ -94,24 +94,6 @@ def test_extend_state_equals_committed_tokens(session):
         session.extend(torch.from_numpy(new), spec, lengths, lengths + 1)
 
 
-class Oracle:
-    """Drafts the true greedy continuation, each token replaced by a random one with probability `err`
-    (err = 1: drafts that are always wrong; equality must not depend on good drafts)."""
-
-    def __init__(self, prompts, truth, err, vocab, seed=0):
-        self.prompts, self.truth, self.err, self.vocab = prompts, truth, err, vocab
-        self.rng = np.random.default_rng(seed)
-
-    def propose(self, contexts, budgets):
-        drafts = []
-        for b, (context, k) in enumerate(zip(contexts, budgets)):
-            done = len(context) - len(self.prompts[b])
-            tokens = self.truth[b][done:done + k]
-            drafts.append(Draft([t if self.rng.random() >= self.err else int(self.rng.integers(self.vocab))
-                                 for t in tokens]))
-        return drafts
-
-
 def test_speculative_greedy_equals_plain(session, monkeypatch):
     """54 prompts (lengths 1 to 140, around the 64-token GDN chunk and across a 32-token prefill
     chunk), batched with different lengths: speculative greedy == plain greedy, for K = 1, 2, 3,
@@ -128,15 +110,15 @@ def test_speculative_greedy_equals_plain(session, monkeypatch):
     for start in range(0, len(prompts), 9):
         batch = prompts[start:start + 9]
         plain = session.generate(batch, 20, stop_ids=stop).tokens
-        drafters = [Oracle(batch, plain, 0.0, vocab), Oracle(batch, plain, 0.35, vocab, start),
-                    Oracle(batch, plain, 1.0, vocab, start), PromptLookup()]
+        drafters = [Replay(batch, plain, 0.0, vocab), Replay(batch, plain, 0.35, vocab, start),
+                    Replay(batch, plain, 1.0, vocab, start), PromptLookup()]
         for k, drafter in zip((1 + start % 3, 2, 3, 2), drafters):
             result = session.generate(batch, 20, stop_ids=stop, speculative=k, drafter=drafter)
             assert result.tokens == plain, (start, k, type(drafter).__name__)
             checked += len(batch)
     assert checked == 4 * len(prompts) and len(prompts) >= 50
     perfect = session.generate(prompts[:9], 20, speculative=3,
-                               drafter=Oracle(prompts[:9], session.generate(prompts[:9], 20).tokens, 0.0, vocab))
+                               drafter=Replay(prompts[:9], session.generate(prompts[:9], 20).tokens, 0.0, vocab))
     assert perfect.acceptance == 1.0 and perfect.decode_steps <= math.ceil(19 / 4)
 
 

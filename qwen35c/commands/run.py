@@ -25,9 +25,12 @@ from qwen35c.errors import QwenError
 @click.option("--ignore-eos", is_flag=True, help="Keep generating after an end-of-sequence token.")
 @click.option("--save-logits", type=click.Path(dir_okay=False, path_type=Path),
               help="Write float32 logits [prompt + generated, vocab] as .npy (atomically; the directory must exist).")
+@click.option("--speculative", default=0, show_default=True, type=click.IntRange(0, 16), metavar="K",
+              help="Draft up to K tokens a step by prompt lookup and verify them in one pass (0 = off). "
+                   "Greedy output is unchanged; sampling keeps its distribution. Needs an onnx artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
 def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p, seed, ignore_eos,
-            save_logits, as_json):
+            save_logits, speculative, as_json):
     """Generate from MODEL (a checkpoint directory; default: the bundled dense model)."""
     from qwen35c.models import resolve_model
     from qwen35c.runtime import load
@@ -56,6 +59,8 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
     context = session.config.max_position_embeddings
     if len(ids) > context:
         raise QwenError(f"the prompt has {len(ids)} tokens; the model's context (max_position_embeddings) is {context}")
+    if speculative and save_logits is not None:
+        raise QwenError("--save-logits is not offered with --speculative")
     if len(ids) + max_new_tokens > context:
         raise QwenError(f"--max-new-tokens {max_new_tokens}: the prompt ({len(ids)} tokens) leaves room for at most "
                         f"{context - len(ids)} new tokens (max_position_embeddings {context})")
@@ -77,7 +82,7 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
     if not as_json and tokenizer is not None and prompt is not None:
         sys.stdout.write(prompt)
     result = session.generate([ids], max_new_tokens, temperature, top_p, seed, stop,
-                              keep_logits=save_logits is not None, on_token=stream)
+                              keep_logits=save_logits is not None, on_token=stream, speculative=speculative)
     generated = result.tokens[0]
     if save_logits is not None:
         from qwen35c.artifact import atomic_file
@@ -88,6 +93,9 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
     timings = {"prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
                "prefill_tokens_per_second": result.prefill_tokens_per_second,
                "decode_tokens_per_second": result.decode_tokens_per_second}
+    if speculative:
+        timings.update(speculative=speculative, decode_steps=result.decode_steps, drafted=result.drafted,
+                       accepted=result.accepted)
     if as_json:
         emit_json({"model": str(path), "prompt_ids": ids, "generated_ids": generated, "text": text, **timings})
         return
@@ -95,5 +103,7 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
         click.echo(",".join(map(str, generated)))
     else:
         click.echo()
+    drafts = (f"; {result.accepted}/{result.drafted} drafts accepted, {result.decode_steps} steps"
+              if speculative else "")
     info(f"[{len(ids)} prompt tokens: {result.prefill_tokens_per_second:.1f} tok/s prefill; "
-         f"{len(generated)} generated: {result.decode_tokens_per_second:.1f} tok/s decode]")
+         f"{len(generated)} generated: {result.decode_tokens_per_second:.1f} tok/s decode{drafts}]")

@@ -75,6 +75,8 @@ class Session:
         """ids [B, 1] -> logits [B, 1, V]; advances `state` by one token per row."""
         raise NotImplementedError
 
+    extends = False   # whether `extend` is available (speculative decoding)
+
     def extend(self, ids, state, lengths, commit) -> torch.Tensor:
         """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V] of every step; the state keeps
         only the first commit[b] <= lengths[b] tokens of each row (a speculative verify step)."""

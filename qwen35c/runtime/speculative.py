@@ -62,6 +62,25 @@ class PromptLookup:
         return []
 
 
+class Replay:
+    """Drafts a known continuation of each prompt (e.g. plain greedy decoding's), each token replaced
+    by a random one with probability `err`: `verify`'s and the tests' drafter, since equality with
+    plain decoding must hold for perfect, noisy and always-wrong (err = 1) drafts alike."""
+
+    def __init__(self, prompts: list[list[int]], continuations: list[list[int]], err: float, vocab: int, seed: int = 0):
+        self.prompts, self.continuations, self.err, self.vocab = prompts, continuations, err, vocab
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def propose(self, contexts: list[list[int]], budgets: list[int]) -> list[Draft]:
+        drafts = []
+        for b, (context, k) in enumerate(zip(contexts, budgets)):
+            done = len(context) - len(self.prompts[b])
+            drafts.append(Draft([int(torch.randint(0, self.vocab, (), generator=self.gen))
+                                 if float(torch.rand((), generator=self.gen)) < self.err else t
+                                 for t in self.continuations[b][done:done + k]]))
+        return drafts
+
+
 def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int, k: int, drafter,
                          temperature: float, top_p: float, seed: int, stop_ids, on_token):
     """`Session.generate(..., speculative=k)`; see the module docstring."""
@@ -69,6 +88,9 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
 
     if k < 1:
         raise QwenError(f"speculative needs at least 1 draft token a step, got {k}")
+    if not session.extends:
+        raise QwenError(f"{getattr(session, 'directory', None) or type(session).__name__}: no commit step, so no "
+                        f"speculative decoding (onnx artifacts have one since the graph took a `commit` input)")
     drafter = drafter or PromptLookup()
     batch, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)
@@ -162,4 +184,4 @@ def _judge(logits: torch.Tensor, draft: Draft, temperature: float, top_p: float,
     return new + [int(choose(logits[len(draft.tokens)][None], temperature, top_p, generator)[0])]
 
 
-__all__ = ["Draft", "PromptLookup", "generate_speculative"]
+__all__ = ["Draft", "PromptLookup", "Replay", "generate_speculative"]

@@ -137,7 +137,7 @@ class OnnxSession(Session):
             raise QwenError(f"{model}: onnxruntime cannot load the model ({str(err).splitlines()[0][:300]})") from None
         self.vocab = self.config.vocab_size
         self.gqa = "com.microsoft::GroupQueryAttention" in backend.get("ops", {})
-        self.commits = any(i.name == "commit" for i in self.ort.get_overridable_initializers())
+        self.extends = any(i.name == "commit" for i in self.ort.get_overridable_initializers())
 
     def new_state(self, batch: int, max_len: int) -> OnnxState:
         return OnnxState(self.specs, batch, max_len)
@@ -164,7 +164,7 @@ class OnnxSession(Session):
         binding.bind_cpu_input("q_start", state.q_start.copy())
         binding.bind_cpu_input("lengths", np.ascontiguousarray(lengths, dtype=np.int64))
         binding.bind_cpu_input("logit_positions", np.ascontiguousarray(positions, dtype=np.int64))
-        if self.commits:   # an overridable initializer: bind_cpu_input looks only among the graph inputs
+        if self.extends:   # an overridable initializer: bind_cpu_input looks only among the graph inputs
             binding.bind_ortvalue_input("commit", ort.OrtValue.ortvalue_from_numpy(
                 np.ascontiguousarray(lengths if commit is None else commit, dtype=np.int64)))
         binding.bind_output("logits", "cpu")
@@ -239,7 +239,7 @@ class OnnxSession(Session):
         """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V] of every step, keeping only the
         first commit[b] tokens of each row in the state (the rest, a speculative step's drafts, are
         computed and forgotten: the next step starts at q_start + commit)."""
-        if not self.commits:
+        if not self.extends:
             raise QwenError(f"{self.directory}: this artifact's graph has no commit input (built before "
                             f"speculative decoding, or with unfused GDN layers); rebuild it")
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
