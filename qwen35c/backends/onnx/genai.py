@@ -118,7 +118,9 @@ def adapt(model_file: Path, states: list[dict], out_file: Path) -> dict:
         out_dims = [("total_sequence_length" if d == "past_sequence_length" else d) for d in genai_dims]
         inputs.append(helper.make_tensor_value_info(past, elem, genai_dims))
         outputs.append(helper.make_tensor_value_info(present, elem, out_dims))
-    known = {"input_ids", "q_start", "lengths", "logit_positions"} | {s["name"] for s in states}
+    # commit (speculative verify steps) is an overridable initializer: left out of the inputs, its
+    # default (-1: "lengths") becomes a constant
+    known = {"input_ids", "q_start", "lengths", "logit_positions", "commit"} | {s["name"] for s in states}
     extra = sorted(set(old_inputs) - known)
     if extra:
         raise QwenError(f"{model_file}: input '{extra[0]}' has no GenAI counterpart")

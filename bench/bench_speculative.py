@@ -1,0 +1,136 @@
+"""Speculative decoding on onnx artifacts (not a test): what a verify step costs, and what it buys.
+
+    python bench/bench_speculative.py ART [ART ...] [--threads 2] [--context 512] [--new 128]
+        [--k 1,2,3] [--repeats 3] [--alpha 0.9] [--json OUT]
+
+For each artifact, in one process, measurements interleaved across repeats (medians):
+  step cost   a 1-token decode step against a T-token verify step (commit 1, the rest drafts) for
+              T = 2 .. 2K+1 at a CONTEXT-token state: the ratio c(T) decides every speedup below.
+  generation  NEW greedy tokens after a CONTEXT-token prompt, plain and with `speculative=K`
+              (prompt-lookup drafts): decode tok/s, drafts accepted / proposed, tokens per weight
+              pass (= per step), the ratio to plain, and whether the tokens equal plain decoding's.
+              The prompt is held-out text through the artifact's tokenizer when it has one (a
+              trained model, real acceptance), else random ids (random weights: acceptance ~0).
+  projection  for a per-draft acceptance ALPHA (independent drafts), a step with K drafts yields
+              E[m] = (1 - ALPHA^(K+1)) / (1 - ALPHA) tokens and feeds T = E[m] + K tokens (the last
+              step's E[m] tokens come back as pending): speedup = E[m] / c(T), c interpolated from
+              the measured step costs. The default ALPHA 0.9 is the order of the ~93 % reported for
+              Qwen3-Next's MTP head (ROCm ATOM, ../shared/notes/peers.md §4.11); ours has no MTP
+              drafter yet, so this is what a 1.3x-cheap verify step would give one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def step_costs(session, context: int, widths: list[int], repeats: int, rng) -> dict[int, float]:
+    """Median seconds of a decode step (T = 1) and of extend steps of each width (commit 1)."""
+    vocab = session.config.vocab_size
+    state = session.new_state(1, context + repeats * 40 * (sum(widths) + 1) + 64)
+    session.prefill(torch.from_numpy(rng.integers(0, vocab, (1, context))), state, last_only=True)
+    times: dict[int, list[float]] = {1: [], **{t: [] for t in widths}}
+    for _ in range(repeats * 20):
+        for t in times:
+            ids = torch.from_numpy(rng.integers(0, vocab, (1, t)))
+            start = time.perf_counter()
+            if t == 1:
+                session.decode(ids, state)
+            else:
+                session.extend(ids, state, np.array([t]), np.array([1]))
+            times[t].append(time.perf_counter() - start)
+    return {t: statistics.median(v) for t, v in times.items()}
+
+
+def prompt_ids(session, context: int, rng) -> tuple[list[int], str]:
+    from qwen35c.verify import heldout_ids
+
+    if session.tokenizer is not None:
+        found = heldout_ids(session.tokenizer, max_tokens=context)
+        if found is not None and len(found[0]) >= min(context, 64):
+            return found[0][:context], found[1]
+    return rng.integers(0, session.config.vocab_size, context).tolist(), "random ids"
+
+
+def projection(costs: dict[int, float], k: int, alpha: float) -> dict:
+    widths = sorted(costs)
+    expected = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+    width = expected + k
+    ratio = float(np.interp(width, widths, [costs[t] / costs[1] for t in widths]))
+    return {"k": k, "alpha": alpha, "tokens_per_step": expected, "step_tokens": width, "step_cost": ratio,
+            "speedup": expected / ratio, "extrapolated": width > widths[-1]}
+
+
+def bench(path: str, args) -> dict:
+    from qwen35c.runtime import load
+
+    session = load(path, threads=args.threads)
+    if not session.extends:
+        raise SystemExit(f"{path}: no commit step (rebuild the artifact)")
+    rng = np.random.default_rng(0)
+    ks = [int(k) for k in args.k.split(",")]
+    costs = step_costs(session, args.context, list(range(2, 2 * max(ks) + 2)), args.repeats, rng)
+    prompt, source = prompt_ids(session, args.context, rng)
+    runs: dict[int, list] = {k: [] for k in [0, *ks]}
+    for _ in range(args.repeats):
+        for k in runs:
+            runs[k].append(session.generate([prompt], args.new, speculative=k))
+    plain = runs[0][0].tokens
+    out = {"artifact": path, "mode": session.mode, "context": args.context, "new": args.new, "prompt": source,
+           "threads": args.threads, "step_ms": {t: 1e3 * c for t, c in costs.items()},
+           "step_ratio": {t: c / costs[1] for t, c in costs.items()}, "generation": [], "projection": []}
+    base = statistics.median(r.decode_tokens_per_second for r in runs[0])
+    for k, results in runs.items():
+        r = results[0]
+        rate = statistics.median(x.decode_tokens_per_second for x in results)
+        out["generation"].append({
+            "k": k, "decode_tokens_per_second": rate, "ratio": rate / base, "steps": r.decode_steps,
+            "tokens_per_pass": (r.decode_tokens / r.decode_steps) if k and r.decode_steps else 1.0,
+            "drafted": r.drafted, "accepted": r.accepted, "equal_to_plain": all(x.tokens == plain for x in results)})
+    out["projection"] = [projection(costs, k, args.alpha) for k in ks]
+    return out
+
+
+def show(result: dict) -> None:
+    print(f"\n{result['artifact']} ({result['mode']}, {result['threads']} threads, context {result['context']}, "
+          f"prompt: {result['prompt']})")
+    print("  step cost: " + ", ".join(f"T={t} {ms:.2f} ms (x{result['step_ratio'][t]:.2f})"
+                                      for t, ms in result["step_ms"].items()))
+    for g in result["generation"]:
+        label = "plain" if not g["k"] else f"K={g['k']}"
+        drafts = f", accepted {g['accepted']}/{g['drafted']}" if g["k"] else ""
+        print(f"  {label:6s} {g['decode_tokens_per_second']:8.1f} tok/s  x{g['ratio']:.2f}  "
+              f"{g['tokens_per_pass']:.2f} tokens/pass{drafts}  tokens == plain: {g['equal_to_plain']}")
+    for p in result["projection"]:
+        print(f"  projected K={p['k']} at acceptance {p['alpha']}: {p['tokens_per_step']:.2f} tokens a step "
+              f"of {p['step_tokens']:.1f} tokens costing x{p['step_cost']:.2f} -> x{p['speedup']:.2f}"
+              + (" (step cost extrapolated)" if p["extrapolated"] else ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--k", default="1,2,3")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results = [bench(path, args) for path in args.artifacts]
+    for r in results:
+        show(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
