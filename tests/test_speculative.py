@@ -4,6 +4,7 @@ token-for-token greedy equality whatever the drafts, and the sampling distributi
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -217,3 +218,42 @@ def test_prompt_lookup_drafts():
     assert lookup.propose([[4, 4, 4]], [0])[0].tokens == []
     with pytest.raises(QwenError):
         PromptLookup(0)
+
+
+def test_verify_checks_speculative_decoding_and_catches_a_leaking_draft(session, monkeypatch):
+    """verify's speculative check passes, and fails when drafts leak into the state (a verify step
+    that ignores commit); `--skip speculative` reports it skipped."""
+    from qwen35c.backends.onnx.session import OnnxSession
+    from qwen35c.verify import verify_artifact
+
+    def status(report):
+        return {c["name"]: c["status"] for c in report["checks"]}["speculative"]
+
+    assert status(verify_artifact(session.directory, prompts="short")) == "pass"
+    assert status(verify_artifact(session.directory, prompts="short", skip=("speculative",))) == "skipped"
+    extend = OnnxSession.extend
+
+    def leaking(self, ids, state, lengths, commit):   # the states keep every token, positions stay right
+        logits = extend(self, ids, state, lengths, lengths)
+        state.q_start = state.q_start - (np.asarray(lengths) - np.asarray(commit))
+        return logits
+
+    monkeypatch.setattr(OnnxSession, "extend", leaking)
+    report = verify_artifact(session.directory, prompts="short")
+    assert status(report) == "fail" and report["status"] == "fail"
+
+
+def test_run_speculative_cli(session):
+    from click.testing import CliRunner
+
+    from qwen35c.cli import main
+
+    def run(*extra):
+        result = CliRunner().invoke(main, ["run", str(session.directory), "--prompt-ids", "3,4,5,3,4,5,3,4",
+                                           "--max-new-tokens", "16", "--ignore-eos", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    plain, spec = run(), run("--speculative", "3")
+    assert spec["generated_ids"] == plain["generated_ids"] and spec["speculative"] == 3
+    assert spec["decode_steps"] <= 15 and 0 <= spec["accepted"] <= spec["drafted"]
