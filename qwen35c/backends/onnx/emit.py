@@ -883,9 +883,9 @@ class OnnxEmitter:
         The gates are com.microsoft::LinearAttentionGate, the reference's fp32 formula
         g = -exp(A_log) · softplus(a + dt_bias), beta = sigmoid(b) (within 1e-6), then zeroed on
         steps t >= commit[b] (commit = lengths but in a speculative step) so padding and drafts
-        never touch the state; the drafts' outputs come from `_uncommitted_outputs`. q and k are L2-normalised as
-        the reference's x·rsqrt(Σx² + 1e-6), written as one RMSNormalization (ORT's in-op norm has
-        no epsilon and differs where |x| is small), and q is scaled by dk^-0.5 in-op. The new conv
+        never touch the state; the drafts' outputs come from `_uncommitted_outputs`. q and k are
+        L2-normalised as the reference's x·rsqrt(Σx² + 1e-6), written as one RMSNormalization (ORT's
+        in-op norm has no epsilon and differs where |x| is small), and q is scaled by dk^-0.5 in-op. The new conv
         state is gathered at each row's commit point of concat(state, x), so right padding (and a
         draft) never enters it.
         """

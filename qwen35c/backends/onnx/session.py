@@ -138,14 +138,13 @@ class OnnxSession(Session):
         self.vocab = self.config.vocab_size
         self.gqa = "com.microsoft::GroupQueryAttention" in backend.get("ops", {})
         self.extends = any(i.name == "commit" for i in self.ort.get_overridable_initializers())
+        self._ortvalue = ort.OrtValue.ortvalue_from_numpy
 
     def new_state(self, batch: int, max_len: int) -> OnnxState:
         return OnnxState(self.specs, batch, max_len)
 
     def _run(self, ids: np.ndarray, state: OnnxState, lengths: np.ndarray, positions: np.ndarray,
              commit: np.ndarray | None = None) -> np.ndarray:
-        import onnxruntime as ort
-
         batch, length = ids.shape
         if batch != state.batch:
             raise QwenError(f"batch {batch} does not match the state's batch {state.batch}")
@@ -165,7 +164,7 @@ class OnnxSession(Session):
         binding.bind_cpu_input("lengths", np.ascontiguousarray(lengths, dtype=np.int64))
         binding.bind_cpu_input("logit_positions", np.ascontiguousarray(positions, dtype=np.int64))
         if self.extends:   # an overridable initializer: bind_cpu_input looks only among the graph inputs
-            binding.bind_ortvalue_input("commit", ort.OrtValue.ortvalue_from_numpy(
+            binding.bind_ortvalue_input("commit", self._ortvalue(
                 np.ascontiguousarray(lengths if commit is None else commit, dtype=np.int64)))
         binding.bind_output("logits", "cpu")
         self.ort.run_with_iobinding(binding)
