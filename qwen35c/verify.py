@@ -395,33 +395,61 @@ SPECULATIVE_TOLERANCE = 1e-4   # |Δ| of states / logits, a K+1-token step again
 
 
 def _speculative(artifact, checks: list[dict], report: dict, seed: int = 0) -> None:
-    """The commit step against running only the committed tokens, then speculative greedy decoding
-    against plain greedy decoding. A token where the two part counts as a tie, not a failure, only
-    when plain decoding's own top-2 logits there are within twice the measured |Δ| (fp32 rounding
-    between a multi-token and a 1-token pass may pick either)."""
+    """Speculative decoding's three claims, on the batch prompts (rows committing 1, 3 and 0 tokens):
+      drafts leave no trace  two verify steps that differ only in their drafts leave the same states
+                             and committed-position logits: bit-identical where every kernel treats
+                             tokens independently (measured 0 on dense graphs, fp32 and int8
+                             activations); ORT's QMoE groups tokens by expert, so there the drafts
+                             change the committed tokens' round-off (1.5e-7 measured): within the
+                             tolerance below;
+      commit = fewer tokens  the next logits after a verify step equal those after a step over the
+                             committed tokens alone, within SPECULATIVE_TOLERANCE or, for artifacts
+                             that quantize activations at run time (an int8 rounding flips on a 1e-7
+                             change), the larger of twice the artifact's own path noise (the same
+                             committed tokens fed one per step instead of in one step) and its
+                             measured max |Δ| against the emulating reference (parity);
+      greedy unchanged       speculative greedy == plain greedy (K = 1..3; perfect, noisy and
+                             always-wrong drafts). Where they part at a logit tie within twice the
+                             tolerance, the tie is reported, not failed."""
     from qwen35c.runtime.speculative import Replay
 
     gen = torch.Generator().manual_seed(seed)
     vocab = artifact.config.vocab_size
     lengths = list(BATCH_LENGTHS)
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
-    steps = 4
-    new = torch.randint(0, vocab, (len(prompts), steps), generator=gen)
-    take, commit = [steps, steps - 1, 2][:len(prompts)], [1, steps - 1, 0][:len(prompts)]
+    steps, rows = 4, len(prompts)
+    new = torch.randint(0, vocab, (rows, steps), generator=gen)
+    other = new.clone()
+    other[:, 1:] = torch.randint(0, vocab, (rows, steps - 1), generator=gen)   # past every row's commit but row 1's
+    take, commit = torch.tensor([steps, steps - 1, 2][:rows]), torch.tensor([1, steps - 1, 0][:rows])
+    other[1, :steps - 1] = new[1, :steps - 1]
+    probe = torch.randint(0, vocab, (rows, 1), generator=gen)
 
     def prefilled():
-        state = artifact.new_state(len(prompts), max(lengths) + steps + 1)
-        ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        state = artifact.new_state(rows, max(lengths) + steps + 1)
+        ids = torch.zeros(rows, max(lengths), dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = torch.tensor(p)
         artifact.prefill(ids, state, torch.tensor(lengths), last_only=True)
         return state
 
-    spec, kept = prefilled(), prefilled()
-    artifact.extend(new, spec, take, commit)
-    artifact.prefill(new[:, :max(commit)], kept, torch.tensor(commit))
-    probe = torch.randint(0, vocab, (len(prompts), 1), generator=gen)
-    state_delta = float((artifact.decode(probe, spec) - artifact.decode(probe, kept)).abs().max())
+    spec, twin, kept, stepped = (prefilled() for _ in range(4))
+    first = artifact.extend(new, spec, take, commit)
+    second = artifact.extend(other, twin, take, commit)
+    traces = max(float((first[b, :int(c)] - second[b, :int(c)]).abs().max()) if c else 0.0
+                 for b, c in enumerate(commit.tolist()))
+    after = artifact.decode(probe, spec)
+    traces = max(traces, float((after - artifact.decode(probe, twin)).abs().max()))
+    artifact.prefill(new[:, :int(commit.max())], kept, commit)
+    kept_next = artifact.decode(probe, kept)
+    state_delta = float((after - kept_next).abs().max())
+    for t in range(int(commit.max())):
+        artifact.prefill(new[:, t:t + 1], stepped, (commit > t).long())
+    noise = float((artifact.decode(probe, stepped) - kept_next).abs().max())
+    quantized = bool(getattr(artifact, "manifest", {}).get("quantization")) and \
+        (artifact.manifest["quantization"].get("recipe") or {}).get("activations", "none") != "none"
+    lowering = float(report.get("parity", {}).get("total", {}).get("max_abs", 0.0))
+    tolerance = max(SPECULATIVE_TOLERANCE, 2 * noise, lowering) if quantized else SPECULATIVE_TOLERANCE
     plain = artifact.generate(prompts, 12, keep_logits=True)
     mismatched = ties = 0
     for k, err in ((1, 0.0), (2, 0.3), (3, 1.0)):
@@ -432,18 +460,20 @@ def _speculative(artifact, checks: list[dict], report: dict, seed: int = 0) -> N
             if j is None:
                 continue
             logits = plain.logits[b][len(prompts[b]) - 1 + j].double()
-            if float(logits.max() - logits[x_row[j]]) <= 2 * SPECULATIVE_TOLERANCE:
+            if float(logits.max() - logits[x_row[j]]) <= 2 * tolerance:
                 ties += 1
             else:
                 mismatched += 1
-    ok = state_delta <= SPECULATIVE_TOLERANCE and not mismatched
-    report["speculative"] = {"state_delta": state_delta, "rows": 3 * len(prompts), "mismatched": mismatched,
-                             "ties": ties, "tolerance": SPECULATIVE_TOLERANCE}
+    ok = traces <= tolerance and state_delta <= tolerance and not mismatched
+    report["speculative"] = {"draft_traces": traces, "state_delta": state_delta, "path_noise": noise,
+                             "tolerance": tolerance, "rows": 3 * rows, "mismatched": mismatched, "ties": ties}
     checks.append({"name": "speculative", "status": "pass" if ok else "fail",
-                   "detail": f"a verify step keeps the committed tokens' state (next logits max |Δ| {state_delta:.1e}, "
-                             f"limit {SPECULATIVE_TOLERANCE:g}); speculative greedy == plain greedy on "
-                             f"{3 * len(prompts) - mismatched}/{3 * len(prompts)} rows (K = 1..3, drafts perfect, "
-                             f"noisy, always wrong; {ties} ties within rounding)"})
+                   "detail": f"drafts leave no trace (two steps differing only in drafts: max |Δ| {traces:.1e}); "
+                             f"a verify step keeps the committed tokens' state (next logits max |Δ| "
+                             f"{state_delta:.1e}); limit {tolerance:.1e}"
+                             + (" from this artifact's own noise: activations quantized at run time"
+                                if tolerance > SPECULATIVE_TOLERANCE else "")
+                             + f"; speculative greedy == plain greedy on {3 * rows - mismatched}/{3 * rows} rows (K = 1..3, drafts perfect, noisy, always wrong; {ties} ties)"})
 
 
 def verify_artifact(directory: str | Path, reference: str | Path | None = None, bisect: bool = False,

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import sysconfig
 import time
@@ -325,6 +326,159 @@ def export(variant: str, tokenizer_json: Path, out_dir: Path) -> None:
     print(f"[{variant}] wrote {out_dir}", flush=True)
 
 
+# ---- the MTP head --------------------------------------------------------------------------------
+# The multi-token-prediction layer (issue 18) is trained after the base, with the base frozen: the
+# MTP loss only (cross-entropy of token i+2 from the base's final hidden state at i and the
+# embedding of token i+1, through the shared lm_head). The base tensors are written back unchanged
+# (bf16 -> fp32 -> bf16 is exact), so every figure measured on the base stays valid; training.json
+# records their digest and the test suite checks it.
+MTP_PHASE = dict(_COMMON, batch_size=8, steps=600, lr=2e-3, warmup=20, router_aux_loss_coef=0.01,
+                 router_aux_loss="the MTP layer's own Switch loss")
+
+
+def base_digest(out_dir: Path) -> str:
+    """sha256 over the sorted non-MTP tensors of a checkpoint (name, dtype, shape, raw bytes)."""
+    import torch
+
+    from reference.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(out_dir)
+    digest = hashlib.sha256()
+    try:
+        for name in sorted(n for n in ckpt.names() if not n.startswith("mtp.")):
+            t = ckpt.view(name)
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    finally:
+        ckpt.close()
+    return digest.hexdigest()
+
+
+def mtp_forward(model, batch):
+    """MTP logits [B, T, V] for windows batch [B, T + 2] (targets batch[:, 2:]); the base runs
+    without gradients."""
+    import torch
+
+    length = batch.shape[1] - 2
+    with torch.no_grad():
+        hidden = model.hidden_states(batch[:, :length])
+        embeds = model.model.embed_tokens(batch[:, 1:length + 1])
+    positions = torch.arange(1, length + 1).expand(batch.shape[0], length)
+    return model.lm_head(model.mtp(hidden, embeds, positions))
+
+
+def train_mtp(variant: str, out_dir: Path, steps: int | None = None, threads: int = 1, log_every: int = 10) -> None:
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from reference.checkpoint import load_model, save_checkpoint
+    from reference.model import Qwen35ForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(SEED)
+    base = load_model(out_dir, torch.float32)
+    before = base_digest(out_dir)
+    cfg = dataclasses.replace(base.config, mtp_num_hidden_layers=1)
+    model = Qwen35ForCausalLM(cfg)
+    model.init_weights(SEED + 100)
+    missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("mtp.") for k in missing), missing
+    del base
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("mtp."))
+    hp = dict(MTP_PHASE, **({"steps": steps} if steps else {}))
+    tok = load_tokenizer(out_dir / "tokenizer.json")
+    stream = torch.from_numpy(tokenize_corpus(tok, corpus_files("train")).astype(np.int64))
+    params = [p for n, p in model.mtp.named_parameters()]
+    decay = [p for n, p in model.mtp.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.mtp.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=1e-8)
+    gen = torch.Generator().manual_seed(SEED + 100)
+    T, B = hp["seq_len"], hp["batch_size"]
+    log, ema, t_start = [], None, time.time()
+    model.train()
+    for step in range(hp["steps"]):
+        starts = torch.randint(0, len(stream) - T - 2, (B,), generator=gen)
+        batch = torch.stack([stream[s:s + T + 2] for s in starts.tolist()])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, hp)
+        logits = mtp_forward(model, batch)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 2:].reshape(-1))
+        loss = ce
+        blocks = moe_blocks(model.mtp)
+        if blocks:
+            loss = ce + hp["router_aux_loss_coef"] * load_balancing_loss(
+                [b.router_logits for b in blocks], cfg.num_experts, cfg.num_experts_per_tok)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, hp["grad_clip"])
+        opt.step()
+        ce_val = float(ce.detach())
+        ema = ce_val if ema is None else 0.95 * ema + 0.05 * ce_val
+        if step % log_every == 0 or step == hp["steps"] - 1:
+            rec = {"step": step, "ce": round(ce_val, 4), "ce_ema": round(ema, 4), "lr": round(lr_at(step, hp), 6),
+                   "grad_norm": round(float(gnorm), 3), "elapsed_s": round(time.time() - t_start, 1)}
+            log.append(rec)
+            print(f"[{variant}:mtp] " + " ".join(f"{k}={v}" for k, v in rec.items()), flush=True)
+    model.eval()
+    staged = Path(str(out_dir) + ".mtp-tmp")
+    save_checkpoint(model, staged, dtype=torch.bfloat16, layout="vlm", experts="fused")
+    for name in ("config.json", "model.safetensors"):
+        (staged / name).replace(out_dir / name)
+    shutil.rmtree(staged)
+    after = base_digest(out_dir)
+    if after != before:
+        raise SystemExit(f"{out_dir}: the base tensors changed while adding the MTP head")
+    record = json.loads((out_dir / "training.json").read_text())
+    record["mtp"] = {"phase": {"hyperparameters": hp, "wall_s": round(time.time() - t_start, 1),
+                               "tokens_seen": hp["steps"] * B * T, "final_train_ce_ema": round(ema, 4), "log": log},
+                     "base_frozen": True, "base_tensors_sha256": before,
+                     "parameters": sum(p.numel() for p in params),
+                     "heldout": mtp_acceptance(model, tok)}
+    (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record["mtp"]["heldout"], indent=1), flush=True)
+
+
+def mtp_acceptance(model, tok, context: int = 256) -> dict:
+    """Teacher-forced on the held-out files, windows of `context` tokens: how often the MTP head's
+    first draft (token i+2 from hidden i and token i+1) equals the base's greedy token at i+1 (what
+    greedy speculative decoding accepts), and how often a second draft chained on the first (the
+    MTP's own output as hidden, vLLM's scheme, within the window) also equals the base's greedy
+    token at i+2."""
+    import torch
+
+    from qwen35c.eval import perplexity as ppl
+
+    hits1 = hits2 = total1 = total2 = 0
+    nll = 0.0
+    with torch.no_grad():
+        for f in corpus_files("heldout"):
+            ids = torch.tensor(ppl.encode_text(tok, f.read_bytes().decode("utf-8")))
+            for start in range(0, len(ids) - 3, context):
+                window = ids[start:start + context + 2][None]
+                n = window.shape[1] - 2
+                if n < 2:
+                    continue
+                greedy = model(window[:, :n + 1])[0].argmax(-1)                  # greedy[j]: token j+1
+                hidden = model.hidden_states(window[:, :n])
+                positions = torch.arange(1, n + 1)[None]
+                h1 = model.mtp(hidden, model.model.embed_tokens(window[:, 1:n + 1]), positions)
+                logits1 = model.lm_head(h1)[0]
+                nll += float(torch.nn.functional.cross_entropy(logits1.float(), window[0, 2:n + 2], reduction="sum"))
+                d1 = logits1.argmax(-1)                                           # draft of token j+2
+                ok1 = d1 == greedy[1:n + 1]
+                d2 = model.lm_head(model.mtp(h1, model.model.embed_tokens(d1[None]), positions + 1))[0].argmax(-1)
+                ok2 = ok1[:n - 1] & (d2[:n - 1] == greedy[2:n + 1])
+                hits1, total1 = hits1 + int(ok1.sum()), total1 + n
+                hits2, total2 = hits2 + int(ok2.sum()), total2 + n - 1
+    return {"context": context, "positions": total1, "accept_1": round(hits1 / total1, 4),
+            "accept_2": round(hits2 / total2, 4), "mtp_nll_mean": round(nll / total1, 4)}
+
+
 # ---- evaluation and model card ------------------------------------------------------------------
 EVAL_CONTEXT = 256  # the `qwen35c perplexity` default: windows of 256 tokens, stride 256
 PROMPT = "def fibonacci(n):"
@@ -358,7 +512,7 @@ def evaluate_checkpoint(out_dir: Path) -> dict:
     torch.set_num_threads(1)
     model = load_model(out_dir, dtype=torch.float32)
     tok = ppl.load_tokenizer(out_dir)
-    blocks = moe_blocks(model)
+    blocks = moe_blocks(model.model)   # the decoder layers (not the MTP head, which this does not run)
     counts = torch.zeros(len(blocks), model.config.num_experts or 1, dtype=torch.long)
     handles = []
     for i, block in enumerate(blocks):
@@ -536,6 +690,7 @@ def render_card(variant: str, out_dir: Path, rec: dict) -> str:
         f"shared 2-core machine), fp32, torch {rec['software']['torch']}; "
         + " + ".join(f"{ph['wall_s'] / 60:.1f}" for ph in phases)
         + f" min wall. Final training loss (EMA) {phases[-1]['final_train_ce_ema']:.3f} nats/token.",
+        *_mtp_card(variant, rec.get("mtp")),
         "",
         "## License and limitations",
         "",
@@ -544,6 +699,21 @@ def render_card(variant: str, out_dir: Path, rec: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _mtp_card(variant: str, mtp: dict | None) -> list[str]:
+    if not mtp:
+        return []
+    hp, held = mtp["phase"]["hyperparameters"], mtp["heldout"]
+    return [
+        f"* MTP head (`mtp.*`, {mtp['parameters']:,} parameters, one gated-attention layer): "
+        f"`tools/train_tiny.py train-mtp --variant {variant}`, trained after the base with the base frozen "
+        f"(its tensors are byte-identical, sha256 {mtp['base_tensors_sha256'][:16]}... over them in "
+        f"training.json), MTP loss only: {hp['steps']} steps of {hp['batch_size']} x {hp['seq_len']} tokens, "
+        f"AdamW lr {hp['lr']}, {mtp['phase']['wall_s'] / 60:.1f} min; final loss (EMA) "
+        f"{mtp['phase']['final_train_ce_ema']:.3f} nats/token (token i+2). Held-out, teacher-forced: its "
+        f"first draft equals the base's greedy token {100 * held['accept_1']:.1f}% of the time, two chained "
+        f"drafts both {100 * held['accept_2']:.1f}%."]
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -565,8 +735,15 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--resume", action="store_true",
                            help="continue from build/tiny/VARIANT (state.pt, training.json)")
             p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("train-mtp", help="train the MTP head of a shipped checkpoint, base frozen")
+    p.add_argument("--variant", choices=sorted(HPARAMS), required=True)
+    p.add_argument("--out", type=Path, required=True, help="the shipped checkpoint directory (rewritten)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.cmd == "tokenizer":
+    if args.cmd == "train-mtp":
+        train_mtp(args.variant, args.out, steps=args.steps, threads=args.threads)
+    elif args.cmd == "tokenizer":
         train_tokenizer(args.out)
         print(f"wrote {args.out}")
     elif args.cmd == "train":
