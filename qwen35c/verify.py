@@ -419,10 +419,10 @@ def _speculative(artifact, checks: list[dict], report: dict, seed: int = 0) -> N
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
     steps, rows = 4, len(prompts)
     new = torch.randint(0, vocab, (rows, steps), generator=gen)
-    other = new.clone()
-    other[:, 1:] = torch.randint(0, vocab, (rows, steps - 1), generator=gen)   # past every row's commit but row 1's
     take, commit = torch.tensor([steps, steps - 1, 2][:rows]), torch.tensor([1, steps - 1, 0][:rows])
-    other[1, :steps - 1] = new[1, :steps - 1]
+    other = new.clone()
+    for b, c in enumerate(commit.tolist()):       # the same committed tokens, other drafts
+        other[b, c:] = torch.randint(0, vocab, (steps - c,), generator=gen)
     probe = torch.randint(0, vocab, (rows, 1), generator=gen)
 
     def prefilled():
