@@ -143,7 +143,7 @@ def test_speculative_sampling_keeps_the_distribution(tmp_path):
     0.001 (fixed seeds: the outcome is deterministic); a drafter that is always accepted must fail it.
     The bundled trained model: a random one's near-uniform distribution leaves no cell to test."""
     from qwen35c.models import bundled
-    from qwen35c.runtime.session import sampling_probs
+    from qwen35c.runtime.generation import sampling_probs
 
     out = tmp_path / "art"
     build_artifact(bundled("qwen35-tiny"), "cpu", out)

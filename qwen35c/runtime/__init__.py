@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen35c.runtime.session import GenerationResult, ReferenceSession, Session, load_tokenizer
+from qwen35c.runtime.generation import GenerationResult
+from qwen35c.runtime.session import ReferenceSession, Session, load_tokenizer
 
 __all__ = ["GenerationResult", "ReferenceSession", "Session", "is_artifact_dir", "load", "load_tokenizer",
            "open_checked"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen35c.errors import QwenError
+from qwen35c.runtime.generation import GenerationResult, choose, sampling_probs
 
 
 @dataclass
@@ -84,8 +85,6 @@ class Replay:
 def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int, k: int, drafter,
                          temperature: float, top_p: float, seed: int, stop_ids, on_token):
     """`Session.generate(..., speculative=k)`; see the module docstring."""
-    from qwen35c.runtime.session import GenerationResult, _choose, sampling_probs
-
     if k < 1:
         raise QwenError(f"speculative needs at least 1 draft token a step, got {k}")
     if not session.extends:
@@ -116,7 +115,7 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
                 done[b] = True
                 return
 
-    first = _choose(last, temperature, top_p, generator)
+    first = choose(last, temperature, top_p, generator)
     pending = [[int(t)] for t in first]
     for b in range(batch):
         if not done[b]:
@@ -141,8 +140,7 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
             if done[b]:
                 continue
             base, draft = len(pending[b]) - 1, drafts[b]
-            new = _judge(logits[b, base:base + len(draft.tokens) + 1], draft, temperature, top_p, generator,
-                         _choose, sampling_probs)
+            new = _judge(logits[b, base:base + len(draft.tokens) + 1], draft, temperature, top_p, generator)
             drafted += len(draft.tokens)
             accepted += len(new) - 1
             pending[b] = new
@@ -152,8 +150,7 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
                             drafted, accepted)
 
 
-def _judge(logits: torch.Tensor, draft: Draft, temperature: float, top_p: float, generator,
-           choose, sampling_probs) -> list[int]:
+def _judge(logits: torch.Tensor, draft: Draft, temperature: float, top_p: float, generator) -> list[int]:
     """The accepted drafts and the model's own next token, from the logits after the last pending
     token and after each draft ([len(draft) + 1, V])."""
     if temperature <= 0:
