@@ -75,7 +75,7 @@ def _refuse_empty_quantization(record: dict, model: Path) -> None:
 def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipeline: str | None = None,
                    backend: str | None = None, force: bool = False, check: bool = True,
                    progress: Progress | None = None, extra_pipeline_hook=None,
-                   quantize: str | None = None) -> BuildReport:
+                   quantize: str | None = None, mtp: bool = True) -> BuildReport:
     """Trace, run the pipeline, quantize, emit with the backend, check parity, write `out` atomically.
 
     `quantize` ("SCHEME [option=value ...]", e.g. "fp8-block128") replaces the target's quantize pass
@@ -85,7 +85,11 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
     compares the artifact with the quantization-emulating reference (quantization loss is `verify`'s
     job). Quantization and the check's references stream one decoder layer at a time; the check is
     recorded as not run, with the reason, when its estimated peak (`qwen35c.memory`) exceeds the
-    memory available. `extra_pipeline_hook(graph) -> graph` runs after the passes (tests: a broken pass)."""
+    memory available. `extra_pipeline_hook(graph) -> graph` runs after the passes (tests: a broken pass).
+
+    A checkpoint with an MTP head gets it compiled too (`mtp=False` skips it), as a second graph
+    through the same pipeline, when the backend runs drafts (`Backend.drafts`); the head's weights
+    stay high precision (the policy) and a quantized LM head is the main graph's packed one."""
     from qwen35c.backends import get_backend
     from qwen35c.graph.trace import CheckpointWeights, trace_checkpoint
     from qwen35c.passes.manager import PassManager
@@ -116,6 +120,14 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
     if extra_pipeline_hook is not None:
         graph = extra_pipeline_hook(graph)
     stages.done("passes")
+    mtp_graph = None
+    if mtp and getattr(impl, "drafts", False) and _has_mtp(model):
+        from qwen35c.graph.trace import trace_mtp
+        from reference.config import load_config
+
+        stages.start("mtp", "tracing and compiling the MTP head")
+        mtp_graph = PassManager(pipeline_text, verify_each=True).run(trace_mtp(load_config(model))).graph
+        stages.done("mtp")
 
     prepared = None
     if graph.metadata.get("quantization") is not None:
@@ -126,6 +138,8 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
         stages.start("quantize", f"packing {len(meta['quantized'])} linears ({meta['label']})")
         prepared = prepare(model, meta)
         graph.metadata["quantization"] = prepared.record
+        if mtp_graph is not None:
+            _check_mtp_quantization(mtp_graph, prepared.record)
         stages.done("quantize")
     stages.start("sources", "hashing checkpoint files")
     sources = source_hashes(model)
@@ -135,6 +149,7 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
     with atomic_directory(out, force, protected) as tmp:
         weights = CheckpointWeights(model)
         ctx = _emit_context(weights, prepared, target, graph, stages)
+        ctx.mtp = mtp_graph
         section = impl.emit(graph, tmp, ctx)
         stages.done("emit")
         unused = _unused(weights, prepared)
@@ -176,6 +191,24 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
                                     f"nothing was written to {out}")
         stages.start("write", f"renaming into {out}")
     return BuildReport(out, manifest, time.perf_counter() - start, stages.times, warnings)
+
+
+def _has_mtp(model: Path) -> bool:
+    """The config declares an MTP layer and the checkpoint holds its tensors (text-only exports of
+    Qwen3.5 often drop them)."""
+    from reference.checkpoint import Checkpoint
+    from reference.config import load_config
+
+    return load_config(model).mtp_num_hidden_layers > 0 and any(n.startswith("mtp.") for n in Checkpoint(model).names())
+
+
+def _check_mtp_quantization(graph, record: dict) -> None:
+    """The MTP graph may quantize only what the main graph's build packed (its LM head, shared)."""
+    own = set((graph.metadata.get("quantization") or {}).get("quantized", []))
+    extra = sorted(own - set(record["quantized"]))
+    if extra:
+        raise QwenError(f"the MTP head would quantize {', '.join(extra[:3])}, which the model's own quantization "
+                        f"did not pack; the MTP head stays high precision (exclude mtp.* from the recipe)")
 
 
 def _emit_context(weights, prepared, target, graph, stages: _Stages):

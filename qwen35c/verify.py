@@ -13,6 +13,10 @@ agreement; gated by the target's precision (`qwen35c.targets.GATES`).
   speculative  (artifacts with a commit step) a verify step with drafts leaves the state of a step
              over the committed tokens alone, and speculative greedy decoding (perfect, noisy and
              always-wrong drafts, K = 1..3) gives plain greedy decoding's tokens on the batch prompts
+  mtp        (artifacts with an MTP head) the head's graph against the reference MTP module
+             (`reference.stream.StreamedModel.load_mtp`, the same LM head as the parity check's
+             reference) on the main graph's hidden states of the batch prompts: its hidden states at
+             every pair and the logits of the last, fed in one step and in two (its KV cache)
 
 Exit codes: 0 only when the artifact was executed and every check that ran passed; 1 when a check
 failed; 2 when the input is bad or a check could not run (the report says why). Asking for less is
@@ -39,6 +43,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qwen35c.errors import QwenError
@@ -390,8 +395,13 @@ def _quantization_loss(manifest: dict, ref_path: Path, prepared, checks: list[di
                               + (f"within the {precision} gate" if ok else "; ".join(failures)))})
 
 
-SKIPPABLE = ("quantization", "speculative", "bisect")
+SKIPPABLE = ("quantization", "speculative", "mtp", "bisect")
 SPECULATIVE_TOLERANCE = 1e-4   # |Δ| of states / logits, a K+1-token step against 1-token steps (fp32 rounding)
+
+
+def _quantizes_activations(manifest: dict) -> bool:
+    record = manifest.get("quantization")
+    return bool(record) and (record.get("recipe") or {}).get("activations", "none") != "none"
 
 
 def _speculative(artifact, checks: list[dict], report: dict, seed: int = 0) -> None:
@@ -446,8 +456,7 @@ def _speculative(artifact, checks: list[dict], report: dict, seed: int = 0) -> N
     for t in range(int(commit.max())):
         artifact.prefill(new[:, t:t + 1], stepped, (commit > t).long())
     noise = float((artifact.decode(probe, stepped) - kept_next).abs().max())
-    quantized = bool(getattr(artifact, "manifest", {}).get("quantization")) and \
-        (artifact.manifest["quantization"].get("recipe") or {}).get("activations", "none") != "none"
+    quantized = _quantizes_activations(getattr(artifact, "manifest", {}))
     lowering = float(report.get("parity", {}).get("total", {}).get("max_abs", 0.0))
     tolerance = max(SPECULATIVE_TOLERANCE, 2 * noise, lowering) if quantized else SPECULATIVE_TOLERANCE
     plain = artifact.generate(prompts, 12, keep_logits=True)
@@ -474,6 +483,39 @@ def _speculative(artifact, checks: list[dict], report: dict, seed: int = 0) -> N
                              + (" from this artifact's own noise: activations quantized at run time"
                                 if tolerance > SPECULATIVE_TOLERANCE else "")
                              + f"; speculative greedy == plain greedy on {3 * rows - mismatched}/{3 * rows} rows (K = 1..3, drafts perfect, noisy, always wrong; {ties} ties)"})
+
+
+def _mtp_head(artifact, reference, checks: list[dict], report: dict, quantized_activations: bool) -> None:
+    """The `mtp` check (module docstring). The head's own linears stay fp32 in every recipe; its LM
+    head is the model's, so with activations quantized at run time its logits get the parity
+    check's measured max |Δ| as their limit, like `_speculative`'s."""
+    head = artifact.draft_head()
+    mtp = reference.load_mtp()
+    gen = torch.Generator().manual_seed(1)
+    vocab, worst_logits, worst_hidden, worst_split = artifact.config.vocab_size, 0.0, 0.0, 0.0
+    for n in BATCH_LENGTHS:
+        ids = torch.randint(0, vocab, (1, n + 1), generator=gen)
+        _, hidden = artifact.prefill(ids[:, :n], artifact.new_state(1, n), hidden=True)
+        with torch.no_grad():
+            want_hidden = mtp(hidden, reference.embed(ids[:, 1:]), torch.arange(1, n + 1)[None])
+            want = reference.edges()[2](want_hidden[:, -1]).float()[0]
+        logits, got_hidden = head.draft_step(ids[:, 1:], hidden, head.new_state(1, n), [0], [n])
+        worst_logits = max(worst_logits, float((torch.from_numpy(logits[0]) - want).abs().max()))
+        worst_hidden = max(worst_hidden, float((torch.from_numpy(got_hidden) - want_hidden).abs().max()))
+        state, cut = head.new_state(1, n), n // 2     # the same pairs over two steps: the head's KV cache
+        if cut:
+            head.draft_step(ids[:, 1:cut + 1], hidden[:, :cut], state, [0], [cut])
+        split, _ = head.draft_step(ids[:, cut + 1:], hidden[:, cut:], state, [cut], [n - cut])
+        worst_split = max(worst_split, float(np.abs(split - logits).max()))
+    lowering = float(report.get("parity", {}).get("total", {}).get("max_abs", 0.0))
+    limit = max(SPECULATIVE_TOLERANCE, lowering) if quantized_activations else SPECULATIVE_TOLERANCE
+    ok = worst_hidden <= SPECULATIVE_TOLERANCE and worst_logits <= limit and worst_split <= limit
+    report["mtp"] = {"max_abs_logits": worst_logits, "max_abs_hidden": worst_hidden, "max_abs_split": worst_split,
+                     "limit": limit}
+    checks.append({"name": "mtp", "status": "pass" if ok else "fail",
+                   "detail": f"MTP head vs the reference MTP on {len(BATCH_LENGTHS)} prompts: hidden states max |Δ| "
+                             f"{worst_hidden:.1e} (limit {SPECULATIVE_TOLERANCE:.0e}), last logits {worst_logits:.1e}, "
+                             f"fed in two steps vs one {worst_split:.1e} (limit {limit:.1e})"})
 
 
 def verify_artifact(directory: str | Path, reference: str | Path | None = None, bisect: bool = False,
@@ -538,6 +580,14 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     elif artifact.extends:
         say("speculative decoding: commit step and greedy equality")
         _speculative(artifact, checks, report)
+    if "mtp" in skip:
+        checks.append({"name": "mtp", "status": "skipped", "detail": "--skip mtp"})
+    elif getattr(artifact, "drafts", False) and (prepared is not None or not quantized):
+        from reference.stream import StreamedModel
+
+        say("MTP head against the reference MTP module")
+        reference = prepared.emulated() if prepared is not None else StreamedModel(ref_path, torch.float32)
+        _mtp_head(artifact, reference, checks, report, _quantizes_activations(manifest))
     if bisect and "bisect" in skip:
         raise QwenError("--bisect and --skip bisect contradict each other")
     if bisect and quantized:

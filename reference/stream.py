@@ -113,6 +113,22 @@ class StreamedModel:
             self._edges = (embed, norm, head)
         return self._edges
 
+    def load_mtp(self) -> nn.Module:
+        """The MTP head (`reference.model.MTP`) with its `mtp.*` weights; it shares `embed` and the
+        LM head of `edges()` with the model, as in `Qwen35ForCausalLM`."""
+        from reference.model import MTP
+
+        if not self.config.mtp_num_hidden_layers:
+            raise CheckpointError(f"{self.directory}: the model has no MTP head")
+        with torch.device("meta"):
+            mtp = MTP(self.config)
+        for name, param in list(mtp.named_parameters()):
+            owner_name, _, leaf = name.rpartition(".")
+            setattr(mtp.get_submodule(owner_name), leaf,
+                    nn.Parameter(self._load("mtp." + name, param.shape), requires_grad=False))
+        mtp.rotary_emb = RotaryEmbedding(self.config)     # its inv_freq buffer was made on the meta device
+        return mtp.eval()
+
     def final_norm(self) -> RMSNorm:
         cfg = self.config
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

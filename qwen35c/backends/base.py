@@ -25,10 +25,12 @@ class EmitContext:
     tied_lm_head: bool
     target: Any                      # qwen35c.targets.Target
     quantization: dict | None = None
+    mtp: Graph | None = None         # the MTP head's stateful graph, for a backend with `drafts = True`
 
 
 class Backend(Protocol):
     name: str
+    drafts: bool                     # compiles a checkpoint's MTP head (EmitContext.mtp) for speculative decoding
 
     def setup(self) -> None:
         """Process-wide preparation, called before tracing (which may import Triton through torch):

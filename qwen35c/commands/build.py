@@ -22,8 +22,10 @@ from qwen35c.commands._common import emit_json, info
 @click.option("--force", is_flag=True,
               help="Replace an existing qwen35c artifact (or empty directory) at OUT; nothing else is ever replaced.")
 @click.option("--no-check", is_flag=True, help="Skip the build's own parity check (manifest says 'not run').")
+@click.option("--no-mtp", is_flag=True,
+              help="Leave the checkpoint's MTP head out (speculative decoding then drafts by prompt lookup).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def command(model, target, output, pipeline, backend, quantize, force, no_check, as_json):
+def command(model, target, output, pipeline, backend, quantize, force, no_check, no_mtp, as_json):
     """Trace MODEL, run the target's pipeline, lower it with the backend and write OUT atomically."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,7 +44,7 @@ def command(model, target, output, pipeline, backend, quantize, force, no_check,
                        total=1.0 if fraction is not None else None, completed=fraction or 0)
 
         report = build_artifact(path, target, output, pipeline=pipeline, backend=backend, force=force,
-                                check=not no_check, progress=progress, quantize=quantize)
+                                check=not no_check, progress=progress, quantize=quantize, mtp=not no_mtp)
     manifest = report.manifest
     for warning in report.warnings:
         info(f"warning: {warning}")

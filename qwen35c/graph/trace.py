@@ -337,7 +337,8 @@ def import_exported(ep, config) -> tuple[Graph, dict[int, int | None]]:
                 for i, size in enumerate(val.shape):
                     if not isinstance(size, int):
                         ctx.symbols.setdefault(str(size), "BT"[i] if i < 2 else f"D{i}")
-                ctx.env[node.name] = graph.add_input(node.name, ctx.type_of(node), {"high": config.vocab_size})
+                ids = node.meta["val"].dtype == torch.long
+                ctx.env[node.name] = graph.add_input(node.name, ctx.type_of(node), {"high": config.vocab_size} if ids else {})
             continue
         if node.op == "output":
             outs = node.args[0]
@@ -469,6 +470,63 @@ def trace_config(config, dtype: torch.dtype = torch.float32) -> TraceResult:
     return TraceResult(graph, exported - start, done - exported, len(kinds))
 
 
+def _mtp_step_module():
+    from reference.model import Qwen35ForCausalLM
+
+    class MtpStep(Qwen35ForCausalLM):
+        """The MTP head as a step over (hidden [B, T, H] at positions i, input_ids [B, T] = tokens
+        i + 1): its logits (of tokens i + 2) and its own post-norm hidden states (chained drafts feed
+        them back as `hidden`). Built like the main model's step: `insert-state` turns the zero
+        position offset into `q_start` (pair i sits at rotary position i + 1) and gives the layer a
+        KV cache, so a draft step attends over every pair fed before it, as the reference MTP
+        attends over its window."""
+
+        def forward(self, input_ids, hidden):
+            batch, length = input_ids.shape
+            lengths = torch.full((batch,), length, dtype=torch.long, device=input_ids.device)
+            q_start = torch.zeros_like(lengths)
+            positions = q_start.unsqueeze(1) + torch.arange(length, device=input_ids.device) + 1
+            mtp_hidden = self.mtp(hidden, self.model.embed_tokens(input_ids), positions)
+            return self.lm_head(mtp_hidden), mtp_hidden
+
+    return MtpStep
+
+
+def trace_mtp(config, dtype: torch.dtype = torch.float32) -> Graph:
+    """The stateless IR graph of a config's MTP head: (logits, mtp_hidden) = f(input_ids, hidden).
+
+    One export of a one-layer model (its main layer unused): the MTP layer is a full-attention
+    decoder layer whatever the model's layer mix. Its state-carrying ops get `layer =
+    num_hidden_layers` (the index HF and vLLM give the MTP layer), so its state keys are its own."""
+    import reference.ops  # noqa: F401  (registers torch.ops.qwen35.*)
+
+    if not config.mtp_num_hidden_layers:
+        raise TraceError("the config has no MTP layer (mtp_num_hidden_layers = 0)")
+    template = replace(config, num_hidden_layers=1, layer_types=[config.layer_types[0]])
+    if config.model_type == "qwen3_next":
+        template = replace(template, mlp_only_layers=[])
+    with torch.device("meta"):
+        model = _mtp_step_module()(template).to(dtype).eval()
+        args = (torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, config.hidden_size, dtype=dtype))
+    batch, seq = torch.export.Dim("B", min=1, max=1 << 20), torch.export.Dim("T", min=1, max=1 << 20)
+    try:
+        ep = torch.export.export(model, args, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), strict=False)
+    except Exception as err:  # torch raises many types here; the message is what helps
+        raise TraceError(f"torch.export of the MTP head failed: {type(err).__name__}: {err}") from err
+    graph, _ = import_exported(ep, template)
+    for node in graph.nodes:
+        if node.attrs.get("layer", 0) is None:
+            node.attrs["layer"] = config.num_hidden_layers
+    graph.name = re.sub(r"\W", "_", config.model_type) + "_mtp"
+    graph.metadata = {"model_type": config.model_type, "num_hidden_layers": 1, "layer_types": ["full_attention"],
+                      "dtype": TORCH_TO_DTYPE[dtype], "tie_word_embeddings": bool(config.tie_word_embeddings),
+                      "form": "stateless", "mtp": True}
+    graph.rename(graph.outputs[0], "logits")
+    graph.rename(graph.outputs[1], "mtp_hidden")
+    graph.output_attrs[1]["name"] = "mtp_hidden"      # passes rename values; the interface name stays
+    return graph
+
+
 def trace_checkpoint(path, dtype: torch.dtype = torch.float32) -> TraceResult:
     """Trace the model of a checkpoint directory (reads config.json only; no weights)."""
     from reference.config import load_config
@@ -510,4 +568,4 @@ class CheckpointWeights:
 
 
 __all__ = ["CheckpointWeights", "TraceError", "TraceResult", "export_meta", "import_exported",
-           "instantiate", "template_config", "trace_checkpoint", "trace_config"]
+           "instantiate", "template_config", "trace_checkpoint", "trace_config", "trace_mtp"]

@@ -22,6 +22,9 @@ distribution q, draft d is accepted with probability min(1, p(d) / q(d)); on rej
 drawn from max(p - q, 0) renormalised. A drafter that gives no distribution is a point mass (accept
 with p(d); on rejection draw from p without d). p is exactly what plain `generate` samples from
 (temperature, then top-p), so the output distribution is plain sampling's.
+
+Drafters: the model's own MTP head (`MtpDrafter`, the default where the artifact has one), prompt
+lookup (`PromptLookup`, the default otherwise) and `Replay` (tests and `verify`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qwen35c.errors import QwenError
@@ -82,6 +86,81 @@ class Replay:
         return drafts
 
 
+class MtpDrafter:
+    """Drafts with the model's MTP head (Qwen3.5's multi-token prediction layer, as vLLM runs it).
+
+    The head predicts token i + 2 from the main model's hidden state at position i and token i + 1.
+    It keeps a KV cache of its own over these pairs: before drafting, every pair whose hidden
+    state the main model has computed since (`observe`) and whose next token is known is fed, in
+    one step; its last pair gives draft 1. Draft j + 1 chains on draft j: the pair (the head's own
+    hidden state, draft j) one position on, as the head was trained (tools/train_tiny.py). Chained
+    pairs sit past the fed ones in the head's cache and are written over by the next feed, so,
+    like the main model's drafts, they need no rollback. Drafts are the head's argmax (a point
+    mass for the sampling rule).
+
+    `head` is a backend's MTP session: `new_state(batch, max_len)` and `draft_step(ids, hidden,
+    state, q_start, lengths) -> (last logits [B, V], mtp_hidden [B, T, H])`."""
+
+    needs_hidden = True
+
+    def __init__(self, head):
+        self.head = head
+        self.state = None
+
+    def start(self, batch: int, max_len: int) -> None:
+        self.state = self.head.new_state(batch, max_len)
+        self.fed = [0] * batch                       # pairs in the head's cache, per row
+        self.hidden: list[list[np.ndarray]] = [[] for _ in range(batch)]   # main hidden states by position
+
+    def observe(self, b: int, position: int, hidden: torch.Tensor) -> None:
+        """The main model's hidden states of row b at positions position.. (recomputed ones agree)."""
+        rows = self.hidden[b]
+        for i, h in enumerate(hidden.numpy()):
+            if position + i == len(rows):
+                rows.append(h)
+
+    def propose(self, contexts: list[list[int]], budgets: list[int]) -> list[Draft]:
+        batch = len(contexts)
+        drafts: list[list[int]] = [[] for _ in range(batch)]
+        live = [b for b in range(batch) if budgets[b] > 0]
+        if not live:
+            return [Draft([]) for _ in range(batch)]
+        # feed every pair (h_i, x_{i+1}) not yet in the cache: i < len(context) - 1
+        spans = {b: (self.fed[b], len(contexts[b]) - 1) for b in live}
+        for b, (lo, hi) in spans.items():
+            if hi > len(self.hidden[b]) or hi <= lo:
+                raise QwenError(f"MTP drafter: row {b} has hidden states for {len(self.hidden[b])} positions, "
+                                f"needs {hi} (and a pair to feed)")
+        width = max(hi - lo for lo, hi in spans.values())
+        H = self.head.config.hidden_size
+        ids, hidden = np.zeros((batch, width), np.int64), np.zeros((batch, width, H), np.float32)
+        lengths, q_start = np.zeros(batch, np.int64), np.asarray(self.fed, np.int64)
+        for b, (lo, hi) in spans.items():
+            ids[b, :hi - lo] = contexts[b][lo + 1:hi + 1]
+            hidden[b, :hi - lo] = np.stack(self.hidden[b][lo:hi])
+            lengths[b] = hi - lo
+        logits, states = self.head.draft_step(ids, hidden, self.state, q_start, lengths)
+        last = {b: states[b, lengths[b] - 1] for b in live}
+        for b, (lo, hi) in spans.items():
+            self.fed[b] = hi
+        for j in range(max(budgets)):
+            for b in live:
+                if j < budgets[b]:
+                    drafts[b].append(int(logits[b].argmax()))
+            chain = [b for b in live if j + 1 < budgets[b]]
+            if not chain:
+                break
+            ids, hidden = np.zeros((batch, 1), np.int64), np.zeros((batch, 1, H), np.float32)
+            lengths = np.zeros(batch, np.int64)
+            q_start = np.asarray(self.fed, np.int64) + j
+            for b in chain:
+                ids[b, 0], hidden[b, 0], lengths[b] = drafts[b][-1], last[b], 1
+            logits, states = self.head.draft_step(ids, hidden, self.state, q_start, lengths)
+            last = {b: states[b, 0] for b in chain}
+            live = chain
+        return [Draft(d) for d in drafts]
+
+
 def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int, k: int, drafter,
                          temperature: float, top_p: float, seed: int, stop_ids, on_token):
     """`Session.generate(..., speculative=k)`; see the module docstring."""
@@ -90,7 +169,9 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
     if not session.extends:
         raise QwenError(f"{getattr(session, 'directory', None) or type(session).__name__}: no commit step, so no "
                         f"speculative decoding (onnx artifacts have one since the graph took a `commit` input)")
-    drafter = drafter or PromptLookup()
+    if drafter is None:
+        drafter = MtpDrafter(session.draft_head()) if getattr(session, "drafts", False) else PromptLookup()
+    hidden = getattr(drafter, "needs_hidden", False)
     batch, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)
     ids = torch.zeros(batch, width, dtype=torch.long)
@@ -98,11 +179,19 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
         ids[b, :len(prompt)] = torch.tensor(prompt)
     # a step reaches q_start + |pending| + |drafts| <= prompt + produced + K, and rows padded to the
     # longest row (at most 2K + 1 tokens) write their padding that far too
-    state = session.new_state(batch, width + max_new_tokens + 2 * k + 2)
+    capacity = width + max_new_tokens + 2 * k + 2
+    state = session.new_state(batch, capacity)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    last = session.prefill(ids, state, torch.tensor(lengths), last_only=True).float()[:, 0]
+    last = session.prefill(ids, state, torch.tensor(lengths), last_only=True, **({"hidden": True} if hidden else {}))
+    if hidden:
+        last, states = last
+        drafter.start(batch, capacity)
+        for b, n in enumerate(lengths):
+            drafter.observe(b, 0, states[b, :n])
+    last = last.float()[:, 0]
     prefill_seconds = time.perf_counter() - start
+    position = list(lengths)           # tokens each row's state holds
     tokens: list[list[int]] = [[] for _ in range(batch)]
     done = [max_new_tokens <= 0] * batch
 
@@ -122,7 +211,8 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
             emit(b, pending[b])
     steps = drafted = accepted = 0
     decode_seconds = 0.0
-    while not all(done):
+    while not all(done):   # a step's time includes drafting and judging
+        start = time.perf_counter()
         budgets = [0 if done[b] else min(k, max_new_tokens - len(tokens[b]) - 1) for b in range(batch)]
         drafts = drafter.propose([prompts[b] + tokens[b] for b in range(batch)], budgets)
         drafts = [Draft(d.tokens[:budgets[b]], None if d.probs is None else d.probs[:budgets[b]])
@@ -132,9 +222,10 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
         for b, row in enumerate(rows):
             step[b, :len(row)] = torch.tensor(row, dtype=torch.long)
         commit = [0 if done[b] else len(pending[b]) for b in range(batch)]
-        start = time.perf_counter()
-        logits = session.extend(step, state, [len(r) for r in rows], commit).float()
-        decode_seconds += time.perf_counter() - start
+        logits = session.extend(step, state, [len(r) for r in rows], commit, **({"hidden": True} if hidden else {}))
+        if hidden:
+            logits, states = logits
+        logits = logits.float()
         steps += 1
         for b in range(batch):
             if done[b]:
@@ -143,8 +234,12 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
             new = _judge(logits[b, base:base + len(draft.tokens) + 1], draft, temperature, top_p, generator)
             drafted += len(draft.tokens)
             accepted += len(new) - 1
+            if hidden:   # pending tokens and accepted drafts: states of the committed context
+                drafter.observe(b, position[b], states[b, :base + len(new)])
+            position[b] += commit[b]
             pending[b] = new
             emit(b, new)
+        decode_seconds += time.perf_counter() - start
     produced = sum(max(len(t) - 1, 0) for t in tokens)   # the first token of each row is the prefill's
     return GenerationResult(tokens, lengths, prefill_seconds, decode_seconds, steps, [], produced,
                             drafted, accepted)
@@ -181,4 +276,4 @@ def _judge(logits: torch.Tensor, draft: Draft, temperature: float, top_p: float,
     return new + [int(choose(logits[len(draft.tokens)][None], temperature, top_p, generator)[0])]
 
 
-__all__ = ["Draft", "PromptLookup", "Replay", "generate_speculative"]
+__all__ = ["Draft", "MtpDrafter", "PromptLookup", "Replay", "generate_speculative"]

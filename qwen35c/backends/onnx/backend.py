@@ -16,8 +16,44 @@ _COMMIT = "commit i64[B] (optional: defaults to lengths)"
 _MAX_DIM = 1 << 24          # a static state dimension larger than this is not a Qwen3.5 state
 
 
+def _graph_section(emitted) -> dict:
+    """The manifest's description of one emitted graph (model.onnx, or mtp.onnx under `mtp`)."""
+    inputs = _INTERFACE["inputs"][:4] + emitted.extra_inputs + _INTERFACE["inputs"][4:] + [_COMMIT] * emitted.commit
+    outputs = _INTERFACE["outputs"][:1] + emitted.extra_outputs + _INTERFACE["outputs"][1:]
+    return {"model": emitted.model_file.name, "data": emitted.data_file.name,
+            "states": [s.to_json() for s in emitted.states], "ops": emitted.ops, "nodes": emitted.num_nodes,
+            "interface": {"inputs": inputs, "outputs": outputs}}
+
+
+def _validate_graph(section: dict, key: str, check, files: dict) -> None:
+    check.listed(section.get("model"), f"{key}.model", files)
+    check.listed(section.get("data"), f"{key}.data", files)
+    check.int(section.get("nodes"), f"{key}.nodes")
+    for op, count in check.dict(section.get("ops"), f"{key}.ops").items():
+        check.int(count, f"{key}.ops[\"{op}\"]")
+    interface = check.dict(section.get("interface"), f"{key}.interface")
+    for side in ("inputs", "outputs"):
+        for j, entry in enumerate(check.list(interface.get(side), f"{key}.interface.{side}")):
+            check.str(entry, f"{key}.interface.{side}[{j}]")
+    seen = set()
+    for i, spec in enumerate(check.list(section.get("states"), f"{key}.states")):
+        at = f"{key}.states[{i}]"
+        check.dict(spec, at)
+        for field in ("name", "output", "key", "layout"):
+            check.str(spec.get(field), f"{at}.{field}")
+        if spec["name"] in seen:
+            raise check.fail(f"{at}.name", f"repeats '{spec['name']}'")
+        seen.add(spec["name"])
+        if spec.get("dtype") not in _DTYPES:
+            raise check.fail(f"{at}.dtype", f"must be one of {', '.join(_DTYPES)}, got {spec.get('dtype')!r}")
+        for j, dim in enumerate(check.list(spec.get("shape"), f"{at}.shape")):
+            if dim not in ("B", "S"):
+                check.int(dim, f"{at}.shape[{j}]", 1, _MAX_DIM)
+
+
 class OnnxBackend:
     name = "onnx"
+    drafts = True
     statistical_check_prompts = "full"     # the build's check at a statistical gate (build._check)
 
     def setup(self) -> None:
@@ -26,43 +62,28 @@ class OnnxBackend:
     def emit(self, graph, out_dir: Path, ctx: EmitContext) -> dict:
         from qwen35c.backends.onnx.emit import emit_onnx
 
-        emitted = emit_onnx(graph, ctx.weights, out_dir, on_weight=ctx.on_weight, release=ctx.release,
-                            tied_lm_head=ctx.tied_lm_head)
+        kwargs = dict(on_weight=ctx.on_weight, release=ctx.release, tied_lm_head=ctx.tied_lm_head)
+        emitted = emit_onnx(graph, ctx.weights, out_dir, hidden_output=ctx.mtp is not None, **kwargs)
+        section = {"name": self.name, **_graph_section(emitted), "opset": 23, "domains": ["", "com.microsoft"],
+                   "min_onnxruntime": "1.32"}
+        files = [emitted.model_file]
+        if ctx.mtp is not None:   # the draft head: its own graph, reading the shared tensors from model.onnx.data
+            mtp = emit_onnx(ctx.mtp, ctx.weights, out_dir, model_name="mtp.onnx", reuse=emitted.streamed, **kwargs)
+            section["mtp"] = _graph_section(mtp)
+            files.append(mtp.model_file)
         if ctx.quantization is not None:
-            _annotate(emitted.model_file, {"qwen35c.quantization": json.dumps(ctx.quantization, sort_keys=True)})
-        return {"name": self.name, "model": emitted.model_file.name, "data": emitted.data_file.name,
-                "opset": 23, "domains": ["", "com.microsoft"], "min_onnxruntime": "1.32",
-                "states": [s.to_json() for s in emitted.states], "ops": emitted.ops,
-                "nodes": emitted.num_nodes,
-                "interface": {**_INTERFACE, "inputs": _INTERFACE["inputs"] + [_COMMIT] * emitted.commit}}
+            for file in files:
+                _annotate(file, {"qwen35c.quantization": json.dumps(ctx.quantization, sort_keys=True)})
+        return section
 
     def engine_status(self, section: dict) -> dict:
         return {"status": "ready", "detail": "ONNX Runtime (CPUExecutionProvider) loads the model at run time"}
 
     def validate(self, section: dict, check, files: dict) -> None:
-        check.listed(section.get("model"), "backend.model", files)
-        check.listed(section.get("data"), "backend.data", files)
         check.int(section.get("opset"), "backend.opset", 1, 99)
-        check.int(section.get("nodes"), "backend.nodes")
-        for op, count in check.dict(section.get("ops"), "backend.ops").items():
-            check.int(count, f"backend.ops[\"{op}\"]")
-        interface = check.dict(section.get("interface"), "backend.interface")
-        for j, entry in enumerate(check.list(interface.get("inputs"), "backend.interface.inputs")):
-            check.str(entry, f"backend.interface.inputs[{j}]")
-        seen = set()
-        for i, spec in enumerate(check.list(section.get("states"), "backend.states")):
-            key = f"backend.states[{i}]"
-            check.dict(spec, key)
-            for field in ("name", "output", "key", "layout"):
-                check.str(spec.get(field), f"{key}.{field}")
-            if spec["name"] in seen:
-                raise check.fail(f"{key}.name", f"repeats '{spec['name']}'")
-            seen.add(spec["name"])
-            if spec.get("dtype") not in _DTYPES:
-                raise check.fail(f"{key}.dtype", f"must be one of {', '.join(_DTYPES)}, got {spec.get('dtype')!r}")
-            for j, dim in enumerate(check.list(spec.get("shape"), f"{key}.shape")):
-                if dim not in ("B", "S"):
-                    check.int(dim, f"{key}.shape[{j}]", 1, _MAX_DIM)
+        _validate_graph(section, "backend", check, files)
+        if section.get("mtp") is not None:
+            _validate_graph(check.dict(section["mtp"], "backend.mtp"), "backend.mtp", check, files)
 
     def reference(self, model_dir: Path, manifest: dict, prepared, session):
         """The fp32 reference at the target's gate, or for a quantized artifact the quantization-
@@ -86,11 +107,18 @@ class OnnxBackend:
 
 
 def _check_model(directory: Path, manifest: dict) -> None:
-    """model.onnx agrees with its manifest: its external data lives only in listed files, and its
-    state inputs are exactly the manifest's states (name, dtype, static dims)."""
+    """model.onnx (and mtp.onnx) agree with the manifest: external data lives only in listed files,
+    the state inputs are exactly the manifest's states (name, dtype, static dims), the other inputs
+    the interface's, and the quantization record is the manifest's."""
+    section = manifest["backend"]
+    _check_graph(directory, manifest, section, "backend")
+    if section.get("mtp") is not None:
+        _check_graph(directory, manifest, section["mtp"], "backend.mtp")
+
+
+def _check_graph(directory: Path, manifest: dict, section: dict, key: str) -> None:
     import onnx
 
-    section = manifest["backend"]
     file = artifact_file(directory, manifest, section["model"])
     try:
         proto = onnx.load(str(file), load_external_data=False)
@@ -111,17 +139,16 @@ def _check_model(directory: Path, manifest: dict) -> None:
     for i, spec in enumerate(section["states"]):
         got = inputs.get(spec["name"])
         if got is None:
-            raise ArtifactError(f"{directory}/manifest.json: key 'backend.states[{i}]' names '{spec['name']}', "
+            raise ArtifactError(f"{directory}/manifest.json: key '{key}.states[{i}]' names '{spec['name']}', "
                                 f"which is not an input of {section['model']}")
         dtype, dims = got
         static = [d for d in spec["shape"] if not isinstance(d, str)]
         if dtype != spec["dtype"] or len(dims) != len(spec["shape"]) or \
                 static != [d for d, s in zip(dims, spec["shape"]) if not isinstance(s, str)]:
-            raise ArtifactError(f"{directory}/manifest.json: key 'backend.states[{i}]' ({spec['dtype']} "
+            raise ArtifactError(f"{directory}/manifest.json: key '{key}.states[{i}]' ({spec['dtype']} "
                                 f"{spec['shape']}) disagrees with {section['model']} ({dtype} {dims})")
-    expected = {"input_ids", "q_start", "lengths", "logit_positions"} | {s["name"] for s in section["states"]}
-    if _COMMIT in section["interface"]["inputs"]:
-        expected.add("commit")
+    expected = {entry.split()[0] for entry in section["interface"]["inputs"] if not entry.startswith("<")}
+    expected |= {s["name"] for s in section["states"]}
     for name in sorted(expected - set(inputs)):
         raise ArtifactError(f"{file}: has no input '{name}' (the manifest's interface needs it)")
     for name in sorted(set(inputs) - expected):

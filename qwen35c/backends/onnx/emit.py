@@ -10,6 +10,13 @@ One graph serves prefill (T >= 1) and decode (T = 1) with dynamic B and T. Its i
     outputs: logits f32[B, P, V] (the LM head runs only at the positions asked for), then one
              `<state name>.out` per state input, same shape and layout
 
+An artifact whose checkpoint has an MTP head holds a second graph of this form, the head's
+(`mtp.onnx`): it also takes `hidden` f32[B, T, H] (the main model's post-norm hidden states at
+positions i; input_ids are then the tokens i + 1) and returns `mtp_hidden` f32[B, T, H], and the
+main graph returns `hidden` f32[B, T, H] at every position (`hidden_output`). The MTP graph reads
+the tensors it shares with the main graph (the embedding, a tied LM head) from the main graph's
+external data file (`reuse`) instead of storing them twice.
+
 Backend-specific state layouts (recorded in the manifest; the session owns these buffers):
   conv_state_i       [B, K-1, C]   channels-last (the conv runs on concat(state, x) along time)
   recurrent_state_i  [B, nv, dk, dv] K-major: what com.microsoft::LinearAttention reads and writes
@@ -95,6 +102,9 @@ class EmitResult:
     data_bytes: int
     ops: dict[str, int] = field(default_factory=dict)
     commit: bool = False                 # the graph takes `commit` (speculative verify steps)
+    extra_inputs: list[str] = field(default_factory=list)    # e.g. "hidden f32[B,T,256]" (the MTP graph)
+    extra_outputs: list[str] = field(default_factory=list)   # "hidden ..." / "mtp_hidden ..."
+    streamed: dict[str, TensorProto] = field(default_factory=dict)   # weight name -> its external tensor
 
 
 class _DataWriter:
@@ -136,7 +146,8 @@ class OnnxEmitter:
 
     def __init__(self, graph: Graph, weights: Callable[[str], torch.Tensor], out_dir: Path,
                  model_name: str = "model.onnx", on_weight: Callable[[str], None] | None = None,
-                 release: Callable[[str], None] | None = None, tied_lm_head: bool = False):
+                 release: Callable[[str], None] | None = None, tied_lm_head: bool = False,
+                 hidden_output: bool = False, reuse: dict[str, TensorProto] | None = None):
         if graph.metadata.get("form") != "stateful":
             raise EmitError("the ONNX backend needs a stateful graph: run insert-state first "
                             "(the pipeline must contain insert-state)")
@@ -155,6 +166,9 @@ class OnnxEmitter:
         self.shapes: dict[tuple, str] = {}
         self.users = graph.users()
         self.tied_lm_head = tied_lm_head
+        self.hidden_output = hidden_output
+        self.reuse = reuse or {}                                 # weight name -> another graph's tensor
+        self.streamed: dict[str, TensorProto] = {}
         self.embedding_table = next((n.inputs[0] for n in graph.nodes if n.op == "embedding"), None)
         self._static: dict[int, bool] = {}
         self.deferred_kv: dict[int, tuple[str, str, str]] = {}   # id(cache') -> (cache, new, name)
@@ -282,13 +296,16 @@ class OnnxEmitter:
         if key in self.init_cache:
             return self.init_cache[key]
         name = value.name + (f".{transform}" if transform else "")
-        streamed = tensor is None and not transform and value.producer.op == "weight" and self._add_streamed(name, value)
-        if not streamed:
+        weight = value.producer.attrs["name"] if tensor is None and not transform and value.producer.op == "weight" \
+            else None
+        if weight is None or not (self._reused(name, weight, value.dtype) or self._add_streamed(name, value)):
             if tensor is None:
                 tensor = self.evaluate(value)
             if transform == "t":
                 tensor = tensor.t()
             self.add_tensor(name, tensor, value.dtype)
+        if weight is not None and self.initializers[-1].data_location == TensorProto.EXTERNAL:
+            self.streamed[weight] = self.initializers[-1]
         self._released(value)
         self.init_cache[key] = name
         return name
@@ -306,6 +323,17 @@ class OnnxEmitter:
         chunks = (_np(source[r:r + rows].to(dtype)) for r in range(0, source.shape[0], rows))
         offset, length = self.data.write_rows(chunks)
         self.initializers.append(self._external(name, value.dtype, list(source.shape), offset, length))
+        return True
+
+    def _reused(self, name: str, weight: str, dtype: str) -> bool:
+        """A weight another graph of the artifact already wrote, as stored: read from its data file."""
+        shared = self.reuse.get(weight)
+        if shared is None or shared.data_type != ONNX_DTYPE[dtype]:
+            return False
+        proto = TensorProto()
+        proto.CopyFrom(shared)
+        proto.name = name
+        self.initializers.append(proto)
         return True
 
     def _external(self, name: str, dtype: str, dims: list[int], offset: int, length: int) -> TensorProto:
@@ -359,7 +387,8 @@ class OnnxEmitter:
         self.model_file.write_bytes(model.SerializeToString(deterministic=True))
         return EmitResult(self.model_file, self.out_dir / self.data_name, states, len(self.nodes),
                           len(self.initializers), self.data.offset, dict(sorted(self.ops.items())),
-                          any(i.name == "commit" for i in inputs))
+                          any(i.name == "commit" for i in inputs), [_signature(v) for v in self.extra_inputs],
+                          [_signature(v) for v in outputs[1:len(outputs) - len(states)]], self.streamed)
 
     def _simplify(self, outputs) -> None:
         """Drop the layout ops that cancel between neighbouring lowerings (see simplify.py), then
@@ -389,6 +418,15 @@ class OnnxEmitter:
         for name in ("input_ids", "q_start", "lengths"):
             self.names[id(by_name[name])] = name
         self.state_values = {id(v) for _key, value, out in g.state_pairs() for v in (value, out)}
+        self.extra_inputs = []
+        for value in g.inputs:   # the MTP graph's `hidden`
+            if id(value) not in self.state_values and value.name not in ("input_ids", "q_start", "lengths", "commit"):
+                if any(isinstance(d, str) and d not in ("B", "T") for d in value.type.shape):
+                    raise EmitError(f"graph input %{value.name} {value.type}: only B and T may be symbolic")
+                self.extra_inputs.append(helper.make_tensor_value_info(value.name, ONNX_DTYPE[value.dtype],
+                                                                       list(value.type.shape)))
+                self.names[id(value)] = value.name
+        inputs += self.extra_inputs
         for key, value, _out in g.state_pairs():
             shape = list(value.type.shape)
             layout = "as-ir"
@@ -411,6 +449,15 @@ class OnnxEmitter:
             states.append(StateSpec(value.name, value.name + ".out", key, value.dtype, shape, layout))
         logits = g.outputs[0]
         outputs = [helper.make_tensor_value_info("logits", ONNX_DTYPE["f32"], ["B", "P", logits.type.shape[-1]])]
+        # hidden states [B, T, H] at every position: the main graph's (the LM head's input) for the
+        # MTP head, the MTP graph's own (its second output) for chained drafts
+        self.extras = [(v, attrs["name"]) for v, attrs in zip(g.outputs[1:], g.output_attrs[1:]) if "name" in attrs]
+        if self.hidden_output:
+            self.extras.insert(0, (logits.producer.inputs[0], "hidden"))
+        for value, name in self.extras:
+            if value.dtype != "f32":
+                raise EmitError(f"graph output {name} is {value.type}; the interface has f32 hidden states")
+            outputs.append(helper.make_tensor_value_info(name, ONNX_DTYPE["f32"], list(value.type.shape)))
         for spec in states:
             outputs.append(helper.make_tensor_value_info(spec.output, ONNX_DTYPE[spec.dtype], spec.shape))
         if "commit" in by_name:   # an overridable initializer: -1 (any negative) stands for lengths
@@ -436,7 +483,7 @@ class OnnxEmitter:
         if self.logits_value.dtype != "f32":
             logits = self.node("Cast", [logits], to=TensorProto.FLOAT)[0]
             produced.add(logits)
-        pairs.insert(0, (logits, "logits"))
+        pairs[:0] = [(logits, "logits")] + [(self.name(value), name) for value, name in self.extras]
         for src, dst in pairs:
             if src in produced and src not in renames:
                 renames[src] = dst
@@ -1014,6 +1061,13 @@ class OnnxEmitter:
 def _np_dtype(dtype: str):
     return {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i64": np.int64, "i32": np.int32,
             "bool": np.bool_, "i8": np.int8, "u8": np.uint8}[dtype]
+
+
+def _signature(info) -> str:
+    """'name dtype[dims]' of an ONNX value info, as the manifest's interface lists them."""
+    t = info.type.tensor_type
+    dtype = next(k for k, v in ONNX_DTYPE.items() if v == t.elem_type)
+    return f"{info.name} {dtype}[{','.join(d.dim_param or str(d.dim_value) for d in t.shape.dim)}]"
 
 
 def emit_onnx(graph: Graph, weights, out_dir: Path, **kwargs) -> EmitResult:

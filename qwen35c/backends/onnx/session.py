@@ -106,16 +106,19 @@ class OnnxState:
 class OnnxSession(Session):
     """`load(artifact)` for artifacts built by the onnx backend."""
 
-    def __init__(self, directory: Path, manifest: dict, threads: int | None = None, arena: bool = True):
+    def __init__(self, directory: Path, manifest: dict, threads: int | None = None, arena: bool = True,
+                 graph: str | None = None):
         """`arena=False` turns off ORT's CPU memory arena (which keeps its largest working set, grown
-        in doubling steps, for the session's life): slower allocation, a lower peak for the checks."""
+        in doubling steps, for the session's life): slower allocation, a lower peak for the checks.
+        `graph="mtp"` opens the artifact's MTP head (`mtp.onnx`) instead of the model."""
         import onnxruntime as ort
 
         from reference.config import load_config
 
         self.directory, self.manifest = Path(directory), manifest
         self.mode = "onnxruntime CPUExecutionProvider, fp32"
-        backend = manifest["backend"]
+        backend = manifest["backend"] if graph is None else manifest["backend"][graph]
+        self.threads, self.arena = threads, arena
         self.config = load_config(self.directory)
         self.tokenizer = load_tokenizer(self.directory)
         self.specs = backend["states"]
@@ -138,13 +141,18 @@ class OnnxSession(Session):
         self.vocab = self.config.vocab_size
         self.gqa = "com.microsoft::GroupQueryAttention" in backend.get("ops", {})
         self.extends = any(i.name == "commit" for i in self.ort.get_overridable_initializers())
+        self.extra_outputs = [o.name for o in self.ort.get_outputs()
+                              if o.name != "logits" and not o.name.endswith(".out")]   # hidden / mtp_hidden
+        self.drafts = "mtp" in backend
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
 
     def new_state(self, batch: int, max_len: int) -> OnnxState:
         return OnnxState(self.specs, batch, max_len)
 
     def _run(self, ids: np.ndarray, state: OnnxState, lengths: np.ndarray, positions: np.ndarray,
-             commit: np.ndarray | None = None) -> np.ndarray:
+             commit: np.ndarray | None = None, hidden: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One step: {"logits": [B, P, V], and each extra output ("hidden" [B, T, H]...)}; `hidden`
+        feeds the MTP graph's input of that name."""
         batch, length = ids.shape
         if batch != state.batch:
             raise QwenError(f"batch {batch} does not match the state's batch {state.batch}")
@@ -155,6 +163,8 @@ class OnnxSession(Session):
         if binding is None:  # the state tensors are bound once per direction (A -> B, B -> A)
             binding = state.bindings[state.current] = self.ort.io_binding()
             binding.bind_output("logits", "cpu")   # first: get_outputs() follows the binding order
+            for name in self.extra_outputs:
+                binding.bind_output(name, "cpu")
             read, write = state.read(), state.write()
             for spec in self.specs:
                 binding.bind_ortvalue_input(spec["name"], read[spec["name"]])
@@ -166,19 +176,25 @@ class OnnxSession(Session):
         if self.extends:   # an overridable initializer: bind_cpu_input looks only among the graph inputs
             binding.bind_ortvalue_input("commit", self._ortvalue(
                 np.ascontiguousarray(lengths if commit is None else commit, dtype=np.int64)))
+        if hidden is not None:
+            binding.bind_cpu_input("hidden", np.ascontiguousarray(hidden, dtype=np.float32))
         binding.bind_output("logits", "cpu")
+        for name in self.extra_outputs:
+            binding.bind_output(name, "cpu")
         self.ort.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
+        outputs = binding.get_outputs()
+        result = {name: outputs[i].numpy() for i, name in enumerate(["logits", *self.extra_outputs])}
         state.swap()
         state.q_start = state.q_start + (lengths if commit is None else commit).astype(np.int64)
-        return logits
+        return result
 
-    def prefill(self, ids, state, lengths=None, last_only=False):
+    def prefill(self, ids, state, lengths=None, last_only=False, hidden=False):
         """Prompts longer than `settings().prefill_chunk` (default 256) tokens run as consecutive chunks
         (the graph continues from q_start), which bounds the activations ORT holds at once, and so the
         arena it keeps for the session's life, at no cost in speed (0.8b cpu-int4, 4096-token prompt,
         2 threads: chunks of 1024 -> 256 took peak RSS 2644 -> 1371 MiB at 220 -> 230 tok/s). A row whose
-        prompt ended in an earlier chunk gets length 0 in the later ones: its state is left as it is."""
+        prompt ended in an earlier chunk gets length 0 in the later ones: its state is left as it is.
+        `hidden=True` (an artifact with an MTP head) returns (logits, hidden states [B, T, H])."""
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
         batch, length = ids.shape
         lengths = np.full(batch, length, np.int64) if lengths is None else \
@@ -186,20 +202,25 @@ class OnnxSession(Session):
         if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > length).any():
             raise QwenError(f"lengths {lengths.tolist()} must give each of the {batch} rows 0..{length} tokens")
         chunk = settings().prefill_chunk
+        if hidden and "hidden" not in self.extra_outputs:
+            raise QwenError(f"{self.directory}: this artifact's graph returns no hidden states (built without an MTP head)")
         if self.gqa and batch > 1 and length > 1 and (length > chunk or state.q_start.any()):
-            return self._prefill_rows(ids, state, lengths, last_only)
-        if length > chunk:
-            return self._prefill_chunked(ids, state, lengths, last_only, chunk)
-        if last_only:
-            positions = (lengths - 1).reshape(batch, 1)
+            logits, states = self._prefill_rows(ids, state, lengths, last_only)
+        elif length > chunk:
+            logits, states = self._prefill_chunked(ids, state, lengths, last_only, chunk)
         else:
-            positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
-        return torch.from_numpy(self._run(ids, state, lengths, positions))
+            if last_only:
+                positions = (lengths - 1).reshape(batch, 1)
+            else:
+                positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
+            out = self._run(ids, state, lengths, positions)
+            logits, states = out["logits"], out.get("hidden")
+        return (torch.from_numpy(logits), torch.from_numpy(states)) if hidden else torch.from_numpy(logits)
 
     def _prefill_chunked(self, ids, state, lengths, last_only, chunk):
         batch, length = ids.shape
         last = lengths - 1
-        parts, result = [], None
+        parts, hidden, result = [], [], None
         for c0 in range(0, length, chunk):
             n = min(length, c0 + chunk) - c0
             lens = np.clip(lengths - c0, 0, n).astype(np.int64)
@@ -207,14 +228,18 @@ class OnnxSession(Session):
                 positions = np.clip(last - c0, 0, n - 1).reshape(batch, 1)
             else:
                 positions = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n))
-            logits = self._run(np.ascontiguousarray(ids[:, c0:c0 + n]), state, lens, positions)
+            out = self._run(np.ascontiguousarray(ids[:, c0:c0 + n]), state, lens, positions)
+            logits = out["logits"]
+            if "hidden" in out:
+                hidden.append(out["hidden"])
             if last_only:
                 result = np.zeros_like(logits) if result is None else result
                 here = (last >= c0) & (last < c0 + n)
                 result[here] = logits[here]
             else:
                 parts.append(logits)
-        return torch.from_numpy(result if last_only else np.concatenate(parts, axis=1))
+        return result if last_only else np.concatenate(parts, axis=1), \
+            np.concatenate(hidden, axis=1) if hidden else None
 
     def _prefill_rows(self, ids, state, lengths, last_only):
         """ORT's CPU GroupQueryAttention takes T > 1 on top of a non-empty cache only for batch 1
@@ -224,20 +249,25 @@ class OnnxSession(Session):
         a row's length are zero."""
         batch, length = ids.shape
         result = np.zeros((batch, 1 if last_only else length, self.vocab), np.float32)
+        hidden = np.zeros((batch, length, self.config.hidden_size), np.float32) if "hidden" in self.extra_outputs else None
         for b, n in enumerate(lengths.tolist()):
             row = state.row(b)
             if n:
-                logits = self.prefill(np.ascontiguousarray(ids[b:b + 1, :n]), row, None, last_only)
+                out = self.prefill(np.ascontiguousarray(ids[b:b + 1, :n]), row, None, last_only, hidden=hidden is not None)
+                logits = out[0] if hidden is not None else out
                 result[b, :logits.shape[1]] = logits[0].numpy()
+                if hidden is not None:
+                    hidden[b, :n] = out[1][0].numpy()
             row.settle(1 - state.current)
         state.swap()
         state.q_start = state.q_start + lengths
-        return torch.from_numpy(result)
+        return result, hidden
 
-    def extend(self, ids, state, lengths, commit):
+    def extend(self, ids, state, lengths, commit, hidden=False):
         """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V] of every step, keeping only the
         first commit[b] tokens of each row in the state (the rest, a speculative step's drafts, are
-        computed and forgotten: the next step starts at q_start + commit)."""
+        computed and forgotten: the next step starts at q_start + commit). `hidden=True` returns
+        (logits, hidden states [B, T, H]) on an artifact with an MTP head."""
         if not self.extends:
             raise QwenError(f"{self.directory}: this artifact's graph has no commit input (built before "
                             f"speculative decoding, or with unfused GDN layers); rebuild it")
@@ -247,24 +277,60 @@ class OnnxSession(Session):
         if (commit < 0).any() or (commit > lengths).any() or (lengths > length).any():
             raise QwenError(f"commit {commit.tolist()} must lie within lengths {lengths.tolist()} <= {length}")
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
+        if hidden and "hidden" not in self.extra_outputs:
+            raise QwenError(f"{self.directory}: this artifact's graph returns no hidden states (built without an MTP head)")
         if not (self.gqa and batch > 1 and length > 1):
-            return torch.from_numpy(self._run(ids, state, lengths, positions, commit))
-        result = np.zeros((batch, length, self.vocab), np.float32)   # row by row: see _prefill_rows
+            out = self._run(ids, state, lengths, positions, commit)
+            logits, states = out["logits"], out.get("hidden")
+        else:   # row by row: see _prefill_rows
+            logits = np.zeros((batch, length, self.vocab), np.float32)
+            states = np.zeros((batch, length, self.config.hidden_size), np.float32)
+            for b, n in enumerate(lengths.tolist()):
+                row = state.row(b)
+                if n:
+                    out = self._run(np.ascontiguousarray(ids[b:b + 1, :n]), row, lengths[b:b + 1], positions[:1, :n],
+                                    commit[b:b + 1])
+                    logits[b, :n] = out["logits"][0]
+                    if "hidden" in out:
+                        states[b, :n] = out["hidden"][0]
+                row.settle(1 - state.current)
+            state.swap()
+            state.q_start = state.q_start + commit
+        return (torch.from_numpy(logits), torch.from_numpy(states)) if hidden else torch.from_numpy(logits)
+
+    def draft_head(self) -> "OnnxSession":
+        """The artifact's MTP head (`mtp.onnx`) as a session of its own, run by `draft_step`."""
+        if not self.drafts:
+            raise QwenError(f"{self.directory}: this artifact has no MTP head (its checkpoint had none, or it was "
+                            f"built with --no-mtp)")
+        return OnnxSession(self.directory, self.manifest, self.threads, self.arena, graph="mtp")
+
+    def draft_step(self, ids, hidden, state, q_start, lengths) -> tuple[np.ndarray, np.ndarray]:
+        """The MTP graph over pairs (hidden [B, T, H] of positions q_start.., ids [B, T] the tokens
+        after them), right-padded to `lengths`: (logits [B, V] of each row's last pair, its hidden
+        states mtp_hidden [B, T, H]). Writes the pairs' keys and values at q_start.. of `state`."""
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
+        hidden = np.ascontiguousarray(np.asarray(hidden, dtype=np.float32))
+        batch, length = ids.shape
+        lengths = np.asarray(lengths, np.int64)
+        state.q_start = np.asarray(q_start, np.int64).copy()
+        if not (self.gqa and batch > 1 and length > 1):
+            out = self._run(ids, state, lengths, np.maximum(lengths - 1, 0).reshape(batch, 1), hidden=hidden)
+            return out["logits"][:, 0], out["mtp_hidden"]
+        logits = np.zeros((batch, self.vocab), np.float32)    # row by row: see _prefill_rows
+        states = np.zeros_like(hidden)
         for b, n in enumerate(lengths.tolist()):
-            row = state.row(b)
             if n:
-                result[b, :n] = self._run(np.ascontiguousarray(ids[b:b + 1, :n]), row, lengths[b:b + 1],
-                                          positions[:1, :n], commit[b:b + 1])[0]
-            row.settle(1 - state.current)
-        state.swap()
-        state.q_start = state.q_start + commit
-        return torch.from_numpy(result)
+                out = self._run(ids[b:b + 1, :n], state.row(b), lengths[b:b + 1], np.asarray([[n - 1]]),
+                                hidden=hidden[b:b + 1, :n])
+                logits[b], states[b, :n] = out["logits"][0, 0], out["mtp_hidden"][0]
+        return logits, states
 
     def decode(self, ids, state):
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
         batch = ids.shape[0]
         return torch.from_numpy(self._run(ids.reshape(batch, 1), state, np.ones(batch, np.int64),
-                                          np.zeros((batch, 1), np.int64)))
+                                          np.zeros((batch, 1), np.int64))["logits"])
 
     def logits(self, ids):
         return self.prefill(ids, self.new_state(ids.shape[0], ids.shape[1]))
