@@ -1,22 +1,25 @@
 """Speculative decoding on onnx artifacts (not a test): what a verify step costs, and what it buys.
 
     python bench/bench_speculative.py ART [ART ...] [--threads 2] [--context 512] [--new 128]
-        [--k 1,2,3] [--repeats 3] [--alpha 0.9] [--json OUT]
+        [--k 1,2,3] [--drafters mtp,lookup] [--repeats 3] [--alpha 0.9] [--json OUT]
 
 For each artifact, in one process, measurements interleaved across repeats (medians):
   step cost   a 1-token decode step against a T-token verify step (commit 1, the rest drafts) for
-              T = 2 .. 2K+1 at a CONTEXT-token state: the ratio c(T) decides every speedup below.
-  generation  NEW greedy tokens after a CONTEXT-token prompt, plain and with `speculative=K`
-              (prompt-lookup drafts): decode tok/s, drafts accepted / proposed, tokens per weight
-              pass (= per step), the ratio to plain, and whether the tokens equal plain decoding's.
+              T = 2 .. 2K+1 at a CONTEXT-token state: the ratio c(T) decides every speedup below;
+              and, for an artifact with an MTP head, one draft step of the head (ratio d).
+  generation  NEW greedy tokens after a CONTEXT-token prompt, plain and with `speculative=K` for
+              each drafter (`mtp`: the artifact's MTP head; `lookup`: prompt lookup): decode tok/s
+              (drafting included), drafts accepted / proposed, tokens per weight pass (= per
+              step), the ratio to plain, and whether the tokens equal plain decoding's.
               The prompt is held-out text through the artifact's tokenizer when it has one (a
               trained model, real acceptance), else random ids (random weights: acceptance ~0).
   projection  for a per-draft acceptance ALPHA (independent drafts), a step with K drafts yields
               E[m] = (1 - ALPHA^(K+1)) / (1 - ALPHA) tokens and feeds T = E[m] + K tokens (the last
               step's E[m] tokens come back as pending): speedup = E[m] / c(T), c interpolated from
-              the measured step costs. The default ALPHA 0.9 is the order of the ~93 % reported for
-              Qwen3-Next's MTP head (ROCm ATOM, ../shared/notes/peers.md §4.11); ours has no MTP
-              drafter yet, so this is what a 1.3x-cheap verify step would give one.
+              the measured step costs, plus K draft steps (K d) where the head drafts: speedup =
+              E[m] / (c(T) + K d). The default ALPHA 0.9 is the order of the ~93 % reported for
+              Qwen3-Next's MTP head (ROCm ATOM, ../shared/notes/peers.md §4.11), a published
+              model's head; the bundled tiny models' heads reach ~55 %.
 """
 
 from __future__ import annotations
@@ -48,6 +51,20 @@ def step_costs(session, context: int, widths: list[int], repeats: int, rng) -> d
     return {t: statistics.median(v) for t, v in times.items()}
 
 
+def draft_cost(head, context: int, repeats: int, rng) -> float:
+    """Median seconds of one MTP draft step (one pair) after CONTEXT pairs."""
+    hidden = rng.standard_normal((1, context, head.config.hidden_size)).astype(np.float32)
+    ids = rng.integers(0, head.config.vocab_size, (1, context))
+    state = head.new_state(1, context + 1)
+    head.draft_step(ids, hidden, state, [0], [context])
+    times = []
+    for _ in range(repeats * 20):
+        start = time.perf_counter()
+        head.draft_step(ids[:, :1], hidden[:, :1], state, [context], [1])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def prompt_ids(session, context: int, rng) -> tuple[list[int], str]:
     from qwen35c.verify import heldout_ids
 
@@ -58,17 +75,18 @@ def prompt_ids(session, context: int, rng) -> tuple[list[int], str]:
     return rng.integers(0, session.config.vocab_size, context).tolist(), "random ids"
 
 
-def projection(costs: dict[int, float], k: int, alpha: float) -> dict:
+def projection(costs: dict[int, float], k: int, alpha: float, draft: float = 0.0) -> dict:
     widths = sorted(costs)
     expected = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
     width = expected + k
-    ratio = float(np.interp(width, widths, [costs[t] / costs[1] for t in widths]))
+    ratio = float(np.interp(width, widths, [costs[t] / costs[1] for t in widths])) + k * draft / costs[1]
     return {"k": k, "alpha": alpha, "tokens_per_step": expected, "step_tokens": width, "step_cost": ratio,
             "speedup": expected / ratio, "extrapolated": width > widths[-1]}
 
 
 def bench(path: str, args) -> dict:
     from qwen35c.runtime import load
+    from qwen35c.runtime.speculative import MtpDrafter, PromptLookup
 
     session = load(path, threads=args.threads)
     if not session.extends:
@@ -76,24 +94,30 @@ def bench(path: str, args) -> dict:
     rng = np.random.default_rng(0)
     ks = [int(k) for k in args.k.split(",")]
     costs = step_costs(session, args.context, list(range(2, 2 * max(ks) + 2)), args.repeats, rng)
+    head = session.draft_head() if session.drafts else None
+    draft = draft_cost(head, args.context, args.repeats, rng) if head is not None else 0.0
+    factories = {"mtp": lambda: MtpDrafter(head), "lookup": PromptLookup}
+    drafters = [d for d in args.drafters.split(",") if d != "mtp" or head is not None]
     prompt, source = prompt_ids(session, args.context, rng)
-    runs: dict[int, list] = {k: [] for k in [0, *ks]}
+    runs: dict[tuple, list] = {(None, 0): [], **{(d, k): [] for d in drafters for k in ks}}
     for _ in range(args.repeats):
-        for k in runs:
-            runs[k].append(session.generate([prompt], args.new, speculative=k))
-    plain = runs[0][0].tokens
+        for d, k in runs:
+            runs[d, k].append(session.generate([prompt], args.new, speculative=k,
+                                               drafter=factories[d]() if d else None))
+    plain = runs[None, 0][0].tokens
     out = {"artifact": path, "mode": session.mode, "context": args.context, "new": args.new, "prompt": source,
            "threads": args.threads, "step_ms": {t: 1e3 * c for t, c in costs.items()},
-           "step_ratio": {t: c / costs[1] for t, c in costs.items()}, "generation": [], "projection": []}
-    base = statistics.median(r.decode_tokens_per_second for r in runs[0])
-    for k, results in runs.items():
+           "step_ratio": {t: c / costs[1] for t, c in costs.items()},
+           "mtp_draft_ms": 1e3 * draft if head is not None else None, "generation": [], "projection": []}
+    base = statistics.median(r.decode_tokens_per_second for r in runs[None, 0])
+    for (d, k), results in runs.items():
         r = results[0]
         rate = statistics.median(x.decode_tokens_per_second for x in results)
         out["generation"].append({
-            "k": k, "decode_tokens_per_second": rate, "ratio": rate / base, "steps": r.decode_steps,
+            "drafter": d, "k": k, "decode_tokens_per_second": rate, "ratio": rate / base, "steps": r.decode_steps,
             "tokens_per_pass": (r.decode_tokens / r.decode_steps) if k and r.decode_steps else 1.0,
             "drafted": r.drafted, "accepted": r.accepted, "equal_to_plain": all(x.tokens == plain for x in results)})
-    out["projection"] = [projection(costs, k, args.alpha) for k in ks]
+    out["projection"] = [projection(costs, k, args.alpha, draft) for k in ks]
     return out
 
 
@@ -102,10 +126,12 @@ def show(result: dict) -> None:
           f"prompt: {result['prompt']})")
     print("  step cost: " + ", ".join(f"T={t} {ms:.2f} ms (x{result['step_ratio'][t]:.2f})"
                                       for t, ms in result["step_ms"].items()))
+    if result["mtp_draft_ms"] is not None:
+        print(f"  MTP draft step: {result['mtp_draft_ms']:.2f} ms (x{result['mtp_draft_ms'] / result['step_ms'][1]:.2f})")
     for g in result["generation"]:
-        label = "plain" if not g["k"] else f"K={g['k']}"
+        label = "plain" if not g["k"] else f"{g['drafter']} K={g['k']}"
         drafts = f", accepted {g['accepted']}/{g['drafted']}" if g["k"] else ""
-        print(f"  {label:6s} {g['decode_tokens_per_second']:8.1f} tok/s  x{g['ratio']:.2f}  "
+        print(f"  {label:12s} {g['decode_tokens_per_second']:8.1f} tok/s  x{g['ratio']:.2f}  "
               f"{g['tokens_per_pass']:.2f} tokens/pass{drafts}  tokens == plain: {g['equal_to_plain']}")
     for p in result["projection"]:
         print(f"  projected K={p['k']} at acceptance {p['alpha']}: {p['tokens_per_step']:.2f} tokens a step "
@@ -122,6 +148,7 @@ def main() -> None:
     ap.add_argument("--k", default="1,2,3")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--drafters", default="mtp,lookup", help="mtp (where the artifact has a head), lookup")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results = [bench(path, args) for path in args.artifacts]

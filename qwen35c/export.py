@@ -142,7 +142,14 @@ def _pbtxt_dims(dims) -> str:
 
 
 def triton_config(name: str, backend_section: dict, vocab: int, max_batch_size: int, max_length: int) -> str:
-    """config.pbtxt of an onnx artifact's graph (its `interface` and `states`, see module docstring)."""
+    """config.pbtxt of an onnx artifact's graph (its `interface` and `states`, see module docstring).
+    Outputs besides logits (`hidden` f32[B,T,H] of an artifact with an MTP head) are declared too."""
+    extras = []      # "hidden f32[B,T,256]" -> ("hidden", [-1, 256]): batch dim implicit, T variable
+    for entry in backend_section["interface"]["outputs"]:
+        name, _, shape = entry.partition(" ")
+        if name not in ("logits", "<state>.out"):
+            dims = shape[shape.index("[") + 1:-1].split(",")[1:]
+            extras.append((name, [int(d) if d.isdigit() else -1 for d in dims]))
     lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}",
              "input [",
              '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },',
@@ -151,7 +158,9 @@ def triton_config(name: str, backend_section: dict, vocab: int, max_batch_size: 
              '  { name: "logit_positions" data_type: TYPE_INT64 dims: [ -1 ] }',
              "]",
              "output [",
-             f'  {{ name: "logits" data_type: TYPE_FP32 dims: [ -1, {vocab} ] }}',
+             f'  {{ name: "logits" data_type: TYPE_FP32 dims: [ -1, {vocab} ] }}{"," if extras else ""}',
+             *[f'  {{ name: "{n}" data_type: TYPE_FP32 dims: {_pbtxt_dims(d)} }}{"," if i + 1 < len(extras) else ""}'
+               for i, (n, d) in enumerate(extras)],
              "]",
              "sequence_batching {",
              "  max_sequence_idle_microseconds: 600000000",
