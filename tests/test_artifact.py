@@ -40,7 +40,8 @@ def test_manifest_contents(artifact):
     assert m["schema_version"] == 1 and m["target"]["name"] == "cpu"
     assert {"qwen35c", "torch", "onnx", "onnxruntime"} <= set(m["versions"])
     assert "insert-state" in m["pipeline"] and "model.safetensors" in m["source"]["files"]
-    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "config.json"}
+    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "config.json", "mtp.onnx", "mtp.onnx.data"}
+    assert m["backend"]["mtp"]["model"] == "mtp.onnx" and "hidden f32[B,T,64]" in m["backend"]["interface"]["outputs"]
     assert m["engine"]["status"] == "ready" and m["parity"]["status"] == "pass"
 
 
@@ -97,14 +98,19 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("damage", ["flip", "delete", "schema", "extra"])
+@pytest.mark.parametrize("damage", ["flip", "flip-mtp", "delete", "schema", "mtp-escape", "extra"])
 def test_tampering_is_refused(artifact, tmp_path, damage):
     art = _copy(artifact, tmp_path / "t")
-    if damage == "flip":
-        data = bytearray((art / "model.onnx.data").read_bytes())
+    if damage.startswith("flip"):
+        name = "mtp.onnx.data" if damage == "flip-mtp" else "model.onnx.data"
+        data = bytearray((art / name).read_bytes())
         data[len(data) // 2] ^= 0x01
-        (art / "model.onnx.data").write_bytes(bytes(data))
-        name = "model.onnx.data"
+        (art / name).write_bytes(bytes(data))
+    elif damage == "mtp-escape":    # the draft head's graph redirected outside the artifact
+        m = json.loads((art / "manifest.json").read_text())
+        m["backend"]["mtp"]["model"] = "../mtp.onnx"
+        (art / "manifest.json").write_text(json.dumps(m))
+        name = "backend.mtp.model"
     elif damage == "delete":
         (art / "config.json").unlink()
         name = "config.json"

@@ -453,7 +453,7 @@ class OnnxEmitter:
         # MTP head, the MTP graph's own (its second output) for chained drafts
         self.extras = [(v, attrs["name"]) for v, attrs in zip(g.outputs[1:], g.output_attrs[1:]) if "name" in attrs]
         if self.hidden_output:
-            self.extras.insert(0, (logits.producer.inputs[0], "hidden"))
+            self.extras.insert(0, (self._lm_head_input(), "hidden"))
         for value, name in self.extras:
             if value.dtype != "f32":
                 raise EmitError(f"graph output {name} is {value.type}; the interface has f32 hidden states")
@@ -468,6 +468,17 @@ class OnnxEmitter:
         self.states = states
         self.logits_value = logits
         return inputs, outputs, states
+
+    def _lm_head_input(self) -> Value:
+        """The hidden states the LM head reads: the input of the linear (plain or quantized) whose
+        weight is `lm_head.weight` (or the embedding table it is tied to)."""
+        names = ("lm_head.weight", "model.embed_tokens.weight")
+        for node in self.graph.nodes:
+            if node.op == "linear" or node.op in QUANTIZED_LINEAR_OPS:
+                weights = [v.producer.attrs["name"] for v in node.inputs[1:] if v.producer and v.producer.op == "weight"]
+                if any(w.split("#")[0] in names for w in weights):
+                    return node.inputs[0]
+        raise EmitError("hidden_output: no LM head (a linear reading lm_head.weight) in the graph")
 
     def _finish_outputs(self, outputs) -> None:
         """Name the graph outputs. A tensor made by a node is renamed to the output's name, so the
