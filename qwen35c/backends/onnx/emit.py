@@ -325,6 +325,24 @@ class OnnxEmitter:
         self.initializers.append(self._external(name, value.dtype, list(source.shape), offset, length))
         return True
 
+    def reusable(self, key: str | None, hint: str, make: Callable[[], tuple[torch.Tensor, str]]) -> str:
+        """An initializer derived from a weight alone (e.g. the MatMulNBits table of a packed LM head),
+        read from another graph's data file when that graph wrote it under `key`; else `make()` ->
+        (tensor, dtype) is written and recorded under `key` (None: not shared)."""
+        name = self.fresh(hint)
+        shared = self.reuse.get(key) if key else None
+        if shared is not None:
+            proto = TensorProto()
+            proto.CopyFrom(shared)
+            proto.name = name
+            self.initializers.append(proto)
+            return name
+        tensor, dtype = make()
+        self.add_tensor(name, tensor, dtype)
+        if key and self.initializers[-1].data_location == TensorProto.EXTERNAL:
+            self.streamed[key] = self.initializers[-1]
+        return name
+
     def _reused(self, name: str, weight: str, dtype: str) -> bool:
         """A weight another graph of the artifact already wrote, as stored: read from its data file."""
         shared = self.reuse.get(weight)

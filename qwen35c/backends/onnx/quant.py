@@ -44,6 +44,13 @@ def _add(emitter, tensor: torch.Tensor, hint: str, dtype: str) -> str:
     return name
 
 
+def _weight_key(value, part: str) -> str | None:
+    """The key under which a tensor derived from weight `value` alone is shared between the graphs
+    of an artifact (`OnnxEmitter.reusable`); None for a value that is not a checkpoint weight."""
+    producer = value.producer
+    return f"{producer.attrs['name']}|{part}" if producer is not None and producer.op == "weight" else None
+
+
 def lower_quantized_linear(emitter, node, x: str | None = None) -> list[str]:
     """`x` replaces the node's input (the LM head's gathered logit rows)."""
     attrs = node.attrs
@@ -60,7 +67,8 @@ def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
     a = node.attrs
     n, k, bs = a["out_features"], a["in_features"], a["group_size"]
     inputs = list(node.inputs[1:])
-    qweight, scales = _static(emitter, inputs.pop(0)), _static(emitter, inputs.pop(0))
+    qweight_value, scales_value = inputs.pop(0), inputs.pop(0)
+    qweight = _static(emitter, qweight_value) if a["has_g_idx"] else None
     zeros = _static(emitter, inputs.pop(0)) if a["has_zeros"] else None
     g_idx = _static(emitter, inputs.pop(0)) if a["has_g_idx"] else None
     pre = inputs.pop(0) if a["has_pre_scale"] else None
@@ -80,7 +88,8 @@ def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
         b = _int4_table(emitter, node.inputs[1], n, k, bs, qweight)   # shared with a tied embedding's lookup
     else:
         b = _add(emitter, qweight.view(n, k // bs, bs // 2), hint + "_B", "u8")
-    s = _add(emitter, scales.to(node.inputs[0].type.torch_dtype), hint + "_scales", act_dtype)
+    s = emitter.reusable(_weight_key(scales_value, f"scales-{act_dtype}"), hint + "_scales",
+                       lambda: (_static(emitter, scales_value).to(node.inputs[0].type.torch_dtype), act_dtype))
     names = [x, b, s]
     if zeros is not None or g_idx is not None:
         if zeros is not None:
@@ -102,10 +111,11 @@ def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
 def _int4_table(emitter, value, n: int, k: int, bs: int, qweight: torch.Tensor | None = None) -> str:
     """The MatMulNBits B initializer [N, K/bs, bs/2] u8 of a packed INT4 weight value, made once: a
     tied head and its shared embedding (GatherBlockQuantized) read the same bytes."""
-    tables = emitter.__dict__.setdefault("int4_tables", {})      # per emitter, i.e. per build
+    tables = emitter.__dict__.setdefault("int4_tables", {})      # per emitter, i.e. per graph
     if id(value) not in tables:
-        codes = _static(emitter, value) if qweight is None else qweight
-        tables[id(value)] = _add(emitter, codes.view(n, k // bs, bs // 2), value.name + "_B", "u8")
+        codes = (lambda: _static(emitter, value)) if qweight is None else (lambda: qweight)
+        tables[id(value)] = emitter.reusable(_weight_key(value, "int4-B") if qweight is None else None, value.name + "_B",
+                                           lambda: (codes().view(n, k // bs, bs // 2), "u8"))
     return tables[id(value)]
 
 
