@@ -186,9 +186,9 @@ def bundled_artifact(tmp_path_factory):
 
 
 def test_trained_mtp_head_drafts_what_the_model_says(bundled_artifact, tmp_path):
-    """The bundled model's trained head, the default drafter of an artifact with one: greedy output
-    unchanged, and most first drafts accepted on code (held-out acceptance at training: 53.5%); an
-    artifact built with --no-mtp has no head and drafts by prompt lookup."""
+    """The bundled model's trained head (drafter "mtp"): greedy output unchanged, and most first
+    drafts accepted on code (held-out acceptance at training: 53.5%); an artifact built with
+    --no-mtp has no head, drafts by prompt lookup and refuses "mtp" by name."""
     from qwen35c.models import bundled
 
     session = load(bundled_artifact)
@@ -197,9 +197,9 @@ def test_trained_mtp_head_drafts_what_the_model_says(bundled_artifact, tmp_path)
              "for i in range(10):\n"]
     prompts = [session.tokenizer.encode(t).ids for t in texts]
     plain = session.generate(prompts, 32).tokens
-    one = session.generate(prompts, 32, speculative=1)
+    one = session.generate(prompts, 32, speculative=1, drafter="mtp")
     assert one.tokens == plain and one.acceptance > 0.4, one.acceptance
-    assert session.generate(prompts, 32, speculative=3).tokens == plain
+    assert session.generate(prompts, 32, speculative=3, drafter="mtp").tokens == plain
     out = tmp_path / "no-mtp"
     build_artifact(bundled("qwen35-tiny"), "cpu", out, mtp=False, check=False)
     bare = load(out)
@@ -207,7 +207,9 @@ def test_trained_mtp_head_drafts_what_the_model_says(bundled_artifact, tmp_path)
     assert "hidden" not in bare.extra_outputs
     assert bare.generate(prompts, 16, speculative=2).tokens == [t[:16] for t in plain]
     with pytest.raises(QwenError, match="no MTP head"):
-        bare.draft_head()
+        bare.generate(prompts, 4, speculative=1, drafter="mtp")
+    with pytest.raises(QwenError, match="unknown drafter"):
+        bare.generate(prompts, 4, speculative=1, drafter="medusa")
 
 
 def _chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
@@ -341,6 +343,9 @@ def test_run_speculative_cli(session):
     plain, spec = run(), run("--speculative", "3")
     assert spec["generated_ids"] == plain["generated_ids"] and spec["speculative"] == 3
     assert spec["decode_steps"] <= 15 and 0 <= spec["accepted"] <= spec["drafted"]
+    if session.drafts:
+        mtp = run("--speculative", "2", "--drafter", "mtp")
+        assert mtp["generated_ids"] == plain["generated_ids"] and mtp["drafter"] == "mtp"
 
 
 def test_verify_checks_the_mtp_head_and_catches_a_misaligned_one(session, monkeypatch):

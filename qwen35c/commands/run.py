@@ -26,11 +26,13 @@ from qwen35c.errors import QwenError
 @click.option("--save-logits", type=click.Path(dir_okay=False, path_type=Path),
               help="Write float32 logits [prompt + generated, vocab] as .npy (atomically; the directory must exist).")
 @click.option("--speculative", default=0, show_default=True, type=click.IntRange(0, 16), metavar="K",
-              help="Draft up to K tokens a step by prompt lookup and verify them in one pass (0 = off). "
+              help="Draft up to K tokens a step (see --drafter) and verify them in one pass (0 = off). "
                    "Greedy output is unchanged; sampling keeps its distribution. Needs an onnx artifact.")
+@click.option("--drafter", type=click.Choice(["lookup", "mtp"]), default="lookup", show_default=True,
+              help="What drafts for --speculative: prompt lookup, or the artifact's compiled MTP head.")
 @click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
 def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p, seed, ignore_eos,
-            save_logits, speculative, as_json):
+            save_logits, speculative, drafter, as_json):
     """Generate from MODEL (a checkpoint directory; default: the bundled dense model)."""
     from qwen35c.models import resolve_model
     from qwen35c.runtime import load
@@ -82,7 +84,8 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
     if not as_json and tokenizer is not None and prompt is not None:
         sys.stdout.write(prompt)
     result = session.generate([ids], max_new_tokens, temperature, top_p, seed, stop,
-                              keep_logits=save_logits is not None, on_token=stream, speculative=speculative)
+                              keep_logits=save_logits is not None, on_token=stream, speculative=speculative,
+                              drafter=drafter)
     generated = result.tokens[0]
     if save_logits is not None:
         from qwen35c.artifact import atomic_file
@@ -94,7 +97,7 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
                "prefill_tokens_per_second": result.prefill_tokens_per_second,
                "decode_tokens_per_second": result.decode_tokens_per_second}
     if speculative:
-        timings.update(speculative=speculative, decode_steps=result.decode_steps, drafted=result.drafted,
+        timings.update(speculative=speculative, drafter=drafter, decode_steps=result.decode_steps, drafted=result.drafted,
                        accepted=result.accepted)
     if as_json:
         emit_json({"model": str(path), "prompt_ids": ids, "generated_ids": generated, "text": text, **timings})

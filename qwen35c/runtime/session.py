@@ -65,8 +65,9 @@ class Session:
         """Greedy (temperature 0) or nucleus sampling; rows of different lengths share one batch.
 
         `on_token(row, token)` is called as tokens are produced (for streaming). `speculative=K`
-        drafts up to K tokens a step with `drafter` (default: `qwen35c.runtime.speculative.
-        PromptLookup`) and verifies them in one pass; see `qwen35c.runtime.speculative`."""
+        drafts up to K tokens a step with `drafter` ("lookup", the default: prompt lookup; "mtp": the
+        artifact's MTP head; or a drafter object) and verifies them in one pass; see
+        `qwen35c.runtime.speculative`."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise QwenError("every prompt needs at least one token")
         if speculative:

@@ -23,8 +23,10 @@ drawn from max(p - q, 0) renormalised. A drafter that gives no distribution is a
 with p(d); on rejection draw from p without d). p is exactly what plain `generate` samples from
 (temperature, then top-p), so the output distribution is plain sampling's.
 
-Drafters: the model's own MTP head (`MtpDrafter`, the default where the artifact has one), prompt
-lookup (`PromptLookup`, the default otherwise) and `Replay` (tests and `verify`).
+Drafters: prompt lookup (`PromptLookup`, "lookup", the default), the model's own MTP head
+(`MtpDrafter`, "mtp", on an artifact that compiled one) and `Replay` (tests and `verify`). Prompt
+lookup is the default because it is the faster of the two on a CPU (README, "Speculative decoding"):
+its drafts cost nothing, while an MTP draft step reads the LM head again (0.8b: 0.39 of a step).
 """
 
 from __future__ import annotations
@@ -107,10 +109,17 @@ class MtpDrafter:
         self.head = head
         self.state = None
 
-    def start(self, batch: int, max_len: int) -> None:
-        self.state = self.head.new_state(batch, max_len)
-        self.fed = [0] * batch                       # pairs in the head's cache, per row
-        self.hidden: list[list[np.ndarray]] = [[] for _ in range(batch)]   # main hidden states by position
+    def start(self, prompts: list[list[int]], hidden: list[torch.Tensor], max_len: int) -> None:
+        """A new generation: the prompts and the main model's hidden states over them ([n_b, H] per
+        row). The pairs the prompts already hold are fed now (part of the prefill)."""
+        self.state = self.head.new_state(len(prompts), max_len)
+        self.fed = [0] * len(prompts)                 # pairs in the head's cache, per row
+        self.hidden: list[list[np.ndarray]] = [[] for _ in prompts]   # main hidden states by position
+        for b, states in enumerate(hidden):
+            self.observe(b, 0, states)
+        rows = [b for b, p in enumerate(prompts) if len(p) > 1]
+        if rows:
+            self._feed(prompts, rows)
 
     def observe(self, b: int, position: int, hidden: torch.Tensor) -> None:
         """The main model's hidden states of row b at positions position.. (recomputed ones agree)."""
@@ -119,30 +128,34 @@ class MtpDrafter:
             if position + i == len(rows):
                 rows.append(h)
 
-    def propose(self, contexts: list[list[int]], budgets: list[int]) -> list[Draft]:
-        batch = len(contexts)
-        drafts: list[list[int]] = [[] for _ in range(batch)]
-        live = [b for b in range(batch) if budgets[b] > 0]
-        if not live:
-            return [Draft([]) for _ in range(batch)]
-        # feed every pair (h_i, x_{i+1}) not yet in the cache: i < len(context) - 1
-        spans = {b: (self.fed[b], len(contexts[b]) - 1) for b in live}
+    def _feed(self, contexts: list[list[int]], rows: list[int]):
+        """Feed rows' pairs (h_i, x_{i+1}) not yet in the head's cache, i < len(context) - 1:
+        (logits [B, V] of each row's last pair, {row: its head hidden state})."""
+        batch, H = len(contexts), self.head.config.hidden_size
+        spans = {b: (self.fed[b], len(contexts[b]) - 1) for b in rows}
         for b, (lo, hi) in spans.items():
             if hi > len(self.hidden[b]) or hi <= lo:
                 raise QwenError(f"MTP drafter: row {b} has hidden states for {len(self.hidden[b])} positions, "
                                 f"needs {hi} (and a pair to feed)")
         width = max(hi - lo for lo, hi in spans.values())
-        H = self.head.config.hidden_size
         ids, hidden = np.zeros((batch, width), np.int64), np.zeros((batch, width, H), np.float32)
         lengths, q_start = np.zeros(batch, np.int64), np.asarray(self.fed, np.int64)
         for b, (lo, hi) in spans.items():
             ids[b, :hi - lo] = contexts[b][lo + 1:hi + 1]
             hidden[b, :hi - lo] = np.stack(self.hidden[b][lo:hi])
             lengths[b] = hi - lo
-        logits, states = self.head.draft_step(ids, hidden, self.state, q_start, lengths)
-        last = {b: states[b, lengths[b] - 1] for b in live}
-        for b, (lo, hi) in spans.items():
             self.fed[b] = hi
+        logits, states = self.head.draft_step(ids, hidden, self.state, q_start, lengths)
+        return logits, {b: states[b, lengths[b] - 1] for b in rows}
+
+    def propose(self, contexts: list[list[int]], budgets: list[int]) -> list[Draft]:
+        batch = len(contexts)
+        drafts: list[list[int]] = [[] for _ in range(batch)]
+        live = [b for b in range(batch) if budgets[b] > 0]
+        if not live:
+            return [Draft([]) for _ in range(batch)]
+        logits, last = self._feed(contexts, live)
+        H = self.head.config.hidden_size
         for j in range(max(budgets)):
             for b in live:
                 if j < budgets[b]:
@@ -169,8 +182,15 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
     if not session.extends:
         raise QwenError(f"{getattr(session, 'directory', None) or type(session).__name__}: no commit step, so no "
                         f"speculative decoding (onnx artifacts have one since the graph took a `commit` input)")
-    if drafter is None:
-        drafter = MtpDrafter(session.draft_head()) if getattr(session, "drafts", False) else PromptLookup()
+    if drafter in (None, "lookup"):
+        drafter = PromptLookup()
+    elif drafter == "mtp":
+        if not getattr(session, "drafts", False):
+            raise QwenError(f"{getattr(session, 'directory', None) or type(session).__name__}: no MTP head to draft "
+                            f"with (its checkpoint had none, or the artifact was built with --no-mtp)")
+        drafter = MtpDrafter(session.draft_head())
+    elif isinstance(drafter, str):
+        raise QwenError(f"unknown drafter '{drafter}' (lookup, mtp)")
     hidden = getattr(drafter, "needs_hidden", False)
     batch, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)
@@ -186,9 +206,7 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
     last = session.prefill(ids, state, torch.tensor(lengths), last_only=True, **({"hidden": True} if hidden else {}))
     if hidden:
         last, states = last
-        drafter.start(batch, capacity)
-        for b, n in enumerate(lengths):
-            drafter.observe(b, 0, states[b, :n])
+        drafter.start(prompts, [states[b, :n] for b, n in enumerate(lengths)], capacity)
     last = last.float()[:, 0]
     prefill_seconds = time.perf_counter() - start
     position = list(lengths)           # tokens each row's state holds
