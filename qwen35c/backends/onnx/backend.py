@@ -68,7 +68,7 @@ class OnnxBackend:
                    "min_onnxruntime": "1.32"}
         files = [emitted.model_file]
         if ctx.mtp is not None:   # the draft head: its own graph, reading the shared tensors from model.onnx.data
-            mtp = emit_onnx(ctx.mtp, ctx.weights, out_dir, model_name="mtp.onnx", reuse=emitted.streamed, **kwargs)
+            mtp = emit_onnx(ctx.mtp, ctx.weights, out_dir, model_name="mtp.onnx", reuse=emitted.external, **kwargs)
             section["mtp"] = _graph_section(mtp)
             files.append(mtp.model_file)
         if ctx.quantization is not None:

@@ -104,7 +104,7 @@ class EmitResult:
     commit: bool = False                 # the graph takes `commit` (speculative verify steps)
     extra_inputs: list[str] = field(default_factory=list)    # e.g. "hidden f32[B,T,256]" (the MTP graph)
     extra_outputs: list[str] = field(default_factory=list)   # "hidden ..." / "mtp_hidden ..."
-    streamed: dict[str, TensorProto] = field(default_factory=dict)   # weight name -> its external tensor
+    external: dict[str, TensorProto] = field(default_factory=dict)   # weight (or derived key) -> its tensor
 
 
 class _DataWriter:
@@ -167,8 +167,8 @@ class OnnxEmitter:
         self.users = graph.users()
         self.tied_lm_head = tied_lm_head
         self.hidden_output = hidden_output
-        self.reuse = reuse or {}                                 # weight name -> another graph's tensor
-        self.streamed: dict[str, TensorProto] = {}
+        self.reuse = reuse or {}                                 # weight (or key) -> another graph's tensor
+        self.external: dict[str, TensorProto] = {}               # what this graph wrote, for the next one
         self.embedding_table = next((n.inputs[0] for n in graph.nodes if n.op == "embedding"), None)
         self._static: dict[int, bool] = {}
         self.deferred_kv: dict[int, tuple[str, str, str]] = {}   # id(cache') -> (cache, new, name)
@@ -298,14 +298,17 @@ class OnnxEmitter:
         name = value.name + (f".{transform}" if transform else "")
         weight = value.producer.attrs["name"] if tensor is None and not transform and value.producer.op == "weight" \
             else None
-        if weight is None or not (self._reused(name, weight, value.dtype) or self._add_streamed(name, value)):
+        shared = self.reuse.get(weight) if weight is not None else None
+        if shared is not None and shared.data_type == ONNX_DTYPE[value.dtype]:
+            self._read_from(shared, name)
+        elif weight is None or not self._add_streamed(name, value):
             if tensor is None:
                 tensor = self.evaluate(value)
             if transform == "t":
                 tensor = tensor.t()
             self.add_tensor(name, tensor, value.dtype)
         if weight is not None and self.initializers[-1].data_location == TensorProto.EXTERNAL:
-            self.streamed[weight] = self.initializers[-1]
+            self.external[weight] = self.initializers[-1]
         self._released(value)
         self.init_cache[key] = name
         return name
@@ -330,29 +333,21 @@ class OnnxEmitter:
         read from another graph's data file when that graph wrote it under `key`; else `make()` ->
         (tensor, dtype) is written and recorded under `key` (None: not shared)."""
         name = self.fresh(hint)
-        shared = self.reuse.get(key) if key else None
-        if shared is not None:
-            proto = TensorProto()
-            proto.CopyFrom(shared)
-            proto.name = name
-            self.initializers.append(proto)
+        if key and key in self.reuse:
+            self._read_from(self.reuse[key], name)
             return name
         tensor, dtype = make()
         self.add_tensor(name, tensor, dtype)
         if key and self.initializers[-1].data_location == TensorProto.EXTERNAL:
-            self.streamed[key] = self.initializers[-1]
+            self.external[key] = self.initializers[-1]
         return name
 
-    def _reused(self, name: str, weight: str, dtype: str) -> bool:
-        """A weight another graph of the artifact already wrote, as stored: read from its data file."""
-        shared = self.reuse.get(weight)
-        if shared is None or shared.data_type != ONNX_DTYPE[dtype]:
-            return False
+    def _read_from(self, tensor: TensorProto, name: str) -> None:
+        """Initializer `name`: the bytes another graph of the artifact wrote (same file, same offset)."""
         proto = TensorProto()
-        proto.CopyFrom(shared)
+        proto.CopyFrom(tensor)
         proto.name = name
         self.initializers.append(proto)
-        return True
 
     def _external(self, name: str, dtype: str, dims: list[int], offset: int, length: int) -> TensorProto:
         proto = TensorProto(name=name, data_type=ONNX_DTYPE[dtype], dims=dims)
@@ -406,7 +401,7 @@ class OnnxEmitter:
         return EmitResult(self.model_file, self.out_dir / self.data_name, states, len(self.nodes),
                           len(self.initializers), self.data.offset, dict(sorted(self.ops.items())),
                           any(i.name == "commit" for i in inputs), [_signature(v) for v in self.extra_inputs],
-                          [_signature(v) for v in outputs[1:len(outputs) - len(states)]], self.streamed)
+                          [_signature(v) for v in outputs[1:len(outputs) - len(states)]], self.external)
 
     def _simplify(self, outputs) -> None:
         """Drop the layout ops that cancel between neighbouring lowerings (see simplify.py), then
