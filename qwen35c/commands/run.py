@@ -63,6 +63,9 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
         raise QwenError(f"the prompt has {len(ids)} tokens; the model's context (max_position_embeddings) is {context}")
     if speculative and save_logits is not None:
         raise QwenError("--save-logits is not offered with --speculative")
+    if speculative and drafter == "mtp" and not getattr(session, "drafts", False):
+        raise QwenError(f"{path}: --drafter mtp needs an artifact with a compiled MTP head (its checkpoint had none, "
+                        f"or it was built with --no-mtp)")
     if len(ids) + max_new_tokens > context:
         raise QwenError(f"--max-new-tokens {max_new_tokens}: the prompt ({len(ids)} tokens) leaves room for at most "
                         f"{context - len(ids)} new tokens (max_position_embeddings {context})")
