@@ -79,7 +79,7 @@ def _gates(a, b, a_log, dt_bias, lengths, start=None):
 
 
 def _split_at_commit(delta_rule, o_state, gates, lengths, commit):
-    """The commit split every implementation shares. `delta_rule(g, beta, state) -> (o, state')`
+    """The commit split of the fused op's reference. `delta_rule(g, beta, state) -> (o, state')`
     runs the rule on the step's q/k/v; `o_state` is its result with the gates of steps < commit
     (so state' is the state after `commit` tokens: what is kept). Outputs of steps commit..lengths-1
     continue from that state with the earlier steps masked, which leave it unchanged."""
@@ -94,7 +94,9 @@ def _split_at_commit(delta_rule, o_state, gates, lengths, commit):
 def gated_deltanet_naive(mixed, a, b, conv_w, a_log, dt_bias, conv_state, state, lengths, commit=None, *,
                          num_k_heads, num_v_heads, head_k_dim, head_v_dim, chunk_size=64):
     """The naive twin: the reference's eager conv and recurrent delta rule, step by step; the state
-    is kept after `commit` tokens (default: lengths), the outputs cover `lengths` tokens."""
+    is kept after `commit` tokens (default: lengths), the outputs cover `lengths` tokens. Written
+    apart from the op's commit split: the outputs are an ordinary step's over every valid token,
+    the state that of a second run over the committed tokens alone."""
     from reference.ops import causal_conv1d_eager, recurrent_gated_delta_rule
 
     batch, length, _ = mixed.shape
@@ -109,11 +111,10 @@ def gated_deltanet_naive(mixed, a, b, conv_w, a_log, dt_bias, conv_state, state,
     def rule(g, beta, s):
         return recurrent_gated_delta_rule(q, k, v, g, beta, s)
 
-    def gates(end, start=None):
-        return _gates(a, b, a_log, dt_bias, end, start)
-
-    o, state = _split_at_commit(rule, rule(*gates(kept), state), gates, lengths, commit)
-    return o, conv_new, state
+    o, final = rule(*_gates(a, b, a_log, dt_bias, lengths), state)
+    if commit is not None:
+        _, final = rule(*_gates(a, b, a_log, dt_bias, commit), state)
+    return o, conv_new, final
 
 
 def _delta_rule_recurrent(q, k, v, g, beta, state):
