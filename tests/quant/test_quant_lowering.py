@@ -106,6 +106,12 @@ class _MiniEmitter:
         self.add_tensor(name, tensor, dtype)
         return name
 
+    def reusable(self, key, hint, make):   # one graph: nothing to share
+        tensor, dtype = make()
+        name = self.fresh(hint)
+        self.add_tensor(name, tensor, dtype)
+        return name
+
     def add_tensor(self, name, tensor, dtype):
         codes = {"f32": TensorProto.FLOAT, "u8": TensorProto.UINT8, "i32": TensorProto.INT32,
                  "f8e4m3": TensorProto.FLOAT8E4M3FN}
