@@ -15,7 +15,7 @@ from qwen35c.commands._common import THREADS, emit_json, info, status
 @click.option("--threads", default=None, type=THREADS, help="Intra-op threads of the artifact's runtime.")
 @click.option("--structure-only", is_flag=True,
               help="Check the manifest, the files and the reference only; do not execute the artifact.")
-@click.option("--skip", "skip", multiple=True, type=click.Choice(["quantization", "speculative", "bisect"]),
+@click.option("--skip", "skip", multiple=True, type=click.Choice(["quantization", "speculative", "mtp", "bisect"]),
               help="Do not run this check (reported as skipped); repeatable.")
 @click.option("--prompts", type=click.Choice(["full", "short"]), default="full", show_default=True,
               help="Parity prompt set: full (lengths 1/63/64/65/127/129, batch 5/64/33, 8 decode steps) or "
