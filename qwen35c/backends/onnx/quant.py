@@ -113,9 +113,12 @@ def _int4_table(emitter, value, n: int, k: int, bs: int, qweight: torch.Tensor |
     tied head and its shared embedding (GatherBlockQuantized) read the same bytes."""
     tables = emitter.__dict__.setdefault("int4_tables", {})      # per emitter, i.e. per graph
     if id(value) not in tables:
-        codes = (lambda: _static(emitter, value)) if qweight is None else (lambda: qweight)
-        tables[id(value)] = emitter.reusable(_weight_key(value, "int4-B") if qweight is None else None, value.name + "_B",
-                                           lambda: (codes().view(n, k // bs, bs // 2), "u8"))
+        def make():
+            codes = _static(emitter, value) if qweight is None else qweight
+            return codes.view(n, k // bs, bs // 2), "u8"
+
+        key = _weight_key(value, "int4-B") if qweight is None else None   # given codes are not the weight's
+        tables[id(value)] = emitter.reusable(key, value.name + "_B", make)
     return tables[id(value)]
 
 
