@@ -46,6 +46,10 @@ class Target:
             return f"target '{self.name}' is a GPU target; the onnx backend builds CPU targets only{hint}"
         if self.sm is None and backend != "onnx":
             return f"target '{self.name}' is a CPU target; only the onnx backend builds CPU targets"
+        if backend == "tensorrt" and (quantize is not None or self.quantize is not None):
+            return (f"target '{self.name}' ({self.weights}): the tensorrt backend builds unquantized targets only "
+                    f"so far (a100-bf16, h100-bf16); its FP8 block-128 GEMM plugin and INT4 DequantizeLinear "
+                    f"lowering are not written yet")
         if quantize is not None or self.quantize is not None:
             from qwen35c.passes.manager import parse_pipeline
 
@@ -173,6 +177,9 @@ def runnable_here(target: Target, backend: str | None = None) -> tuple[bool, str
     kernels under the Triton interpreter where there is no CUDA GPU."""
     if target.sm is None:
         return True, "CPU target"
+    if backend == "tensorrt":
+        return True, ("a TensorRT bundle: its model.onnx runs on ONNX Runtime's CPU provider, the plugin nodes "
+                      "by their reference implementations (the engine is stage 2: `qwen35c engine`)")
     if (backend or target.backend) == "triton" and machine_sm() is None:
         return True, f"no GPU here: the artifact's kernels run under the Triton interpreter (sm_{target.sm} not used)"
     sm = machine_sm()

@@ -579,6 +579,9 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
         _parity(artifact, backend, manifest, ref_path, prepared, checks, report, say, prompts)
     if quantized:
         _quantization_loss(manifest, ref_path, prepared, checks, report, skip, say)
+    if manifest["engine"]["status"] == "not built":     # a stage-1 TensorRT bundle: the check above is its CPU check
+        checks.append({"name": "engine", "status": "skipped",
+                       "detail": f"not built, so not verified: {manifest['engine'].get('detail', '')}"})
     if "speculative" in skip:
         checks.append({"name": "speculative", "status": "skipped", "detail": "--skip speculative"})
     elif artifact.extends:

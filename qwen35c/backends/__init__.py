@@ -16,6 +16,7 @@ from qwen35c.errors import QwenError
 REGISTRY = {
     "onnx": "qwen35c.backends.onnx.backend:BACKEND",
     "triton": "qwen35c.backends.triton.backend:BACKEND",
+    "tensorrt": "qwen35c.backends.tensorrt.backend:BACKEND",
 }
 
 

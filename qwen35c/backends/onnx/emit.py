@@ -142,7 +142,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 class OnnxEmitter:
-    """Walks the IR once, in order, appending ONNX nodes; see the module docstring."""
+    """Walks the IR once, in order, appending ONNX nodes; see the module docstring. A dialect (the
+    TensorRT bundle's) subclasses it: `opset_imports`, `conv_state_layout` and the op lowerings."""
+
+    opset_imports = (("", OPSET), (MS_DOMAIN, 1))
 
     def __init__(self, graph: Graph, weights: Callable[[str], torch.Tensor], out_dir: Path,
                  model_name: str = "model.onnx", on_weight: Callable[[str], None] | None = None,
@@ -395,7 +398,7 @@ class OnnxEmitter:
         self._simplify(outputs)
         graph_proto = helper.make_graph(self.nodes, g.name or "qwen35", inputs, outputs, self.initializers)
         model = helper.make_model(graph_proto, producer_name="qwen35c",
-                                  opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+                                  opset_imports=[helper.make_opsetid(d, v) for d, v in self.opset_imports])
         model.ir_version = 10
         self.model_file.write_bytes(model.SerializeToString(deterministic=True))
         return EmitResult(self.model_file, self.out_dir / self.data_name, states, len(self.nodes),
@@ -446,8 +449,7 @@ class OnnxEmitter:
             users = self.users.get(id(value), [])
             op = users[0].op if users else ""
             if key.endswith(".conv") and op == "gated_deltanet":
-                shape = [shape[0], shape[2], shape[1]]
-                layout = "[B, K-1, C] channels-last"
+                shape, layout = self.conv_state_layout(shape)
             elif key.endswith(".recurrent") and op == "gated_deltanet":
                 layout = "[B, nv, dk, dv] K-major"
             elif key.endswith("_cache"):
@@ -481,6 +483,10 @@ class OnnxEmitter:
         self.states = states
         self.logits_value = logits
         return inputs, outputs, states
+
+    def conv_state_layout(self, shape: list) -> tuple[list, str]:
+        """The conv state's shape and layout from the IR's [B, C, K-1]: channels-last here."""
+        return [shape[0], shape[2], shape[1]], "[B, K-1, C] channels-last"
 
     def _lm_head_input(self) -> Value:
         """The hidden states the LM head reads: the input of the linear (plain or quantized) whose

@@ -107,10 +107,11 @@ class OnnxSession(Session):
     """`load(artifact)` for artifacts built by the onnx backend."""
 
     def __init__(self, directory: Path, manifest: dict, threads: int | None = None, arena: bool = True,
-                 graph: str | None = None):
+                 graph: str | None = None, custom_ops: str | None = None):
         """`arena=False` turns off ORT's CPU memory arena (which keeps its largest working set, grown
         in doubling steps, for the session's life): slower allocation, a lower peak for the checks.
-        `graph="mtp"` opens the artifact's MTP head (`mtp.onnx`) instead of the model."""
+        `graph="mtp"` opens the artifact's MTP head (`mtp.onnx`) instead of the model; `custom_ops` is a
+        custom-op library to register (the TensorRT bundle's plugin nodes)."""
         import onnxruntime as ort
 
         from reference.config import load_config
@@ -134,6 +135,8 @@ class OnnxSession(Session):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_cpu_mem_arena = arena
         options.log_severity_level = 3
+        if custom_ops is not None:
+            options.register_custom_ops_library(custom_ops)
         model = artifact_file(self.directory, manifest, backend["model"])
         try:
             self.ort = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])

@@ -21,7 +21,7 @@ KERNEL_MODULES = (
     "qwen35c.backends.triton.attention.kernel", "qwen35c.backends.triton.causal_conv1d.kernel",
     "qwen35c.backends.triton.gated_delta_rule.chunk", "qwen35c.backends.triton.gated_delta_rule.fused_recurrent",
     "qwen35c.backends.triton.moe.kernel", "qwen35c.backends.triton.moe.quantized",
-    "qwen35c.backends.triton.elementwise.kernel",
+    "qwen35c.backends.triton.elementwise.kernel", "qwen35c.backends.tensorrt.kernels",
 )
 
 

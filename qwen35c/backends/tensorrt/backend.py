@@ -1,0 +1,90 @@
+"""The tensorrt backend behind the interface of `qwen35c.backends.base`: a stage-1 bundle.
+
+emit: `model.onnx` + `model.onnx.data` in TensorRT's dialect (bundle.py), checked by the ONNX checker
+and strict shape inference with the plugin schemas, and `plugins/<spec>.ptx`: each plugin's kernel
+compiled for the target's SM (plugins.py), hashed like every artifact file. The engine is stage 2
+(`qwen35c engine`, engine.py): the manifest says `engine: not built` with the reason.
+load: the bundle's own model.onnx on ONNX Runtime's CPU provider, the plugin nodes executed by their
+reference implementations (onnxruntime-extensions Python ops): everything in the engine but
+TensorRT's own kernels and fusions, checked against the fp32 reference at the fp32 gate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen35c.backends.base import EmitContext
+from qwen35c.backends.onnx.backend import _check_model, _graph_section, _validate_graph
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+    drafts = False
+
+    def setup(self) -> None:
+        from qwen35c.backends.triton.mode import ensure
+
+        ensure()            # the plugin kernels are the Triton library's (compiled in a child process)
+
+    def emit(self, graph, out_dir: Path, ctx: EmitContext) -> dict:
+        from qwen35c.backends.tensorrt.bundle import DOMAINS, TensorRTEmitter, check_bundle
+        from qwen35c.backends.tensorrt.plugins import compile_kernels
+
+        emitter = TensorRTEmitter(graph, ctx.weights, out_dir, on_weight=ctx.on_weight, release=ctx.release,
+                                  tied_lm_head=ctx.tied_lm_head)
+        emitted = emitter.emit()
+        check_bundle(emitted.model_file)
+        section = {"name": self.name, **_graph_section(emitted), "opset": 23, "domains": list(DOMAINS),
+                   "activations": "f32", "strongly_typed": True, "min_tensorrt": "10.15",
+                   "plugins": None}
+        if emitter.plugin_dims is not None:
+            section["plugins"] = compile_kernels(emitter.plugin_dims, ctx.target.sm, out_dir)
+        return section
+
+    def engine_status(self, section: dict) -> dict:
+        return {"status": "not built",
+                "detail": "stage 1 bundle: `qwen35c engine BUNDLE -o DIR` builds the TensorRT engine where "
+                          "TensorRT >= 10.15 and the target's GPU are (the plugins' PTX is in the bundle)"}
+
+    def validate(self, section: dict, check, files: dict) -> None:
+        check.int(section.get("opset"), "backend.opset", 1, 25)
+        _validate_graph(section, "backend", check, files)
+        plugins = section.get("plugins")
+        if plugins is None:
+            return
+        check.dict(plugins, "backend.plugins")
+        check.int(plugins.get("sm"), "backend.plugins.sm", 70, 200)
+        check.str(plugins.get("triton_version"), "backend.plugins.triton_version")
+        for name, value in check.dict(plugins.get("dims"), "backend.plugins.dims").items():
+            check.int(value, f"backend.plugins.dims.{name}", 1, 1 << 16)
+        for i, row in enumerate(check.list(plugins.get("kernels"), "backend.plugins.kernels")):
+            at = f"backend.plugins.kernels[{i}]"
+            check.dict(row, at)
+            check.listed(row.get("ptx"), f"{at}.ptx", files)
+            for key in ("id", "spec", "kernel"):
+                check.str(row.get(key), f"{at}.{key}")
+            check.int(row.get("num_warps"), f"{at}.num_warps", 1, 32)
+            check.int(row.get("shared"), f"{at}.shared", 0, 1 << 20)
+
+    def reference(self, model_dir: Path, manifest: dict, prepared, session):
+        """The streamed fp32 reference at the fp32 gate: the bundle computes in fp32."""
+        import torch
+
+        from qwen35c.runtime.session import ReferenceSession, load_tokenizer
+        from reference.stream import StreamedModel
+
+        reference = ReferenceSession(StreamedModel(model_dir, torch.float32), load_tokenizer(model_dir), model_dir)
+        return reference, "fp32", "reference"
+
+    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False):
+        from qwen35c.backends.onnx.session import OnnxSession
+        from qwen35c.backends.tensorrt.plugins import register_onnxruntime
+
+        _check_model(directory, manifest)
+        session = OnnxSession(directory, manifest, threads=threads, arena=not lean,
+                              custom_ops=register_onnxruntime())
+        session.mode = "TensorRT bundle on onnxruntime CPU (plugin nodes: reference implementations), fp32"
+        return session
+
+
+BACKEND = TensorRTBackend()

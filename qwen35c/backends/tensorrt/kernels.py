@@ -1,0 +1,42 @@
+"""The TensorRT plugins' kernels: adapters in TensorRT's AOT calling convention over the library's kernels.
+
+TensorRT launches an ahead-of-time plugin kernel with its arguments in one order: the input
+pointers, the extra scalar arguments, the output pointers (then the constexprs, which are compiled
+in). Each adapter takes that order and calls a kernel of `qwen35c.backends.triton` with the
+binding the plugin fixes (`plugins.plugin_defs`); Triton inlines the call, so the compiled kernel is
+the library's. Imported after `qwen35c.backends.triton.mode.ensure()` like every kernel module.
+"""
+
+from __future__ import annotations
+
+from qwen35c.backends.triton import mode as _mode
+
+_mode.ensure()
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from qwen35c.backends.triton.causal_conv1d.kernel import causal_conv1d_fwd_kernel, conv_block_sizes  # noqa: E402
+from qwen35c.backends.triton.gated_delta_rule.fused_recurrent import (  # noqa: E402
+    gdn_fused_recurrent_fwd_kernel, recurrent_block_sizes)
+
+
+@triton.jit
+def conv_plugin_kernel(x, weight, state, lengths, T, y, state_out,
+                       C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
+    """qwen35c::CausalConv1d: grid (cdiv(T, BT), cdiv(C, BC), B); no bias (Qwen3.5's conv has none)."""
+    causal_conv1d_fwd_kernel(x, weight, x, state, state_out, lengths, y, T, C, W, BT, BC, BS,
+                             False, True, True, True, True)
+
+
+@triton.jit
+def gdn_plugin_kernel(q, k, v, a, b, A_log, dt_bias, state, T, o, state_out,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, SCALE: tl.constexpr):
+    """qwen35c::GatedDeltaRule: grid (cdiv(V, BV), B * HV); gates, L2 norms and scale in-kernel."""
+    gdn_fused_recurrent_fwd_kernel(q, k, v, a, b, A_log, dt_bias, o, state, state_out, o, a, SCALE, T,
+                                   H, HV, K, V, BK, BV,
+                                   True, True, True, True, True, True, False, False)
+
+
+__all__ = ["conv_block_sizes", "conv_plugin_kernel", "gdn_plugin_kernel", "recurrent_block_sizes"]
