@@ -42,9 +42,12 @@ class TensorRTBackend:
         return section
 
     def engine_status(self, section: dict) -> dict:
+        from qwen35c.backends.tensorrt.engine import engine_blocker
+
+        reason = engine_blocker((section.get("plugins") or {}).get("sm")) or "build writes the bundle only"
         return {"status": "not built",
-                "detail": "stage 1 bundle: `qwen35c engine BUNDLE -o DIR` builds the TensorRT engine where "
-                          "TensorRT >= 10.15 and the target's GPU are (the plugins' PTX is in the bundle)"}
+                "detail": f"stage 1 bundle ({reason}); `qwen35c engine BUNDLE -o DIR` builds and verifies the "
+                          f"engine where TensorRT >= 10.15 and the target's GPU are"}
 
     def validate(self, section: dict, check, files: dict) -> None:
         check.int(section.get("opset"), "backend.opset", 1, 25)

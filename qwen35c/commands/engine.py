@@ -1,0 +1,19 @@
+"""`qwen35c engine BUNDLE -o DIR`: stage 2 of the tensorrt backend (the engine, where TensorRT and the GPU are)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("engine")
+@click.argument("bundle")
+@click.option("-o", "--output", required=True, help="Directory for engine.plan and engine.json (created).")
+@click.option("--force", is_flag=True, help="Replace an existing engine directory this command wrote.")
+def command(bundle, output, force):
+    """Build BUNDLE's TensorRT engine (its plugins' PTX registered as ahead-of-time plugins), run it
+    on the verify prompt set against the reference and write it with its parity report. Exits 3,
+    writing nothing, where TensorRT (>= 10.15) or a GPU of the bundle's SM is missing."""
+    from qwen35c.backends.tensorrt.engine import build_engine
+
+    record = build_engine(bundle, output, force=force, say=lambda m: click.echo(m, err=True))
+    click.echo(f"engine {output}: TensorRT {record['tensorrt']} on {record['gpu']}; parity {record['parity']['summary']}")

@@ -1,0 +1,177 @@
+"""The tensorrt backend, stage 1: the bundle (TensorRT-dialect ONNX + the plugins' PTX), its CPU check
+on ONNX Runtime with the plugins' reference implementations, the plugins' kernels against those
+references under the Triton interpreter, and stage 2 refusing plainly where TensorRT is missing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qwen35c.backends.tensorrt import plugins
+from qwen35c.backends.tensorrt.bundle import DOMAINS, check_bundle
+from qwen35c.cli import main
+
+BUNDLED = Path(__file__).resolve().parents[2] / "qwen35c" / "models"
+
+
+def _cli(*args, code: int = 0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt") / "bundle"
+    _cli("build", "--model", BUNDLED / "qwen35-tiny", "--target", "h100-bf16", "--backend", "tensorrt", "-o", out)
+    return out
+
+
+def test_bundle_verifies_at_the_fp32_gate_and_says_the_engine_was_not_verified(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["parity"]["metrics"]["max_abs"] <= 1e-4
+    assert manifest["engine"]["status"] == "not built"
+    report = json.loads(_cli("verify", bundle, "--json").stdout)
+    assert report["status"] == "pass" and report["parity"]["gate"] == "fp32"
+    assert report["mode"].startswith("TensorRT bundle on onnxruntime CPU")
+    engine = next(c for c in report["checks"] if c["name"] == "engine")
+    assert engine["status"] == "skipped" and "not verified" in engine["detail"]
+
+
+def test_bundle_is_in_tensorrt_dialect(bundle):
+    check_bundle(bundle / "model.onnx")       # checker with the plugin schemas + strict shape inference
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    assert {o.domain: o.version for o in model.opset_import} == {"": 23, "qwen35c": 1}
+    assert {n.domain for n in model.graph.node} <= set(DOMAINS)
+    nodes = [n for n in model.graph.node if n.domain == "qwen35c"]
+    assert sorted({n.op_type for n in nodes}) == ["CausalConv1d", "GatedDeltaRule"]
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["plugin_namespace"] == b"qwen35c" and attrs["aot"] == 1
+    shaped = {v.name for v in model.graph.value_info}
+    assert all(o in shaped for n in nodes for o in n.output if o not in {x.name for x in model.graph.output})
+
+
+def test_plugin_ptx_is_shipped_for_the_target_sm_and_hashed(bundle, tmp_path):
+    import shutil
+
+    from qwen35c.artifact import ArtifactError
+    from qwen35c.runtime import open_checked
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    section = manifest["backend"]["plugins"]
+    assert section["sm"] == 90 and {k["id"] for k in section["kernels"]} == {
+        "qwen35c::CausalConv1d", "qwen35c::GatedDeltaRule"}
+    for row in section["kernels"]:
+        ptx = (bundle / row["ptx"]).read_text()
+        assert ".target sm_90" in ptx and f".entry {row['kernel']}" in ptx
+        assert row["ptx"] in manifest["files"]
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    ptx = copy / section["kernels"][0]["ptx"]
+    ptx.write_text(ptx.read_text().replace("sm_90", "sm_80"))
+    with pytest.raises(ArtifactError, match=section["kernels"][0]["ptx"]):
+        open_checked(copy)
+
+
+def _inputs(defn, B, T, lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    env = {"x": [B, T], "q": [B, T]}
+    arrays = []
+    for port in defn.inputs:
+        shape = [plugins.evaluate(f, env) for f in port.shape]
+        env[port.name] = shape
+        arrays.append(np.asarray(lengths, np.int64) if port.dtype == "i64" else torch.randn(*shape, generator=g).numpy())
+    return arrays
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 129])
+def test_plugin_kernels_match_their_references_with_the_plugin_binding(T):
+    """Each adapter kernel (TensorRT's argument order, the plugin's grid and scalars) under the
+    interpreter against the reference implementation the CPU check runs: grouped value heads,
+    non-zero initial state, a ragged batch (the GDN's padded steps masked as the bundle masks them)."""
+    from qwen35c.backends.tensorrt import kernels
+
+    dims = {"H": 2, "HV": 4, "K": 16, "V": 32, "W": 4}
+    lengths = [T, max(1, T // 2)]
+    for defn in plugins.plugin_defs(dims):
+        arrays = _inputs(defn, 2, T, lengths, seed=T)
+        if defn.op == "GatedDeltaRule":
+            for gate in (3, 4):
+                arrays[gate][1, lengths[1]:] = -np.inf
+        want = plugins.reference(defn.op, arrays, defn.attrs)
+        assert [w.shape for w in want] == plugins.output_shapes(defn, [a.shape for a in arrays])
+        ins = [torch.from_numpy(a.copy()) for a in arrays]
+        outs = [torch.full(w.shape, float("nan")) for w in want]
+        for i, port in enumerate(defn.outputs):
+            if port.aliases:
+                outs[i] = ins[[p.name for p in defn.inputs].index(port.aliases)]
+        shapes = {p.name: list(a.shape) for p, a in zip(defn.inputs, arrays)}
+        grid = tuple(plugins.evaluate(g, shapes) for g in defn.grid)
+        scalars = [plugins.evaluate(f, shapes) for _, f in defn.scalars]
+        getattr(kernels, defn.kernel)[grid](*ins, *scalars, *outs, **defn.constexprs, num_warps=defn.num_warps)
+        for port, got, ref in zip(defn.outputs, outs, want):
+            torch.testing.assert_close(got, torch.from_numpy(ref), atol=2e-5, rtol=1e-5, msg=f"{defn.op}.{port.name}")
+
+
+def test_masked_steps_leave_the_recurrent_state_as_after_the_valid_prefix():
+    """a = b = -inf at a step (the bundle's padding) is exactly no step at all."""
+    defn = next(d for d in plugins.plugin_defs({"H": 1, "HV": 2, "K": 16, "V": 16, "W": 4})
+                if d.op == "GatedDeltaRule")
+    arrays = _inputs(defn, 1, 9, [9], seed=1)
+    prefix = [a[:, :5] if a.ndim == 3 else a for a in arrays]
+    for gate in (3, 4):
+        arrays[gate][:, 5:] = -np.inf
+    _o, padded = plugins.reference(defn.op, arrays, defn.attrs)
+    _o, exact = plugins.reference(defn.op, prefix, defn.attrs)
+    assert np.array_equal(padded, exact)
+
+
+def test_describe_runs_without_tensorrt(bundle):
+    out = subprocess.run([sys.executable, "-m", "qwen35c.backends.tensorrt.plugins", "--describe", str(bundle)],
+                         capture_output=True, text=True, check=True)
+    described = json.loads(out.stdout)
+    assert [p["id"] for p in described["plugins"]] == ["qwen35c::CausalConv1d", "qwen35c::GatedDeltaRule"]
+    gdn = described["plugins"][1]
+    assert gdn["outputs"][1]["aliases"] == "state" and gdn["attrs"] == {"H": 2, "HV": 4, "K": 64, "V": 64}
+
+
+def test_engine_exits_3_and_writes_nothing_without_tensorrt(bundle, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    result = _cli("engine", bundle, "-o", tmp_path / "engine", code=3)
+    assert "TensorRT is not installed" in result.output and not (tmp_path / "engine").exists()
+
+
+def test_quantized_targets_are_refused_by_name(tmp_path):
+    result = _cli("build", "--target", "h100-fp8", "--backend", "tensorrt", "-o", tmp_path / "b", code=2)
+    assert "tensorrt backend builds unquantized targets only" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("model,target", [("qwen35-tiny-moe", "a100-bf16")])
+def test_moe_bundle_builds_and_verifies(tmp_path, model, target):
+    out = tmp_path / "moe"
+    _cli("build", "--model", BUNDLED / model, "--target", target, "--backend", "tensorrt", "-o", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["metrics"]["max_abs"] <= 1e-4 and manifest["backend"]["plugins"]["sm"] == 80
+
+
+def test_grouped_key_heads_preset_builds(checkpoint_factory, tmp_path):
+    """Qwen3-Next's layout (its own tensor names, grouped value heads) through the same plugins."""
+    out = tmp_path / "next"
+    _cli("build", "--model", checkpoint_factory("tiny-next"), "--target", "h100-bf16", "--backend", "tensorrt",
+         "-o", out)
+    assert json.loads((out / "manifest.json").read_text())["parity"]["metrics"]["max_abs"] <= 1e-4
