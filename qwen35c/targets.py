@@ -46,10 +46,10 @@ class Target:
             return f"target '{self.name}' is a GPU target; the onnx backend builds CPU targets only{hint}"
         if self.sm is None and backend != "onnx":
             return f"target '{self.name}' is a CPU target; only the onnx backend builds CPU targets"
-        if backend == "tensorrt" and (quantize is not None or self.quantize is not None):
-            return (f"target '{self.name}' ({self.weights}): the tensorrt backend builds unquantized targets only "
-                    f"so far (a100-bf16, h100-bf16); its FP8 block-128 GEMM plugin and INT4 DequantizeLinear "
-                    f"lowering are not written yet")
+        scheme = (quantize or self.quantize or "").replace("scheme=", "").split(" ", 1)[0]
+        if backend == "tensorrt" and scheme and not scheme.startswith("int4"):
+            return (f"target '{self.name}' ({self.weights}): the tensorrt backend builds bf16 and INT4 (W4A16) "
+                    f"targets so far; its FP8 block-128 GEMM plugin is not written yet")
         if quantize is not None or self.quantize is not None:
             from qwen35c.passes.manager import parse_pipeline
 

@@ -69,7 +69,7 @@ STREAM_BYTES = 64 << 20    # a weight larger than this is converted and written 
 ONNX_DTYPE = {"f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
               "f64": TensorProto.DOUBLE, "i64": TensorProto.INT64, "i32": TensorProto.INT32,
               "i8": TensorProto.INT8, "u8": TensorProto.UINT8, "bool": TensorProto.BOOL,
-              "f8e4m3": TensorProto.FLOAT8E4M3FN, "i16": TensorProto.INT16}
+              "f8e4m3": TensorProto.FLOAT8E4M3FN, "i16": TensorProto.INT16, "i4": TensorProto.INT4}
 
 QUANTIZED_LINEAR_OPS = ("quantized_linear", "linear_int4", "linear_fp8", "qlinear")
 

@@ -137,6 +137,9 @@ class OnnxSession(Session):
         options.log_severity_level = 3
         if custom_ops is not None:
             options.register_custom_ops_library(custom_ops)
+        # ORT fuses DequantizeLinear(INT4) -> MatMul into MatMulNBits at accuracy level 4 (int8
+        # activations) unless told otherwise; an INT4 W4A16 graph (the TensorRT bundle's) means fp32 ones
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         model = artifact_file(self.directory, manifest, backend["model"])
         try:
             self.ort = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])

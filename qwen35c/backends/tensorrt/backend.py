@@ -6,15 +6,17 @@ compiled for the target's SM (plugins.py), hashed like every artifact file. The 
 (`qwen35c engine`, engine.py): the manifest says `engine: not built` with the reason.
 load: the bundle's own model.onnx on ONNX Runtime's CPU provider, the plugin nodes executed by their
 reference implementations (onnxruntime-extensions Python ops): everything in the engine but
-TensorRT's own kernels and fusions, checked against the fp32 reference at the fp32 gate.
+TensorRT's own kernels and fusions, checked against the triton backend's emulating reference
+(bf16-rounded weights, the recipe's quantized weights) at the lowering gate.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from qwen35c.backends.base import EmitContext
-from qwen35c.backends.onnx.backend import _check_model, _graph_section, _validate_graph
+from qwen35c.backends.onnx.backend import _annotate, _check_model, _graph_section, _validate_graph
 
 
 class TensorRTBackend:
@@ -30,13 +32,15 @@ class TensorRTBackend:
         from qwen35c.backends.tensorrt.bundle import DOMAINS, TensorRTEmitter, check_bundle
         from qwen35c.backends.tensorrt.plugins import compile_kernels
 
-        emitter = TensorRTEmitter(graph, ctx.weights, out_dir, on_weight=ctx.on_weight, release=ctx.release,
-                                  tied_lm_head=ctx.tied_lm_head)
+        emitter = TensorRTEmitter(graph, _bf16_weights(ctx.weights), out_dir, on_weight=ctx.on_weight,
+                                  release=ctx.release, tied_lm_head=ctx.tied_lm_head)
         emitted = emitter.emit()
+        if ctx.quantization is not None:
+            _annotate(emitted.model_file, {"qwen35c.quantization": json.dumps(ctx.quantization, sort_keys=True)})
         check_bundle(emitted.model_file)
         section = {"name": self.name, **_graph_section(emitted), "opset": 23, "domains": list(DOMAINS),
                    "activations": "f32", "strongly_typed": True, "min_tensorrt": "10.15",
-                   "plugins": None}
+                   "plugins": None, "notes": emitter.notes}
         if emitter.plugin_dims is not None:
             section["plugins"] = compile_kernels(emitter.plugin_dims, ctx.target.sm, out_dir)
         return section
@@ -70,14 +74,15 @@ class TensorRTBackend:
             check.int(row.get("shared"), f"{at}.shared", 0, 1 << 20)
 
     def reference(self, model_dir: Path, manifest: dict, prepared, session):
-        """The streamed fp32 reference at the fp32 gate: the bundle computes in fp32."""
-        import torch
+        """The triton backend's emulating reference (bf16-rounded weights, the recipe's quantized
+        weights) at the lowering gate: the bundle computes in fp32 what a triton artifact computes
+        under the interpreter. `prepared` is not reused (the emulation rounds its weights in place)."""
+        from qwen35c.backends.triton.emit import emulating_reference
+        from qwen35c.targets import lowering_gate
 
-        from qwen35c.runtime.session import ReferenceSession, load_tokenizer
-        from reference.stream import StreamedModel
-
-        reference = ReferenceSession(StreamedModel(model_dir, torch.float32), load_tokenizer(model_dir), model_dir)
-        return reference, "fp32", "reference"
+        record = manifest.get("quantization")
+        what = "bf16-rounded weights" + (f", {record['label']}" if record else "")
+        return emulating_reference(model_dir, record), lowering_gate(record), f"emulating reference ({what})"
 
     def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False):
         from qwen35c.backends.onnx.session import OnnxSession
@@ -88,6 +93,22 @@ class TensorRTBackend:
                               custom_ops=register_onnxruntime())
         session.mode = "TensorRT bundle on onnxruntime CPU (plugin nodes: reference implementations), fp32"
         return session
+
+
+def _bf16_weights(weights):
+    """The checkpoint's weights as a bf16 GPU target holds them: rounded to bf16 (kept fp32 in the graph),
+    but for what the triton pack keeps fp32 (A_log, dt_bias) and the packed parts of quantized weights."""
+    import torch
+
+    from qwen35c.backends.triton.emit import bf16_weight
+
+    def get(name: str):
+        tensor = weights(name)
+        if "#" in name or not tensor.is_floating_point() or not bf16_weight(name):
+            return tensor
+        return tensor.to(torch.bfloat16).to(tensor.dtype)
+
+    return get
 
 
 BACKEND = TensorRTBackend()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper
 
 from qwen35c.backends.onnx.emit import OPSET, EmitError, OnnxEmitter
@@ -42,6 +43,7 @@ class TensorRTEmitter(OnnxEmitter):
             self.plugin_dims = model_dims(gdn.attrs, width)
             self.plugins = {d.op: d for d in plugin_defs(self.plugin_dims)}
         self.plugin_shapes: dict[str, tuple] = {}
+        self.notes: list[str] = []
 
     def conv_state_layout(self, shape: list) -> tuple[list, str]:
         return list(shape), "[B, C, W-1] the IR's (the conv plugin's) layout"
@@ -87,13 +89,96 @@ class TensorRTEmitter(OnnxEmitter):
         self.known_shapes[o] = ("B", "T", HV * V)
         return [self.node("Reshape", [o, self.i64([0, 0, HV, V])])[0], new_conv, new_state]
 
-    def op_quantized_embedding(self, node):
-        raise EmitError("the TensorRT bundle does not lower quantized weights yet (build an unquantized target)")
-
-    op_quantized_moe = op_quantized_embedding
+    # ---- INT4 W4A16: blocked DequantizeLinear-21 of signed INT4 weights, then MatMul ----------------
 
     def _quantized(self, node) -> None:
-        self.op_quantized_embedding(node)
+        a = node.attrs
+        if a["format"] != "int4" or a.get("activations", "none") not in ("none", None):
+            raise EmitError(f"%{node.outputs[0].name}: the TensorRT bundle lowers INT4 weight-only linears "
+                            f"(W4A16) only, not {a['format']} with {a.get('activations')} activations")
+        x = self.name(node.inputs[0])
+        if node.outputs[0] is self.logits_value:
+            x = self._logit_rows(node.inputs[0])
+        n, k, g = a["out_features"], a["in_features"], a["group_size"]
+        parts = list(node.inputs[1:])
+        codes, scales = self.evaluate(parts.pop(0)), self.evaluate(parts.pop(0)).float()
+        zeros = self.evaluate(parts.pop(0)) if a["has_zeros"] else None
+        g_idx = self.evaluate(parts.pop(0)) if a["has_g_idx"] else None
+        if a["has_pre_scale"]:
+            x = self.node("Mul", [x, self.name(parts.pop(0))])[0]
+        from qwen35c.quant.formats import int4_unpack_codes
+
+        codes = int4_unpack_codes(codes)                                           # [N, K] 0..15
+        if g_idx is not None:       # act-order: permute K so that each group is contiguous (exact)
+            perm = torch.argsort(g_idx.long(), stable=True)
+            x = self.node("Gather", [x, self.i64(perm.tolist())], axis=-1)[0]
+            codes = codes[:, perm]
+        w = self._dequantized_int4(codes.t(), scales.t(), None if zeros is None else zeros.t(), 0, g,
+                                   node.outputs[0].name)                           # [K, N]
+        out = self.node("MatMul", [x, w], hint=node.outputs[0].name)
+        self.names[id(node.outputs[0])] = out[0]
+
+    def _dequantized_int4(self, codes, scales, zeros, axis: int, group: int, hint: str) -> str:
+        """DequantizeLinear(codes - 8 as INT4, scales[, zeros - 8], axis, block_size=group): TensorRT's
+        weight-only INT4 form; the same values as `qwen35c.quant.formats`' dequantization."""
+        w = self._int4_tensor(codes, hint + "_q4")
+        inputs = [w, self._add(scales.float().contiguous(), hint + "_scales", "f32")]
+        if zeros is not None:
+            inputs.append(self._int4_tensor(zeros, hint + "_zp"))
+        return self.node("DequantizeLinear", inputs, axis=axis, block_size=group, hint=hint + "_w")[0]
+
+    def _int4_tensor(self, codes: torch.Tensor, hint: str) -> str:
+        """Unsigned 4-bit codes (zero point 8) as an ONNX INT4 initializer: two values a byte, low nibble first."""
+        flat = ((codes.to(torch.int16) - 8) & 0xF).to(torch.uint8).contiguous().reshape(-1)
+        if flat.numel() % 2:
+            flat = torch.cat([flat, flat.new_zeros(1)])
+        packed = (flat[0::2] | (flat[1::2] << 4)).numpy()
+        name = self.fresh(hint)
+        self.initializers.append(self._external(name, "i4", list(codes.shape), *self.data.write(packed)))
+        return name
+
+    def _add(self, tensor: torch.Tensor, hint: str, dtype: str) -> str:
+        name = self.fresh(hint)
+        self.add_tensor(name, tensor, dtype)
+        return name
+
+    def op_grouped_linear(self, node):
+        """Stacked experts [E, O, H]: the triton pack's INT4 experts (RTN, `experts.py`) when the recipe
+        quantizes them (`not_lowered`), dequantized along H by DequantizeLinear; else as stored."""
+        weight = node.inputs[1].producer.attrs["name"] if node.inputs[1].producer.op == "weight" else None
+        record = self.graph.metadata.get("quantization") or {}
+        if weight is None or weight not in record.get("not_lowered", []):
+            return super().op_grouped_linear(node)
+        from qwen35c.backends.triton.experts import expert_format, quantize_stacked, why_not
+
+        fmt = expert_format(record.get("recipe"))
+        stacked = self.evaluate(node.inputs[1])
+        hidden, inter = (stacked.shape[2], stacked.shape[1] // 2) if weight.endswith("gate_up_proj") else \
+            (stacked.shape[1], stacked.shape[2])
+        reason = why_not(fmt, hidden, inter)
+        if reason is not None:          # as the triton pack (and so the emulating reference): kept as stored
+            self.notes.append(f"{weight}: routed experts kept high precision ({reason})")
+            return super().op_grouped_linear(node)
+        if fmt[0] != "int4":
+            raise EmitError(f"{weight}: the recipe quantizes these routed experts to {fmt[0]}, and the TensorRT "
+                            f"bundle has no FP8 expert GEMM yet")
+        parts, _ = quantize_stacked(stacked, fmt, "gate_up" if weight.endswith("gate_up_proj") else "down")
+        from qwen35c.quant.formats import int4_unpack_codes
+
+        e, o, h = stacked.shape
+        codes = int4_unpack_codes(parts["qweight"].reshape(e * o, h // 2)).reshape(e, o, h)
+        w = self._dequantized_int4(codes, parts["scales"], None, 2, fmt[1], node.outputs[0].name)
+        self._released(node.inputs[1])
+        rows, experts = self._x(node, 0), self._x(node, 2)
+        mats = self.node("Gather", [w, experts], axis=0)[0]
+        col = self.node("Unsqueeze", [rows, self.i64([-1])])[0]
+        return self.node("Squeeze", [self.node("MatMul", [mats, col])[0], self.i64([-1])])
+
+    def op_quantized_embedding(self, node):
+        raise EmitError(f"%{node.outputs[0].name}: the TensorRT bundle has no quantized embedding lookup "
+                        f"(an INT4 target keeps the embedding high precision)")
+
+    op_quantized_moe = op_quantized_embedding
 
     def emit(self):
         result = super().emit()
