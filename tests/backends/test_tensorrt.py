@@ -155,10 +155,41 @@ def test_engine_exits_3_and_writes_nothing_without_tensorrt(bundle, tmp_path):
     assert "TensorRT is not installed" in result.output and not (tmp_path / "engine").exists()
 
 
-def test_quantized_targets_are_refused_by_name(tmp_path):
+def test_fp8_targets_are_refused_by_name(tmp_path):
     result = _cli("build", "--target", "h100-fp8", "--backend", "tensorrt", "-o", tmp_path / "b", code=2)
-    assert "tensorrt backend builds unquantized targets only" in result.output
+    assert "FP8 block-128 GEMM plugin is not written yet" in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_int4_bundle_is_w4a16_blocked_dequantize_and_verifies(tmp_path):
+    out = tmp_path / "int4"
+    _cli("build", "--model", BUNDLED / "qwen35-tiny", "--target", "a100-int4", "--backend", "tensorrt", "-o", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["metrics"]["max_abs"] <= 1e-4 and manifest["parity"]["precision"] == "fp32"
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == len(manifest["quantization"]["quantized"])
+    for n in dq:
+        assert inits[n.input[0]].data_type == onnx.TensorProto.INT4
+        assert {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} == {"axis": 0, "block_size": 128}
+    report = json.loads(_cli("verify", out, "--json", "--prompts", "short", "--skip", "quantization").stdout)
+    assert report["status"] == "pass"
+
+
+def test_int4_routed_experts_are_dequantized_from_int4(checkpoint_factory, tmp_path):
+    """Experts whose dims the group divides are INT4 (RTN, as the triton pack stores them) and the
+    bundle matches the emulating reference that quantizes them the same way."""
+    ckpt = checkpoint_factory("tiny-moe", hidden_size=128, moe_intermediate_size=128)
+    out = tmp_path / "moe-int4"
+    _cli("build", "--model", ckpt, "--target", "a100-int4", "--backend", "tensorrt", "-o", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["not_lowered"] and not manifest["backend"]["notes"]
+    assert manifest["parity"]["metrics"]["max_abs"] <= 1e-4
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+               and {a.name: a.i for a in n.attribute}.get("axis") == 2]
+    assert len(blocked) == 2 * len(manifest["quantization"]["not_lowered"]) // 2 > 0
 
 
 @pytest.mark.parametrize("model,target", [("qwen35-tiny-moe", "a100-bf16")])
