@@ -47,9 +47,9 @@ class Target:
         if self.sm is None and backend != "onnx":
             return f"target '{self.name}' is a CPU target; only the onnx backend builds CPU targets"
         scheme = (quantize or self.quantize or "").replace("scheme=", "").split(" ", 1)[0]
-        if backend == "tensorrt" and scheme and not scheme.startswith("int4"):
-            return (f"target '{self.name}' ({self.weights}): the tensorrt backend builds bf16 and INT4 (W4A16) "
-                    f"targets so far; its FP8 block-128 GEMM plugin is not written yet")
+        if backend == "tensorrt" and scheme and not (scheme.startswith("int4") or scheme == "fp8-block128"):
+            return (f"target '{self.name}': the tensorrt backend lowers INT4 (W4A16) and FP8 block-128 recipes, "
+                    f"not '{scheme}'")
         if quantize is not None or self.quantize is not None:
             from qwen35c.passes.manager import parse_pipeline
 

@@ -84,7 +84,13 @@ def test_plugin_ptx_is_shipped_for_the_target_sm_and_hashed(bundle, tmp_path):
 
 
 def _inputs(defn, B, T, lengths, seed):
+    """Random inputs of a plugin; for Fp8Linear, x [B, T] and FP8 block-quantized weights [3 * T, T]."""
+    from qwen35c.backends.triton.gemm.naive import fp8_quantize_weight_blocks
+
     g = torch.Generator().manual_seed(seed)
+    if defn.op == "Fp8Linear":
+        w, scale = fp8_quantize_weight_blocks(torch.randn(3 * T, T, generator=g))
+        return [(torch.randn(B, T, generator=g) * 3).numpy(), w.view(torch.uint8).numpy(), scale.numpy()]
     env = {"x": [B, T], "q": [B, T]}
     arrays = []
     for port in defn.inputs:
@@ -98,7 +104,8 @@ def _inputs(defn, B, T, lengths, seed):
 def test_plugin_kernels_match_their_references_with_the_plugin_binding(T):
     """Each adapter kernel (TensorRT's argument order, the plugin's grid and scalars) under the
     interpreter against the reference implementation the CPU check runs: grouped value heads,
-    non-zero initial state, a ragged batch (the GDN's padded steps masked as the bundle masks them)."""
+    non-zero initial state, a ragged batch (the GDN's padded steps masked as the bundle masks them);
+    Fp8Linear over K = T (partial 128-groups at 63, 65, 129), E4M3 emulated in fp32 as the interpreter needs."""
     from qwen35c.backends.tensorrt import kernels
 
     dims = {"H": 2, "HV": 4, "K": 16, "V": 32, "W": 4}
@@ -111,6 +118,7 @@ def test_plugin_kernels_match_their_references_with_the_plugin_binding(T):
         want = plugins.reference(defn.op, arrays, defn.attrs)
         assert [w.shape for w in want] == plugins.output_shapes(defn, [a.shape for a in arrays])
         ins = [torch.from_numpy(a.copy()) for a in arrays]
+        ins = [t.view(torch.float8_e4m3fn) if p.dtype == "e4m3" else t for p, t in zip(defn.inputs, ins)]
         outs = [torch.full(w.shape, float("nan")) for w in want]
         for i, port in enumerate(defn.outputs):
             if port.aliases:
@@ -118,9 +126,11 @@ def test_plugin_kernels_match_their_references_with_the_plugin_binding(T):
         shapes = {p.name: list(a.shape) for p, a in zip(defn.inputs, arrays)}
         grid = tuple(plugins.evaluate(g, shapes) for g in defn.grid)
         scalars = [plugins.evaluate(f, shapes) for _, f in defn.scalars]
-        getattr(kernels, defn.kernel)[grid](*ins, *scalars, *outs, **defn.constexprs, num_warps=defn.num_warps)
+        const = dict(defn.constexprs, **({"EMULATE_E4M3": True} if "EMULATE_E4M3" in defn.constexprs else {}))
+        getattr(kernels, defn.kernel)[grid](*ins, *scalars, *outs, **const, num_warps=defn.num_warps)
         for port, got, ref in zip(defn.outputs, outs, want):
-            torch.testing.assert_close(got, torch.from_numpy(ref), atol=2e-5, rtol=1e-5, msg=f"{defn.op}.{port.name}")
+            tol = dict(atol=1e-4, rtol=1e-5) if defn.op == "Fp8Linear" else dict(atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(got, torch.from_numpy(ref), **tol, msg=f"{defn.op}.{port.name}")
 
 
 def test_masked_steps_leave_the_recurrent_state_as_after_the_valid_prefix():
@@ -140,7 +150,7 @@ def test_describe_runs_without_tensorrt(bundle):
     out = subprocess.run([sys.executable, "-m", "qwen35c.backends.tensorrt.plugins", "--describe", str(bundle)],
                          capture_output=True, text=True, check=True)
     described = json.loads(out.stdout)
-    assert [p["id"] for p in described["plugins"]] == ["qwen35c::CausalConv1d", "qwen35c::GatedDeltaRule"]
+    assert [p["id"] for p in described["plugins"]] == ["qwen35c::CausalConv1d", "qwen35c::GatedDeltaRule"]   # used ones
     gdn = described["plugins"][1]
     assert gdn["outputs"][1]["aliases"] == "state" and gdn["attrs"] == {"H": 2, "HV": 4, "K": 64, "V": 64}
 
@@ -155,10 +165,26 @@ def test_engine_exits_3_and_writes_nothing_without_tensorrt(bundle, tmp_path):
     assert "TensorRT is not installed" in result.output and not (tmp_path / "engine").exists()
 
 
-def test_fp8_targets_are_refused_by_name(tmp_path):
-    result = _cli("build", "--target", "h100-fp8", "--backend", "tensorrt", "-o", tmp_path / "b", code=2)
-    assert "FP8 block-128 GEMM plugin is not written yet" in result.output
-    assert not (tmp_path / "b").exists()
+def test_fp8_bundle_runs_the_fp8_plugin_and_verifies(tmp_path):
+    out = tmp_path / "fp8"
+    _cli("build", "--model", BUNDLED / "qwen35-tiny", "--target", "h100-fp8", "--backend", "tensorrt", "-o", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["parity"]["precision"] == "quantized-activations"
+    assert manifest["backend"]["ops"]["qwen35c::Fp8Linear"] == len(manifest["quantization"]["quantized"])
+    assert "DequantizeLinear" not in manifest["backend"]["ops"]          # FP8 block DQ: not TensorRT's
+    check_bundle(out / "model.onnx")
+    assert {k["id"] for k in manifest["backend"]["plugins"]["kernels"]} >= {"qwen35c::Fp8Linear"}
+
+
+def test_unsupported_recipes_are_refused_by_name(tmp_path, checkpoint_factory):
+    result = _cli("build", "--target", "h100-bf16", "--backend", "tensorrt", "--quantize", "fp8-tensor", "-o",
+                  tmp_path / "b", code=2)
+    assert "lowers INT4 (W4A16) and FP8 block-128 recipes, not 'fp8-tensor'" in result.output
+    ckpt = checkpoint_factory("tiny-moe", hidden_size=128, moe_intermediate_size=128)
+    result = _cli("build", "--model", ckpt, "--target", "h100-fp8", "--backend", "tensorrt", "-o", tmp_path / "m",
+                  code=2)
+    assert "no FP8 grouped expert GEMM yet" in result.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "m").exists()
 
 
 def test_int4_bundle_is_w4a16_blocked_dequantize_and_verifies(tmp_path):

@@ -102,3 +102,21 @@ def test_int4_nibble_order():
     assert torch.equal(w[0], (torch.arange(128) % 16 - 8).float())
     x = torch.eye(128)[:3]
     assert torch.equal(int4_linear(x, packed, scales, None, 128)[:, 0], w[0, :3])
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 128, 256), (63, 200, 384), (65, 130, 129)])
+def test_fp8_dynamic_gemm_quantizes_activations_in_kernel(m, n, k):
+    """The fused kernel (activation groups quantized as loaded, E4M3 emulated in fp32 under the
+    interpreter) against its twin, naive.fp8_linear: quantize 1x128 groups, then the block GEMM."""
+    import triton
+
+    from qwen35c.backends.triton.gemm.fp8 import fp8_dynamic_gemm_kernel
+
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g) * 3
+    x[:, :5] *= 40.0
+    w_q, w_s = naive.fp8_quantize_weight_blocks(torch.randn(n, k, generator=g))
+    y = torch.empty(m, n)
+    fp8_dynamic_gemm_kernel[(triton.cdiv(m, 16) * triton.cdiv(n, 64),)](
+        x, w_q, w_s, y, m, n, k, k, k, w_s.shape[1], n, BLOCK_M=16, BLOCK_N=64, GROUP_M=1, EMULATE_E4M3=True)
+    assert rel_err(y, naive.fp8_linear(x, w_q, w_s)) < 4e-6         # measured ~3e-7

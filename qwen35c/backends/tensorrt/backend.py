@@ -41,8 +41,8 @@ class TensorRTBackend:
         section = {"name": self.name, **_graph_section(emitted), "opset": 23, "domains": list(DOMAINS),
                    "activations": "f32", "strongly_typed": True, "min_tensorrt": "10.15",
                    "plugins": None, "notes": emitter.notes}
-        if emitter.plugin_dims is not None:
-            section["plugins"] = compile_kernels(emitter.plugin_dims, ctx.target.sm, out_dir)
+        if emitter.used:
+            section["plugins"] = compile_kernels(emitter.plugin_dims, sorted(emitter.used), ctx.target.sm, out_dir)
         return section
 
     def engine_status(self, section: dict) -> dict:
@@ -62,8 +62,9 @@ class TensorRTBackend:
         check.dict(plugins, "backend.plugins")
         check.int(plugins.get("sm"), "backend.plugins.sm", 70, 200)
         check.str(plugins.get("triton_version"), "backend.plugins.triton_version")
-        for name, value in check.dict(plugins.get("dims"), "backend.plugins.dims").items():
-            check.int(value, f"backend.plugins.dims.{name}", 1, 1 << 16)
+        if plugins.get("dims") is not None:
+            for name, value in check.dict(plugins["dims"], "backend.plugins.dims").items():
+                check.int(value, f"backend.plugins.dims.{name}", 1, 1 << 16)
         for i, row in enumerate(check.list(plugins.get("kernels"), "backend.plugins.kernels")):
             at = f"backend.plugins.kernels[{i}]"
             check.dict(row, at)

@@ -41,7 +41,8 @@ class TensorRTEmitter(OnnxEmitter):
         if gdn is not None:
             width = int(gdn.inputs[3].type.shape[-1])       # conv weight [C, 1, W]
             self.plugin_dims = model_dims(gdn.attrs, width)
-            self.plugins = {d.op: d for d in plugin_defs(self.plugin_dims)}
+        self.plugins = {d.op: d for d in plugin_defs(self.plugin_dims)}
+        self.used: set[str] = set()
         self.plugin_shapes: dict[str, tuple] = {}
         self.notes: list[str] = []
 
@@ -56,6 +57,7 @@ class TensorRTEmitter(OnnxEmitter):
 
     def _plugin(self, op: str, inputs: list[str], hint: str, shapes: list[tuple]) -> list[str]:
         defn = self.plugins[op]
+        self.used.add(op)
         outs = self.node(op, inputs, n_out=len(defn.outputs), hint=hint, domain=NAMESPACE,
                          plugin_namespace=NAMESPACE, aot=1, **defn.attrs)
         self.plugin_shapes.update(zip(outs, shapes))
@@ -93,12 +95,16 @@ class TensorRTEmitter(OnnxEmitter):
 
     def _quantized(self, node) -> None:
         a = node.attrs
-        if a["format"] != "int4" or a.get("activations", "none") not in ("none", None):
-            raise EmitError(f"%{node.outputs[0].name}: the TensorRT bundle lowers INT4 weight-only linears "
-                            f"(W4A16) only, not {a['format']} with {a.get('activations')} activations")
         x = self.name(node.inputs[0])
         if node.outputs[0] is self.logits_value:
             x = self._logit_rows(node.inputs[0])
+        if a["format"] == "fp8" and a.get("granularity") == "block" and a.get("activations") == "dynamic":
+            self.names[id(node.outputs[0])] = self._fp8_linear(node, x)
+            return
+        if a["format"] != "int4" or a.get("activations", "none") not in ("none", None):
+            raise EmitError(f"%{node.outputs[0].name}: the TensorRT bundle lowers INT4 weight-only linears "
+                            f"(W4A16) and FP8 block-128 with dynamic activations, not {a['format']} "
+                            f"{a.get('granularity', '')} with {a.get('activations')} activations")
         n, k, g = a["out_features"], a["in_features"], a["group_size"]
         parts = list(node.inputs[1:])
         codes, scales = self.evaluate(parts.pop(0)), self.evaluate(parts.pop(0)).float()
@@ -117,6 +123,19 @@ class TensorRTEmitter(OnnxEmitter):
                                    node.outputs[0].name)                           # [K, N]
         out = self.node("MatMul", [x, w], hint=node.outputs[0].name)
         self.names[id(node.outputs[0])] = out[0]
+
+    def _fp8_linear(self, node, x: str) -> str:
+        """qwen35c::Fp8Linear on the [M, K] view of x: E4M3 weight bytes (uint8), fp32 block scales."""
+        a = node.attrs
+        n, k = a["out_features"], a["in_features"]
+        codes, scale = self.evaluate(node.inputs[1]), self.evaluate(node.inputs[2]).float()
+        hint = node.outputs[0].name
+        w = self._add(codes.contiguous().view(torch.uint8), hint + "_e4m3", "u8")
+        s = self._add(scale.contiguous(), hint + "_wscale", "f32")
+        lead = self.node("Shape", [x], end=-1)[0]
+        flat = self.node("Reshape", [x, self.i64([-1, k])])[0]
+        y = self._plugin("Fp8Linear", [flat, w, s], hint, [(f"{hint}_M", n)])[0]
+        return self.node("Reshape", [y, self.node("Concat", [lead, self.i64([n])], axis=0)[0]], hint=hint)[0]
 
     def _dequantized_int4(self, codes, scales, zeros, axis: int, group: int, hint: str) -> str:
         """DequantizeLinear(codes - 8 as INT4, scales[, zeros - 8], axis, block_size=group): TensorRT's
@@ -161,7 +180,8 @@ class TensorRTEmitter(OnnxEmitter):
             return super().op_grouped_linear(node)
         if fmt[0] != "int4":
             raise EmitError(f"{weight}: the recipe quantizes these routed experts to {fmt[0]}, and the TensorRT "
-                            f"bundle has no FP8 expert GEMM yet")
+                            f"bundle has no FP8 grouped expert GEMM yet (an FP8 MoE model builds with the triton "
+                            f"backend)")
         parts, _ = quantize_stacked(stacked, fmt, "gate_up" if weight.endswith("gate_up_proj") else "down")
         from qwen35c.quant.formats import int4_unpack_codes
 
@@ -222,7 +242,7 @@ def register_schemas() -> None:
         return
     from onnx.defs import OpSchema, register_schema
 
-    elem = {"f32": "tensor(float)", "i64": "tensor(int64)"}
+    elem = {"f32": "tensor(float)", "i64": "tensor(int64)", "e4m3": "tensor(uint8)"}
     for defn in plugin_defs({"H": 1, "HV": 1, "K": 16, "V": 16, "W": 4}):     # ports and attribute names
         types = sorted({p.dtype for p in defn.inputs + defn.outputs})
         param = {t: f"T_{t}" for t in types}

@@ -19,6 +19,9 @@ import triton.language as tl  # noqa: E402
 from qwen35c.backends.triton.causal_conv1d.kernel import causal_conv1d_fwd_kernel, conv_block_sizes  # noqa: E402
 from qwen35c.backends.triton.gated_delta_rule.fused_recurrent import (  # noqa: E402
     gdn_fused_recurrent_fwd_kernel, recurrent_block_sizes)
+from qwen35c.backends.triton.gemm.fp8 import fp8_dynamic_gemm_kernel  # noqa: E402
+
+FP8_TILE = (16, 64)     # (BLOCK_M, BLOCK_N): the library's decode tile; one specialisation serves every M
 
 
 @triton.jit
@@ -39,4 +42,13 @@ def gdn_plugin_kernel(q, k, v, a, b, A_log, dt_bias, state, T, o, state_out,
                                    True, True, True, True, True, True, False, False)
 
 
-__all__ = ["conv_block_sizes", "conv_plugin_kernel", "gdn_plugin_kernel", "recurrent_block_sizes"]
+@triton.jit
+def fp8_plugin_kernel(x, weight, scale, M, N, K, y,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                      EMULATE_E4M3: tl.constexpr):
+    """qwen35c::Fp8Linear: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)); rows of x, W and y contiguous."""
+    fp8_dynamic_gemm_kernel(x, weight, scale, y, M, N, K, K, K, (K + 127) // 128, N,
+                            BLOCK_M, BLOCK_N, GROUP_M, EMULATE_E4M3)
+
+
+__all__ = ["FP8_TILE", "conv_block_sizes", "fp8_plugin_kernel", "conv_plugin_kernel", "gdn_plugin_kernel", "recurrent_block_sizes"]

@@ -7,6 +7,10 @@
                              the dk^-0.5 scale inside: q, k [B, T, H*K], v [B, T, HV*V], a, b [B, T, HV]
                              (raw projections), A_log, dt_bias [HV], state fp32 [B, HV, K, V] ->
                              o [B, T, HV*V], state_out (aliased to state: updated in place)
+    qwen35c::Fp8Linear       y = x @ W^T for FP8 block-128 weights (E4M3 bytes, typed uint8 in the graph,
+                             fp32 `weight_scale_inv` [N/128, K/128]) with x quantized per token per
+                             128-channel group inside the kernel (the official Qwen FP8 recipe):
+                             x [M, K], weight [N, K], scale -> y [M, N]
 
 A step whose a and b are -inf leaves the recurrent state exactly as it is (softplus(-inf) = 0, so the
 decay is exp(-0) = 1; sigmoid(-inf) = 0, so the update is 0): the bundle masks right padding that way.
@@ -52,7 +56,7 @@ MIN_TENSORRT = (10, 9)
 @dataclass(frozen=True)
 class Port:
     name: str
-    dtype: str                       # f32 | i64
+    dtype: str                       # f32 | i64 | e4m3 (E4M3 bytes: uint8 in the graph, fp8 in the kernel)
     shape: tuple[str, ...]           # dimension formulas over the inputs' dims ("x_0": dim 0 of x)
     aliases: str | None = None       # an output written in place into this input
 
@@ -119,13 +123,24 @@ def model_dims(node_attrs: dict, conv_width: int) -> dict:
             "V": int(a["head_v_dim"]), "W": int(conv_width)}
 
 
-def plugin_defs(dims: dict) -> list[PluginDef]:
-    """The bundle's plugins for one model's dims (see `model_dims`)."""
+def plugin_defs(dims: dict | None) -> list[PluginDef]:
+    """The plugins for one model's GDN dims (see `model_dims`; None: a model without GDN layers)."""
     from qwen35c.backends.triton.mode import ensure
 
     ensure()
-    from qwen35c.backends.tensorrt.kernels import conv_block_sizes, recurrent_block_sizes
+    from qwen35c.backends.tensorrt.kernels import FP8_TILE, conv_block_sizes, recurrent_block_sizes
 
+    bm, bn = FP8_TILE
+    fp8 = PluginDef(
+        "Fp8Linear",
+        (Port("x", "f32", ("x_0", "x_1")), Port("weight", "e4m3", ("weight_0", "x_1")),
+         Port("scale", "f32", ("cdiv(weight_0, 128)", "cdiv(x_1, 128)"))),
+        (Port("y", "f32", ("x_0", "weight_0")),),
+        {}, "fp8_plugin_kernel", {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 1, "EMULATE_E4M3": False},
+        (("M", "x_0"), ("N", "weight_0"), ("K", "x_1")), (f"cdiv(x_0, {bm}) * cdiv(weight_0, {bn})", "1", "1"), 4,
+        "y = fp8 block-128 GEMM of x quantized per token per 128 channels (E4M3, s = amax/448) and W")
+    if dims is None:
+        return [fp8]
     H, HV, K, V, W = dims["H"], dims["HV"], dims["K"], dims["V"], dims["W"]
     C = 2 * H * K + HV * V
     BT, BC, BS = conv_block_sizes(4096, C, W)      # one specialisation serves prefill and decode
@@ -151,7 +166,7 @@ def plugin_defs(dims: dict) -> list[PluginDef]:
         {"H": H, "HV": HV, "K": K, "V": V, "BK": BK, "BV": BV, "SCALE": K ** -0.5}, (("T", "q_1"),),
         (f"cdiv({V}, {BV})", f"q_0 * {HV}", "1"), 4,
         "the gated delta rule token by token (gates, q/k L2 norm and dk^-0.5 inside); state in place")
-    return [conv, gdn]
+    return [conv, gdn, fp8]
 
 
 def output_shapes(defn: PluginDef, input_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -179,6 +194,11 @@ def reference(op: str, inputs: list[np.ndarray], attrs: dict) -> list[np.ndarray
         y, final = naive_causal_conv1d(x, weight, None, state, output_final_state=True, lengths=lengths,
                                        activation="silu")
         return [y.numpy(), final.numpy()]
+    if op == "Fp8Linear":
+        from qwen35c.backends.triton.gemm.naive import fp8_linear
+
+        x, weight, scale = t
+        return [fp8_linear(x.float(), weight.view(torch.float8_e4m3fn), scale).numpy()]
     if op == "GatedDeltaRule":
         q, k, v, a, b, a_log, dt_bias, state = t
         H, HV, K, V = (int(attrs[n]) for n in ("H", "HV", "K", "V"))
@@ -204,8 +224,7 @@ def register_onnxruntime() -> str:
         raise QwenError("the TensorRT bundle's CPU check needs onnxruntime-extensions "
                         "(pip install onnxruntime-extensions): its plugin nodes run as Python custom ops") from None
     if not _registered_ort:
-        f32, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64
-        types = {"f32": f32, "i64": i64}
+        types = {"f32": PyCustomOpDef.dt_float, "i64": PyCustomOpDef.dt_int64, "e4m3": PyCustomOpDef.dt_uint8}
         for defn in plugin_defs({"H": 1, "HV": 1, "K": 16, "V": 16, "W": 4}):   # ports only; dims from attrs
             def run(*args, _op=defn.op, **attrs):
                 return tuple(reference(_op, list(args), attrs))
@@ -219,8 +238,8 @@ def register_onnxruntime() -> str:
 
 # --------------------------------------------------------------------------- compiled kernels (PTX)
 
-def compile_kernels(dims: dict, sm: int, out_dir: Path, timeout: float = 900) -> dict:
-    """Compile every plugin's adapter for `sm` into out_dir/plugins (a child Python without
+def compile_kernels(dims: dict | None, ops: list[str], sm: int, out_dir: Path, timeout: float = 900) -> dict:
+    """Compile the adapters of the plugins `ops` for `sm` into out_dir/plugins (a child Python without
     TRITON_INTERPRET); the manifest's `backend.plugins` section, sha256 per file."""
     import triton
 
@@ -233,8 +252,8 @@ def compile_kernels(dims: dict, sm: int, out_dir: Path, timeout: float = 900) ->
 
     env[AOT_ENV] = "1"
     folder = Path(out_dir) / PLUGIN_DIR
-    cmd = [sys.executable, "-m", "qwen35c.backends.tensorrt.plugins", "--compile", json.dumps(dims), str(sm),
-           str(folder)]
+    cmd = [sys.executable, "-m", "qwen35c.backends.tensorrt.plugins", "--compile",
+           json.dumps({"dims": dims, "ops": sorted(ops)}), str(sm), str(folder)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -246,7 +265,7 @@ def compile_kernels(dims: dict, sm: int, out_dir: Path, timeout: float = 900) ->
     return {"sm": sm, "triton_version": triton.__version__, "dims": dims, "kernels": rows}
 
 
-def _compile_here(dims: dict, sm: int, folder: Path) -> list[dict]:
+def _compile_here(what: dict, sm: int, folder: Path) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -256,9 +275,11 @@ def _compile_here(dims: dict, sm: int, folder: Path) -> list[dict]:
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for defn in plugin_defs(dims):
+    for defn in plugin_defs(what["dims"]):
+        if defn.op not in what["ops"]:
+            continue
         fn = getattr(kernels, defn.kernel)
-        tags = {"f32": "*fp32", "i64": "*i64"}
+        tags = {"f32": "*fp32", "i64": "*i64", "e4m3": "*fp8e4nv"}
         sig = {p.name: tags[p.dtype] for p in defn.inputs}
         sig.update({name: "i32" for name, _ in defn.scalars})
         sig.update({(p.name if p.name not in sig else p.name + "_out"): tags[p.dtype] for p in defn.outputs})
@@ -294,6 +315,8 @@ def register_tensorrt(bundle: Path, section: dict) -> list[str]:
     compiled = {row["id"]: row for row in section["plugins"]["kernels"]}
     ids = []
     for defn in plugin_defs(section["plugins"]["dims"]):
+        if defn.id not in compiled:
+            continue
         row = compiled[defn.id]
         ptx = (bundle / row["ptx"]).read_text()
         ports = [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=trtp.TensorDesc)
@@ -364,7 +387,9 @@ def describe_bundle(bundle: Path) -> dict:
         dims = manifest["backend"]["plugins"]["dims"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise QwenError(f"{bundle}/manifest.json: not a TensorRT bundle ({type(err).__name__}: {err})") from None
-    return {"namespace": NAMESPACE, "dims": dims, "plugins": [d.to_json() for d in plugin_defs(dims)]}
+    used = {row["id"] for row in manifest["backend"]["plugins"]["kernels"]}
+    return {"namespace": NAMESPACE, "dims": dims,
+            "plugins": [d.to_json() for d in plugin_defs(dims) if d.id in used]}
 
 
 def _main(argv: list[str]) -> int:

@@ -81,6 +81,45 @@ def fp8_block_gemm_kernel(
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def fp8_dynamic_gemm_kernel(
+    x_ptr, w_ptr, w_s_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_wsn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, EMULATE_E4M3: tl.constexpr = False,
+):
+    """fp8_act_quant_kernel fused into fp8_block_gemm_kernel: each program quantizes the 1x128 groups of
+    its rows as it loads them (the same s, q and rounding), so no E4M3 activation tensor exists between
+    two kernels: one launch a linear (a TensorRT AOT plugin is one kernel). The row groups are quantized
+    once per column tile: cheap at decode sizes, redundant work in a long prefill."""
+    BLOCK_K: tl.constexpr = 128
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+    w_s_cols = w_s_ptr + (cols // 128) * stride_wsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = (kb * BLOCK_K + ks) < K
+        x = tl.load(x_rows + (kb * BLOCK_K + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = x.to(tl.float32)
+        a_s = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
+        q = tl.minimum(tl.maximum(x / a_s[:, None], -448.0), 448.0)
+        if EMULATE_E4M3:
+            a = round_to_e4m3(q)                         # fp32 holding E4M3 values (the interpreter)
+        else:
+            a = q.to(tl.float8e4nv)
+        b = tl.load(w_cols + (kb * BLOCK_K + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w_s = tl.load(w_s_cols + kb, mask=col_ok, other=0.0).to(tl.float32)
+        acc += tl.dot(a, b.to(a.dtype)) * a_s[:, None] * w_s[None, :]
+    out = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 def fp8_gemm_config(m: int) -> dict:
     if m <= 32:
         return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
