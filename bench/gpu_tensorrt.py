@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                 row.update(status="pass" if record["parity"]["passed"] else "fail", tensorrt=record["tensorrt"],
                            gpu=record["gpu"], parity=record["parity"]["summary"],
                            max_abs=record["parity"]["metrics"]["max_abs"],
-                           engine_mib=round((engine / "engine.plan").stat().st_size / 2**20, 1))
+                           engine_mib=round((engine / "qwen35c" / "1" / "model.plan").stat().st_size / 2**20, 1))
     report = {"sm": sm, "rows": rows}
     text = json.dumps(report, indent=1)
     print(text)

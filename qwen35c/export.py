@@ -141,8 +141,10 @@ def _pbtxt_dims(dims) -> str:
     return "[ " + ", ".join(str(d) for d in dims) + " ]"
 
 
-def triton_config(name: str, backend_section: dict, vocab: int, max_batch_size: int, max_length: int) -> str:
-    """config.pbtxt of an onnx artifact's graph (its `interface` and `states`, see module docstring).
+def triton_config(name: str, backend_section: dict, vocab: int, max_batch_size: int, max_length: int,
+                  platform: str = "onnxruntime_onnx", kind: str = "KIND_CPU") -> str:
+    """config.pbtxt of an onnx artifact's graph (its `interface` and `states`, see module docstring), or
+    of the TensorRT engine of a tensorrt bundle (`platform` tensorrt_plan, KIND_GPU: the same interface).
     Outputs besides logits (`hidden` f32[B,T,H] of an artifact with an MTP head) are declared too."""
     extras = []      # "hidden f32[B,T,256]" -> ("hidden", [-1, 256]): batch dim implicit, T variable
     for entry in backend_section["interface"]["outputs"]:
@@ -150,7 +152,7 @@ def triton_config(name: str, backend_section: dict, vocab: int, max_batch_size: 
         if name not in ("logits", "<state>.out"):
             dims = shape[shape.index("[") + 1:-1].split(",")[1:]
             extras.append((name, [int(d) if d.isdigit() else -1 for d in dims]))
-    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}",
+    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}",
              "input [",
              '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },',
              '  { name: "q_start" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } },',
@@ -179,7 +181,7 @@ def triton_config(name: str, backend_section: dict, vocab: int, max_batch_size: 
                   f"dims: {_pbtxt_dims(dims)}",
                   f'      initial_state: {{ name: "zero" data_type: {dtype} dims: {_pbtxt_dims(dims)} zero_data: true }}'
                   f" }}{',' if i + 1 < len(states) else ''}"]
-    lines += ["  ]", "}", "instance_group [ { kind: KIND_CPU count: 1 } ]"]
+    lines += ["  ]", "}", f"instance_group [ {{ kind: {kind} count: 1 }} ]"]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,7 @@ import click
 
 @click.command("engine")
 @click.argument("bundle")
-@click.option("-o", "--output", required=True, help="Directory for engine.plan and engine.json (created).")
+@click.option("-o", "--output", required=True, help="Directory (created): a Triton model repository with the engine (qwen35c/1/model.plan) + engine.json.")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory this command wrote.")
 def command(bundle, output, force):
     """Build BUNDLE's TensorRT engine (its plugins' PTX registered as ahead-of-time plugins), run it

@@ -4,6 +4,7 @@ references under the Triton interpreter, and stage 2 refusing plainly where Tens
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -156,11 +157,8 @@ def test_describe_runs_without_tensorrt(bundle):
 
 
 def test_engine_exits_3_and_writes_nothing_without_tensorrt(bundle, tmp_path):
-    try:
-        import tensorrt  # noqa: F401
+    if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     result = _cli("engine", bundle, "-o", tmp_path / "engine", code=3)
     assert "TensorRT is not installed" in result.output and not (tmp_path / "engine").exists()
 
@@ -232,3 +230,22 @@ def test_grouped_key_heads_preset_builds(checkpoint_factory, tmp_path):
     _cli("build", "--model", checkpoint_factory("tiny-next"), "--target", "h100-bf16", "--backend", "tensorrt",
          "-o", out)
     assert json.loads((out / "manifest.json").read_text())["parity"]["metrics"]["max_abs"] <= 1e-4
+
+
+def test_serving_entry_parses_as_a_triton_model_config(bundle):
+    """serving/config.pbtxt (what `qwen35c engine` puts beside the engine): platform tensorrt_plan,
+    every state as implicit sequence state with the engine I/O's names, shapes and dtypes."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    config = text_format.Parse((bundle / "serving" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 8
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    states = {s.input_name: s for s in config.sequence_batching.state}
+    assert set(states) == {s["name"] for s in manifest["backend"]["states"]}
+    for spec in manifest["backend"]["states"]:
+        state = states[spec["name"]]
+        assert state.output_name == spec["output"] and state.data_type == model_config_pb2.TYPE_FP32
+        assert list(state.dims) == [4096 if d == "S" else d for d in spec["shape"][1:]]
+    assert "serving/config.pbtxt" in manifest["files"]

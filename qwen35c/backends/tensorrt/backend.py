@@ -43,6 +43,7 @@ class TensorRTBackend:
                    "plugins": None, "notes": emitter.notes}
         if emitter.used:
             section["plugins"] = compile_kernels(emitter.plugin_dims, sorted(emitter.used), ctx.target.sm, out_dir)
+        section["serving"] = _serving_entry(section, graph.outputs[0].type.shape[-1], out_dir)
         return section
 
     def engine_status(self, section: dict) -> dict:
@@ -73,6 +74,8 @@ class TensorRTBackend:
                 check.str(row.get(key), f"{at}.{key}")
             check.int(row.get("num_warps"), f"{at}.num_warps", 1, 32)
             check.int(row.get("shared"), f"{at}.shared", 0, 1 << 20)
+        serving = check.dict(section.get("serving"), "backend.serving")
+        check.listed(serving.get("config"), "backend.serving.config", files)
 
     def reference(self, model_dir: Path, manifest: dict, prepared, session):
         """The triton backend's emulating reference (bf16-rounded weights, the recipe's quantized
@@ -94,6 +97,25 @@ class TensorRTBackend:
                               custom_ops=register_onnxruntime())
         session.mode = "TensorRT bundle on onnxruntime CPU (plugin nodes: reference implementations), fp32"
         return session
+
+
+SERVING_NAME = "qwen35c"
+
+
+def _serving_entry(section: dict, vocab: int, out_dir: Path) -> dict:
+    """The Triton Inference Server entry of the engine this bundle builds: `serving/config.pbtxt`
+    (platform tensorrt_plan; the states as implicit sequence state; batch and cache within the
+    engine's optimization profile). `qwen35c engine` writes it beside the engine as a model repository."""
+    from qwen35c.backends.tensorrt.engine import MAX_BATCH, MAX_CACHE
+    from qwen35c.export import triton_config
+
+    folder = out_dir / "serving"
+    folder.mkdir()
+    text = triton_config(SERVING_NAME, section, vocab, MAX_BATCH, MAX_CACHE, platform="tensorrt_plan",
+                         kind="KIND_GPU")
+    (folder / "config.pbtxt").write_text(text)
+    return {"config": "serving/config.pbtxt", "name": SERVING_NAME, "max_batch_size": MAX_BATCH,
+            "max_length": MAX_CACHE}
 
 
 def _bf16_weights(weights):

@@ -100,34 +100,36 @@ class TensorRTEmitter(OnnxEmitter):
             x = self._logit_rows(node.inputs[0])
         if a["format"] == "fp8" and a.get("granularity") == "block" and a.get("activations") == "dynamic":
             self.names[id(node.outputs[0])] = self._fp8_linear(node, x)
-            return
-        if a["format"] != "int4" or a.get("activations", "none") not in ("none", None):
+        elif a["format"] == "int4" and a.get("activations", "none") in ("none", None):
+            self.names[id(node.outputs[0])] = self._int4_linear(node, x)
+        else:
             raise EmitError(f"%{node.outputs[0].name}: the TensorRT bundle lowers INT4 weight-only linears "
                             f"(W4A16) and FP8 block-128 with dynamic activations, not {a['format']} "
                             f"{a.get('granularity', '')} with {a.get('activations')} activations")
-        n, k, g = a["out_features"], a["in_features"], a["group_size"]
+
+    def _int4_linear(self, node, x: str) -> str:
+        """MatMul(x, DequantizeLinear(INT4 [K, N], scales [K/g, N], axis 0, block g))."""
+        from qwen35c.quant.formats import int4_unpack_codes
+
+        a = node.attrs
         parts = list(node.inputs[1:])
         codes, scales = self.evaluate(parts.pop(0)), self.evaluate(parts.pop(0)).float()
         zeros = self.evaluate(parts.pop(0)) if a["has_zeros"] else None
         g_idx = self.evaluate(parts.pop(0)) if a["has_g_idx"] else None
         if a["has_pre_scale"]:
             x = self.node("Mul", [x, self.name(parts.pop(0))])[0]
-        from qwen35c.quant.formats import int4_unpack_codes
-
         codes = int4_unpack_codes(codes)                                           # [N, K] 0..15
         if g_idx is not None:       # act-order: permute K so that each group is contiguous (exact)
             perm = torch.argsort(g_idx.long(), stable=True)
             x = self.node("Gather", [x, self.i64(perm.tolist())], axis=-1)[0]
             codes = codes[:, perm]
-        w = self._dequantized_int4(codes.t(), scales.t(), None if zeros is None else zeros.t(), 0, g,
+        w = self._dequantized_int4(codes.t(), scales.t(), None if zeros is None else zeros.t(), 0, a["group_size"],
                                    node.outputs[0].name)                           # [K, N]
-        out = self.node("MatMul", [x, w], hint=node.outputs[0].name)
-        self.names[id(node.outputs[0])] = out[0]
+        return self.node("MatMul", [x, w], hint=node.outputs[0].name)[0]
 
     def _fp8_linear(self, node, x: str) -> str:
         """qwen35c::Fp8Linear on the [M, K] view of x: E4M3 weight bytes (uint8), fp32 block scales."""
-        a = node.attrs
-        n, k = a["out_features"], a["in_features"]
+        n, k = node.attrs["out_features"], node.attrs["in_features"]
         codes, scale = self.evaluate(node.inputs[1]), self.evaluate(node.inputs[2]).float()
         hint = node.outputs[0].name
         w = self._add(codes.contiguous().view(torch.uint8), hint + "_e4m3", "u8")

@@ -6,8 +6,9 @@ checked, the plugins' PTX included), the plugins are registered with TensorRT's 
 parser reads model.onnx into a strongly typed network, one optimization profile covers batch 1..8,
 1..4096 new tokens and a 4096-position KV cache, and the serialized engine is run on the verify
 prompt set (`EngineSession`, the ONNX session's step logic over TensorRT I/O) against the fp32
-reference. `out` gets engine.plan and engine.json (TensorRT version, GPU, the bundle's manifest
-digest, the parity report), written atomically; nothing is written when stage 2 cannot run here.
+reference. `out` is a Triton Inference Server model repository (`qwen35c/config.pbtxt` from the bundle,
+`qwen35c/1/model.plan`) plus engine.json (TensorRT version, GPU, the bundle's manifest digest, the
+parity report), written atomically; nothing is written when stage 2 cannot run here.
 
 Where TensorRT or a GPU of the bundle's SM is missing, `EngineUnavailable` (exit code 3) says why in
 one line. The project's machines have neither: this module has not been executed end to end
@@ -56,7 +57,7 @@ def engine_blocker(sm: int | None) -> str | None:
 
 def build_engine(bundle: str | Path, out: str | Path, force: bool = False, say=print) -> dict:
     """Build, run and record the engine of `bundle` into `out` (see the module docstring)."""
-    from qwen35c.artifact import MANIFEST, atomic_directory, check_output, protected_paths
+    from qwen35c.artifact import MANIFEST, artifact_file, atomic_directory, check_output, protected_paths
     from qwen35c.runtime import open_checked
 
     bundle, out = Path(bundle), Path(out)
@@ -76,7 +77,10 @@ def build_engine(bundle: str | Path, out: str | Path, force: bool = False, say=p
     say(f"TensorRT {trt.__version__}: parsing {bundle / section['model']}")
     plan = _build(bundle, manifest, trt, say)
     with atomic_directory(out, force, protected) as tmp:
-        (tmp / "engine.plan").write_bytes(plan)
+        entry = tmp / section["serving"]["name"]        # a Triton model repository: NAME/config.pbtxt, NAME/1/model.plan
+        (entry / "1").mkdir(parents=True)
+        (entry / "1" / "model.plan").write_bytes(plan)
+        (entry / "config.pbtxt").write_bytes(artifact_file(bundle, manifest, section["serving"]["config"]).read_bytes())
         session = EngineSession(bundle, manifest, plan)
         report = _parity(session, bundle, manifest)
         record = {"tensorrt": trt.__version__, "sm": sm, "gpu": _gpu_name(),
