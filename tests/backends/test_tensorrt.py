@@ -249,3 +249,22 @@ def test_serving_entry_parses_as_a_triton_model_config(bundle):
         assert state.output_name == spec["output"] and state.data_type == model_config_pb2.TYPE_FP32
         assert list(state.dims) == [4096 if d == "S" else d for d in spec["shape"][1:]]
     assert "serving/config.pbtxt" in manifest["files"]
+
+
+def test_every_gemm_runs_on_bf16_weights_and_the_check_widens_them(bundle):
+    """In the bundle (strongly typed, as TensorRT reads it) every MatMul / Gemm takes bf16 operands;
+    `widen_bf16` (the CPU check's view) leaves no bf16 compute, only exact casts of bf16 initializers."""
+    from qwen35c.backends.tensorrt.bundle import widen_bf16
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(bundle / "model.onnx"), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.input)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    gemms = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert gemms and all(types[i] == onnx.TensorProto.BFLOAT16 for n in gemms for i in n.input[:2])
+    wide = widen_bf16(onnx.load(str(bundle / "model.onnx"), load_external_data=False))
+    casts = {n.output[0] for n in wide.graph.node if n.op_type == "Cast"
+             and onnx.helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.BFLOAT16}
+    assert not casts
+    bf16 = [t.name for t in wide.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16]
+    widened = {n.input[0] for n in wide.graph.node if n.op_type == "Cast" and n.name.endswith("__widen")}
+    assert bf16 and set(bf16) == widened

@@ -107,11 +107,13 @@ class OnnxSession(Session):
     """`load(artifact)` for artifacts built by the onnx backend."""
 
     def __init__(self, directory: Path, manifest: dict, threads: int | None = None, arena: bool = True,
-                 graph: str | None = None, custom_ops: str | None = None):
+                 graph: str | None = None, custom_ops: str | None = None, rewrite=None):
         """`arena=False` turns off ORT's CPU memory arena (which keeps its largest working set, grown
         in doubling steps, for the session's life): slower allocation, a lower peak for the checks.
         `graph="mtp"` opens the artifact's MTP head (`mtp.onnx`) instead of the model; `custom_ops` is a
-        custom-op library to register (the TensorRT bundle's plugin nodes)."""
+        custom-op library to register (the TensorRT bundle's plugin nodes); `rewrite(ModelProto)` edits
+        the graph in memory before loading (the bundle's bf16 widened to fp32; external data is read
+        from the artifact as it is)."""
         import onnxruntime as ort
 
         from reference.config import load_config
@@ -141,8 +143,15 @@ class OnnxSession(Session):
         # activations) unless told otherwise; an INT4 W4A16 graph (the TensorRT bundle's) means fp32 ones
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         model = artifact_file(self.directory, manifest, backend["model"])
+        source = str(model)
+        if rewrite is not None:
+            import onnx
+
+            source = rewrite(onnx.load(source, load_external_data=False)).SerializeToString()
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(model.parent))
         try:
-            self.ort = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            self.ort = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own exception types
             raise QwenError(f"{model}: onnxruntime cannot load the model ({str(err).splitlines()[0][:300]})") from None
         self.vocab = self.config.vocab_size

@@ -39,7 +39,7 @@ class TensorRTBackend:
             _annotate(emitted.model_file, {"qwen35c.quantization": json.dumps(ctx.quantization, sort_keys=True)})
         check_bundle(emitted.model_file)
         section = {"name": self.name, **_graph_section(emitted), "opset": 23, "domains": list(DOMAINS),
-                   "activations": "f32", "strongly_typed": True, "min_tensorrt": "10.15",
+                   "activations": "bf16 GEMMs (bf16 weights), fp32 elsewhere", "strongly_typed": True, "min_tensorrt": "10.15",
                    "plugins": None, "notes": emitter.notes}
         if emitter.used:
             section["plugins"] = compile_kernels(emitter.plugin_dims, sorted(emitter.used), ctx.target.sm, out_dir)
@@ -90,12 +90,14 @@ class TensorRTBackend:
 
     def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False):
         from qwen35c.backends.onnx.session import OnnxSession
+        from qwen35c.backends.tensorrt.bundle import widen_bf16
         from qwen35c.backends.tensorrt.plugins import register_onnxruntime
 
         _check_model(directory, manifest)
         session = OnnxSession(directory, manifest, threads=threads, arena=not lean,
-                              custom_ops=register_onnxruntime())
-        session.mode = "TensorRT bundle on onnxruntime CPU (plugin nodes: reference implementations), fp32"
+                              custom_ops=register_onnxruntime(), rewrite=widen_bf16)
+        session.mode = ("TensorRT bundle on onnxruntime CPU (plugin nodes: reference implementations; "
+                        "bf16 widened: fp32 activations)")
         return session
 
 

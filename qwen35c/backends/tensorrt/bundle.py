@@ -12,10 +12,14 @@ attributes; onnx cannot run a Python shape function).
 State layouts (engine I/O, recorded in the manifest): conv state [B, C, W-1] (the IR's, which the
 conv kernel reads), recurrent state fp32 [B, HV, K, V], KV caches [B, Hkv, S, D].
 
-Activations are fp32 in this first bundle (weights stored fp32 from the checkpoint's values): the
-graph is strongly typed as emitted, and the CPU check runs it unchanged. A bf16-typed graph (casts
-around the GEMMs, bf16 KV caches) and the quantized GEMMs (FP8 block-128 plugin, INT4 blocked
-DequantizeLinear) are the next steps; quantized targets are refused until then.
+Precision: every GEMM runs in bf16 on bf16 weights (the embedding / tied LM head table, the linears'
+weights and stacked experts are bf16 initializers: the checkpoint's values rounded to bf16, as the
+triton pack stores them), its output cast back to fp32; the residual stream, norms, RoPE, attention and
+the GDN plugins stay fp32 (the recurrent state fp32 as everywhere). INT4 weights are dequantized with
+fp32 scales (the emulation's values) and cast to bf16 for the GEMM; the FP8 plugin takes fp32 x.
+ONNX Runtime's CPU provider has no bf16 GEMM, so the CPU check runs the bundle with its bf16 widened
+to fp32 (`widen_bf16`: bf16 casts become identities, bf16 initializers are cast once to fp32): fp32
+activations on the bundle's own weights, as the triton backend's interpreter check runs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from qwen35c.backends.onnx.emit import OPSET, EmitError, OnnxEmitter
+from qwen35c.backends.onnx.emit import OPSET, STREAM_BYTES, EmitError, OnnxEmitter, _np
 from qwen35c.backends.tensorrt.plugins import NAMESPACE, model_dims, plugin_defs
 
 DOMAINS = ("", NAMESPACE)
@@ -54,6 +58,75 @@ class TensorRTEmitter(OnnxEmitter):
 
     def _gqa_ok(self, node) -> bool:
         return False         # no GroupQueryAttention: ScatterElements into the cache + Attention-23
+
+    # ---- bf16 GEMMs ---------------------------------------------------------------------------------
+
+    def _bf16_weight(self, value, transform: str = "") -> str:
+        """A weight as a bf16 initializer ('t': transposed to [in, out]); a large one is converted and
+        written a row chunk at a time (the values are bf16-rounded already: the conversion is exact)."""
+        key = (id(value), "bf16" + transform)
+        if key not in self.init_cache:
+            name = value.name + ".bf16" + (f".{transform}" if transform else "")
+            source = self.weights(value.producer.attrs["name"]) if value.producer.op == "weight" else None
+            if source is not None and not transform and source.numel() * 2 > STREAM_BYTES:
+                rows = max(1, STREAM_BYTES // max(1, source[0].numel() * 2))
+                chunks = (_np(source[r:r + rows].to(torch.bfloat16)) for r in range(0, source.shape[0], rows))
+                self.initializers.append(self._external(name, "bf16", list(source.shape), *self.data.write_rows(chunks)))
+            else:
+                tensor = self.evaluate(value)
+                self.add_tensor(name, (tensor.t() if transform == "t" else tensor).contiguous().to(torch.bfloat16),
+                                "bf16")
+            self._released(value)
+            self.init_cache[key] = name
+        return self.init_cache[key]
+
+    def _cast(self, x: str, to: int) -> str:
+        """x cast to `to` (a TensorProto type), one Cast per source tensor."""
+        key = ("cast", x, to)
+        if key not in self.shared:
+            self.shared[key] = self.node("Cast", [x], to=to)[0]
+        return self.shared[key]
+
+    def _bf16_matmul(self, x: str, w16: str, hint: str) -> str:
+        """fp32 x -> bf16 GEMM with a bf16 [K, N] weight -> fp32."""
+        y = self.node("MatMul", [self._cast(x, TensorProto.BFLOAT16), w16])[0]
+        return self.node("Cast", [y], to=TensorProto.FLOAT, hint=hint)[0]
+
+    def op_embedding(self, node):
+        rows = self.node("Gather", [self._bf16_weight(node.inputs[0]), self._x(node, 1)], axis=0)[0]
+        return self.node("Cast", [rows], to=TensorProto.FLOAT, hint="embed")
+
+    def op_linear(self, node):
+        x, w = node.inputs[0], node.inputs[1]
+        if node.outputs[0] is self.logits_value:
+            return self._lm_head(node)
+        if not self.is_static(w):
+            return super().op_linear(node)
+        out = self._bf16_matmul(self.name(x), self._bf16_weight(w, "t"), node.outputs[0].name)
+        if len(node.inputs) == 3:
+            out = self.node("Add", [out, self.name(node.inputs[2])])[0]
+        return [out]
+
+    def _lm_head(self, node):
+        """Logits at `logit_positions` only; a tied head reads the embedding's bf16 table (Gemm transB)."""
+        x, w = node.inputs[0], node.inputs[1]
+        H, V = x.type.shape[-1], w.type.shape[0]
+        picked = self._cast(self._logit_rows(x), TensorProto.BFLOAT16)                       # [B, P, H]
+        if self.tied_lm_head and self.embedding_table is not None:
+            flat = self.node("Reshape", [picked, self.i64([-1, H])])[0]
+            out = self.node("Gemm", [flat, self._bf16_weight(self.embedding_table)], transB=1)[0]
+            shape = self.node("Concat", [self.dim("B"), self.i64([-1]), self.i64([V])], axis=0)[0]
+            out = self.node("Reshape", [out, shape])[0]
+        else:
+            out = self.node("MatMul", [picked, self._bf16_weight(w, "t")])[0]
+        return self.node("Cast", [out], to=TensorProto.FLOAT, hint="logits_raw")
+
+    def _expert_matvec(self, rows: str, experts: str, w16: str) -> list[str]:
+        """Each slot's bf16 expert matrix [O, H] gathered and applied to its row: [N, k, O] fp32."""
+        mats = self.node("Gather", [w16, experts], axis=0)[0]                                 # [N, k, O, H]
+        col = self.node("Unsqueeze", [self._cast(rows, TensorProto.BFLOAT16), self.i64([-1])])[0]
+        out = self.node("Squeeze", [self.node("MatMul", [mats, col])[0], self.i64([-1])])[0]
+        return self.node("Cast", [out], to=TensorProto.FLOAT)
 
     def _plugin(self, op: str, inputs: list[str], hint: str, shapes: list[tuple]) -> list[str]:
         defn = self.plugins[op]
@@ -125,7 +198,7 @@ class TensorRTEmitter(OnnxEmitter):
             codes = codes[:, perm]
         w = self._dequantized_int4(codes.t(), scales.t(), None if zeros is None else zeros.t(), 0, a["group_size"],
                                    node.outputs[0].name)                           # [K, N]
-        return self.node("MatMul", [x, w], hint=node.outputs[0].name)[0]
+        return self._bf16_matmul(x, self.node("Cast", [w], to=TensorProto.BFLOAT16)[0], node.outputs[0].name)
 
     def _fp8_linear(self, node, x: str) -> str:
         """qwen35c::Fp8Linear on the [M, K] view of x: E4M3 weight bytes (uint8), fp32 block scales."""
@@ -168,8 +241,9 @@ class TensorRTEmitter(OnnxEmitter):
         quantizes them (`not_lowered`), dequantized along H by DequantizeLinear; else as stored."""
         weight = node.inputs[1].producer.attrs["name"] if node.inputs[1].producer.op == "weight" else None
         record = self.graph.metadata.get("quantization") or {}
+        rows, experts = self._x(node, 0), self._x(node, 2)
         if weight is None or weight not in record.get("not_lowered", []):
-            return super().op_grouped_linear(node)
+            return self._expert_matvec(rows, experts, self._bf16_weight(node.inputs[1]))
         from qwen35c.backends.triton.experts import expert_format, quantize_stacked, why_not
 
         fmt = expert_format(record.get("recipe"))
@@ -179,7 +253,7 @@ class TensorRTEmitter(OnnxEmitter):
         reason = why_not(fmt, hidden, inter)
         if reason is not None:          # as the triton pack (and so the emulating reference): kept as stored
             self.notes.append(f"{weight}: routed experts kept high precision ({reason})")
-            return super().op_grouped_linear(node)
+            return self._expert_matvec(rows, experts, self._bf16_weight(node.inputs[1]))
         if fmt[0] != "int4":
             raise EmitError(f"{weight}: the recipe quantizes these routed experts to {fmt[0]}, and the TensorRT "
                             f"bundle has no FP8 grouped expert GEMM yet (an FP8 MoE model builds with the triton "
@@ -191,10 +265,7 @@ class TensorRTEmitter(OnnxEmitter):
         codes = int4_unpack_codes(parts["qweight"].reshape(e * o, h // 2)).reshape(e, o, h)
         w = self._dequantized_int4(codes, parts["scales"], None, 2, fmt[1], node.outputs[0].name)
         self._released(node.inputs[1])
-        rows, experts = self._x(node, 0), self._x(node, 2)
-        mats = self.node("Gather", [w, experts], axis=0)[0]
-        col = self.node("Unsqueeze", [rows, self.i64([-1])])[0]
-        return self.node("Squeeze", [self.node("MatMul", [mats, col])[0], self.i64([-1])])
+        return self._expert_matvec(rows, experts, self.node("Cast", [w], to=TensorProto.BFLOAT16)[0])
 
     def op_quantized_embedding(self, node):
         raise EmitError(f"%{node.outputs[0].name}: the TensorRT bundle has no quantized embedding lookup "
@@ -234,6 +305,31 @@ def _without_commit(graph):
     return graph
 
 
+def widen_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The bundle with its bf16 widened to fp32, for ONNX Runtime's CPU provider (no bf16 GEMM): a
+    Cast to bf16 becomes an Identity, a bf16 initializer is cast to fp32 once (exact), bf16
+    value_info is dropped. Every value is then what the bundle computes with fp32 activations."""
+    graph = model.graph
+    for node in graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and to == TensorProto.BFLOAT16:
+            node.op_type = "Identity"
+            del node.attribute[:]
+    casts = []
+    for tensor in graph.initializer:
+        if tensor.data_type == TensorProto.BFLOAT16:
+            wide = tensor.name
+            tensor.name = wide + "__bf16"
+            casts.append(helper.make_node("Cast", [tensor.name], [wide], to=TensorProto.FLOAT, name=wide + "__widen"))
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [v for v in graph.value_info if v.type.tensor_type.elem_type != TensorProto.BFLOAT16]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    return model
+
+
 _registered_schemas = False
 
 
@@ -267,4 +363,4 @@ def check_bundle(model_file) -> None:
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
 
 
-__all__ = ["DOMAINS", "TensorRTEmitter", "check_bundle", "register_schemas"]
+__all__ = ["DOMAINS", "TensorRTEmitter", "check_bundle", "register_schemas", "widen_bf16"]
