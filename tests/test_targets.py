@@ -16,7 +16,9 @@ def test_registry_lists_every_design_target():
     assert TARGETS["h200-fp8"].sm == 90 and TARGETS["b200-fp8"].sm == 100 and TARGETS["cpu"].sm is None
     assert all(t.build_blocker() is None for t in TARGETS.values())       # every target builds
     assert all(t.backend == "triton" for t in TARGETS.values() if t.sm is not None)
-    assert "tensorrt" in TARGETS["h100-bf16"].build_blocker("tensorrt")  # not built yet: says so
+    assert all(t.build_blocker("tensorrt") is None for t in TARGETS.values() if t.sm is not None)   # bundles
+    assert "only the onnx backend builds CPU targets" in TARGETS["cpu"].build_blocker("tensorrt")
+    assert "not 'fp8-tensor'" in TARGETS["h100-bf16"].build_blocker("tensorrt", quantize="fp8-tensor")
 
 
 def test_targets_and_matrix_commands():

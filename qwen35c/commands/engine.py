@@ -13,7 +13,7 @@ def command(bundle, output, force):
     """Build BUNDLE's TensorRT engine (its plugins' PTX registered as ahead-of-time plugins), run it
     on the verify prompt set against the reference and write it with its parity report. Exits 3,
     writing nothing, where TensorRT (>= 10.15) or a GPU of the bundle's SM is missing."""
-    from qwen35c.backends.tensorrt.engine import build_engine
+    from qwen35c.engine import build_engine
 
     record = build_engine(bundle, output, force=force, say=lambda m: click.echo(m, err=True))
     click.echo(f"engine {output}: TensorRT {record['tensorrt']} on {record['gpu']}; parity {record['parity']['summary']}")

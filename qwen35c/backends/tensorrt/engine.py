@@ -1,14 +1,11 @@
 """Stage 2 of the tensorrt backend: the engine, built where TensorRT (>= 10.15) and the bundle's GPU are.
 
-`build_engine(bundle, out)`: the bundle is opened through the artifact loader (every file's hash
-checked, the plugins' PTX included), the plugins are registered with TensorRT's plugin registry
-(`plugins.register_tensorrt`: their ahead-of-time implementations return the bundle's PTX), the ONNX
-parser reads model.onnx into a strongly typed network, one optimization profile covers batch 1..8,
-1..4096 new tokens and a 4096-position KV cache, and the serialized engine is run on the verify
-prompt set (`EngineSession`, the ONNX session's step logic over TensorRT I/O) against the fp32
-reference. `out` is a Triton Inference Server model repository (`qwen35c/config.pbtxt` from the bundle,
-`qwen35c/1/model.plan`) plus engine.json (TensorRT version, GPU, the bundle's manifest digest, the
-parity report), written atomically; nothing is written when stage 2 cannot run here.
+`qwen35c.engine.build_engine` drives it (the bundle hash-checked, the output written atomically, the
+engine's parity report). Here: `build_plan` registers the bundle's plugins with TensorRT's plugin
+registry (`plugins.register_tensorrt`: their ahead-of-time implementations return the bundle's PTX),
+parses model.onnx into a strongly typed network with one optimization profile (batch 1..8, 1..4096
+new tokens, a 4096-position KV cache) and serializes the engine; `EngineSession` runs it with the ONNX
+session's step logic (chunked prefill, decode, generate) over TensorRT I/O.
 
 Where TensorRT or a GPU of the bundle's SM is missing, `EngineUnavailable` (exit code 3) says why in
 one line. The project's machines have neither: this module has not been executed end to end
@@ -17,8 +14,6 @@ one line. The project's machines have neither: this module has not been executed
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -55,52 +50,16 @@ def engine_blocker(sm: int | None) -> str | None:
     return None
 
 
-def build_engine(bundle: str | Path, out: str | Path, force: bool = False, say=print) -> dict:
-    """Build, run and record the engine of `bundle` into `out` (see the module docstring)."""
-    from qwen35c.artifact import MANIFEST, artifact_file, atomic_directory, check_output, protected_paths
-    from qwen35c.runtime import open_checked
-
-    bundle, out = Path(bundle), Path(out)
-    manifest, _backend = open_checked(bundle)
-    section = manifest["backend"]
-    if section["name"] != "tensorrt":
-        raise QwenError(f"{bundle}: a {section['name']} artifact, not a TensorRT bundle (build one with "
-                        f"--backend tensorrt)")
-    sm = (section.get("plugins") or {}).get("sm")
-    blocker = engine_blocker(sm)
-    if blocker:
-        raise EngineUnavailable(f"engine not built: {blocker}; nothing was written to {out}")
-    protected = protected_paths(bundle)
-    check_output(out, force, protected)
+def build_plan(bundle: Path, manifest: dict, say=print) -> bytes:
+    """The serialized engine of a checked bundle (TensorRT imported; plugins registered first)."""
     import tensorrt as trt
 
-    say(f"TensorRT {trt.__version__}: parsing {bundle / section['model']}")
-    plan = _build(bundle, manifest, trt, say)
-    with atomic_directory(out, force, protected) as tmp:
-        entry = tmp / section["serving"]["name"]        # a Triton model repository: NAME/config.pbtxt, NAME/1/model.plan
-        (entry / "1").mkdir(parents=True)
-        (entry / "1" / "model.plan").write_bytes(plan)
-        (entry / "config.pbtxt").write_bytes(artifact_file(bundle, manifest, section["serving"]["config"]).read_bytes())
-        session = EngineSession(bundle, manifest, plan)
-        report = _parity(session, bundle, manifest)
-        record = {"tensorrt": trt.__version__, "sm": sm, "gpu": _gpu_name(),
-                  "bundle": {"path": str(bundle.absolute()),
-                             "manifest_sha256": hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()},
-                  "profile": {"batch": MAX_BATCH, "tokens": MAX_TOKENS, "cache": MAX_CACHE},
-                  "parity": report}
-        (tmp / "engine.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        if not report["passed"]:
-            from qwen35c.verify import ParityFailure
-
-            raise ParityFailure(f"engine parity check failed: {report['summary']}; nothing was written to {out}")
-    return record
-
-
-def _build(bundle: Path, manifest: dict, trt, say) -> bytes:
     from qwen35c.backends.tensorrt.plugins import register_tensorrt
 
     section = manifest["backend"]
-    register_tensorrt(bundle, section)
+    say(f"TensorRT {trt.__version__}: registering the plugins, parsing {bundle / section['model']}")
+    if section.get("plugins"):
+        register_tensorrt(bundle, section)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -132,18 +91,10 @@ def _input_dims(name: str, axis: int, sizes: dict, section: dict) -> tuple[int, 
     return sizes[dim] if isinstance(dim, str) else (dim, dim, dim)
 
 
-def _gpu_name() -> str:
+def gpu_name() -> str:
     import torch
 
     return torch.cuda.get_device_name(0)
-
-
-def _parity(session, bundle: Path, manifest: dict) -> dict:
-    from qwen35c.backends.tensorrt.backend import BACKEND
-    from qwen35c.verify import quick_parity
-
-    reference, precision, against = BACKEND.reference(Path(manifest["source"]["path"]), manifest, None, session)
-    return quick_parity(session, reference, precision, against=against, prompts="full")
 
 
 class EngineState:
@@ -218,4 +169,4 @@ class EngineSession(OnnxSession):
         return {"logits": tensors["logits"].cpu().numpy()}
 
 
-__all__ = ["EngineUnavailable", "EngineSession", "build_engine", "engine_blocker"]
+__all__ = ["EngineUnavailable", "EngineSession", "build_plan", "engine_blocker", "gpu_name"]
