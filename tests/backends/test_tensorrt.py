@@ -268,3 +268,54 @@ def test_every_gemm_runs_on_bf16_weights_and_the_check_widens_them(bundle):
     bf16 = [t.name for t in wide.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16]
     widened = {n.input[0] for n in wide.graph.node if n.op_type == "Cast" and n.name.endswith("__widen")}
     assert bf16 and set(bf16) == widened
+
+
+def test_register_tensorrt_wires_shapes_grids_and_scalars(bundle, monkeypatch):
+    """`register_tensorrt` against a stand-in for TensorRT's `tensorrt.plugin` API whose symbolic dims
+    are plain ints: what it registers describes the shapes `output_shapes` computes, aliases the
+    recurrent state, and launches the shipped kernel on the plugin's grid with its scalars. (The
+    real API has never been available here; this checks our side of the binding.)"""
+    import inspect
+    import types
+
+    registered, aot = {}, {}
+
+    class Desc:
+        def __init__(self, shape):
+            self.shape_expr = list(shape)
+
+        def aliased(self):
+            return ("alias", tuple(self.shape_expr))
+
+    class Launch:
+        pass
+
+    plugin = types.SimpleNamespace(
+        TensorDesc=Desc, ShapeExprs=lambda n: [None] * n, from_shape_expr=lambda shape, dtype: tuple(shape),
+        KernelLaunchParams=Launch, SymIntExprs=lambda n: [None] * n, SymInt32=int,
+        register=lambda name: (lambda fn: registered.setdefault(name, fn)),
+        aot_impl=lambda name: (lambda fn: aot.setdefault(name, fn)))
+    trt = types.SimpleNamespace(__version__="10.15.1", float32="f32", plugin=plugin)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", plugin)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    ids = plugins.register_tensorrt(bundle, manifest["backend"])
+    assert ids == ["qwen35c::CausalConv1d", "qwen35c::GatedDeltaRule"]
+    dims = manifest["backend"]["plugins"]["dims"]
+    rows = {r["id"]: r for r in manifest["backend"]["plugins"]["kernels"]}
+    for defn in plugins.plugin_defs(dims):
+        if defn.id not in ids:
+            continue
+        arrays = _inputs(defn, 3, 7, [7, 2, 5], seed=0)
+        descs = [Desc(a.shape) for a in arrays]
+        assert [p.name for p in inspect.signature(registered[defn.id]).parameters.values()] == \
+            [p.name for p in defn.inputs] + list(defn.attrs)
+        outs = registered[defn.id](*descs, **defn.attrs)
+        want = plugins.output_shapes(defn, [a.shape for a in arrays])
+        for port, got, shape in zip(defn.outputs, outs, want):
+            assert got == (("alias", shape) if port.aliases else shape)
+        name, ptx, launch, extra = aot[defn.id](*descs, **defn.attrs, outputs=outs, tactic=0)
+        shapes = {p.name: list(a.shape) for p, a in zip(defn.inputs, arrays)}
+        assert name == rows[defn.id]["kernel"] and ptx == (bundle / rows[defn.id]["ptx"]).read_text()
+        assert (launch.grid_x, launch.grid_y, launch.grid_z) == tuple(plugins.evaluate(g, shapes) for g in defn.grid)
+        assert launch.block_x == 32 * defn.num_warps and extra == [plugins.evaluate(f, shapes) for _, f in defn.scalars]

@@ -319,12 +319,17 @@ def register_tensorrt(bundle: Path, section: dict) -> list[str]:
             continue
         row = compiled[defn.id]
         ptx = (bundle / row["ptx"]).read_text()
-        ports = [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=trtp.TensorDesc)
-                 for p in defn.inputs]
-        attrs = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=int) for n in defn.attrs]
+        # tensorrt.plugin reads the signature: inputs, then attributes (then outputs, tactic for aot);
+        # the functions take them by position or by name and use only the inputs
+        positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ports = [inspect.Parameter(p.name, positional, annotation=trtp.TensorDesc) for p in defn.inputs]
+        attrs = [inspect.Parameter(n, positional, annotation=int) for n in defn.attrs]
 
-        def describe(*inputs, _d=defn, **_attrs):
-            by_name = dict(zip((p.name for p in _d.inputs), inputs))
+        def inputs_of(args, kwargs, d):
+            return {p.name: (args[i] if i < len(args) else kwargs[p.name]) for i, p in enumerate(d.inputs)}
+
+        def describe(*args, _d=defn, **kwargs):
+            by_name = inputs_of(args, kwargs, _d)
             outs = []
             for port in _d.outputs:
                 if port.aliases:
@@ -339,8 +344,8 @@ def register_tensorrt(bundle: Path, section: dict) -> list[str]:
         describe.__signature__ = inspect.Signature(ports + attrs, return_annotation=tuple[trtp.TensorDesc, ...])
         trtp.register(defn.id)(describe)
 
-        def aot(*inputs, outputs, tactic, _d=defn, _row=row, _ptx=ptx, **_attrs):
-            by_name = dict(zip((p.name for p in _d.inputs), inputs))
+        def aot(*args, _d=defn, _row=row, _ptx=ptx, **kwargs):
+            by_name = inputs_of(args, kwargs, _d)
             launch = trtp.KernelLaunchParams()
             launch.grid_x, launch.grid_y, launch.grid_z = (_shape_expr(g, by_name) for g in _d.grid)
             launch.block_x = _row["num_warps"] * 32
@@ -351,8 +356,8 @@ def register_tensorrt(bundle: Path, section: dict) -> list[str]:
             return _row["kernel"], _ptx, launch, extra
 
         aot.__signature__ = inspect.Signature(
-            ports + attrs + [inspect.Parameter("outputs", inspect.Parameter.KEYWORD_ONLY),
-                             inspect.Parameter("tactic", inspect.Parameter.KEYWORD_ONLY, annotation=int)])
+            ports + attrs + [inspect.Parameter("outputs", positional),
+                             inspect.Parameter("tactic", positional, annotation=int)])
         trtp.aot_impl(defn.id)(aot)
         ids.append(defn.id)
     return ids
