@@ -120,3 +120,22 @@ def test_fp8_dynamic_gemm_quantizes_activations_in_kernel(m, n, k):
     fp8_dynamic_gemm_kernel[(triton.cdiv(m, 16) * triton.cdiv(n, 64),)](
         x, w_q, w_s, y, m, n, k, k, k, w_s.shape[1], n, BLOCK_M=16, BLOCK_N=64, GROUP_M=1, EMULATE_E4M3=True)
     assert rel_err(y, naive.fp8_linear(x, w_q, w_s)) < 4e-6         # measured ~3e-7
+
+
+@pytest.mark.parametrize("slots,n,k", [(1, 128, 256), (7, 200, 129), (16, 64, 384)])
+def test_fp8_dynamic_expert_gemv(slots, n, k):
+    """Each slot's row against its expert's FP8 matrix, vs the twin applied slot by slot."""
+    import triton
+
+    from qwen35c.backends.triton.gemm.fp8 import fp8_dynamic_expert_gemv_kernel
+
+    g = torch.Generator().manual_seed(slots + n + k)
+    experts = 5
+    pairs = [naive.fp8_quantize_weight_blocks(torch.randn(n, k, generator=g)) for _ in range(experts)]
+    w, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    x = torch.randn(slots, k, generator=g) * 3
+    ids = torch.randint(0, experts, (slots,), generator=g)
+    y = torch.empty(slots, n)
+    fp8_dynamic_expert_gemv_kernel[(slots, triton.cdiv(n, 64))](x, ids, w, s, y, n, k, BLOCK_N=64, EMULATE_E4M3=True)
+    ref = torch.cat([naive.fp8_linear(x[i:i + 1], w[e], s[e]) for i, e in enumerate(ids.tolist())])
+    assert rel_err(y, ref) < 4e-6

@@ -212,6 +212,26 @@ class TensorRTEmitter(OnnxEmitter):
         y = self._plugin("Fp8Linear", [flat, w, s], hint, [(f"{hint}_M", n)])[0]
         return self.node("Reshape", [y, self.node("Concat", [lead, self.i64([n])], axis=0)[0]], hint=hint)[0]
 
+    def _fp8_experts(self, node, rows: str, experts: str, parts: dict, halves: int) -> str:
+        """qwen35c::Fp8ExpertLinear over the [slots, H] rows with the pack's FP8 experts (E4M3 bytes, fp32
+        block scales). gate_up holds two projections quantized on their own (`halves` = 2: gate rows,
+        then up rows, each with its own 128-row scale blocks): one plugin each, outputs concatenated."""
+        e, o, h = parts["weight"].shape
+        k = node.inputs[2].type.shape[1]
+        hint = node.outputs[0].name
+        flat = self.node("Reshape", [rows, self.i64([-1, h])])[0]
+        ids = self.node("Reshape", [experts, self.i64([-1])])[0]
+        rows_per, blocks_per = o // halves, parts["scale"].shape[1] // halves
+        outs = []
+        for i in range(halves):
+            codes = parts["weight"][:, i * rows_per:(i + 1) * rows_per]
+            scale = parts["scale"][:, i * blocks_per:(i + 1) * blocks_per]
+            w = self._add(codes.contiguous().view(torch.uint8), hint + "_e4m3", "u8")
+            s = self._add(scale.float().contiguous(), hint + "_wscale", "f32")
+            outs.append(self._plugin("Fp8ExpertLinear", [flat, ids, w, s], hint, [(f"{hint}_S", rows_per)])[0])
+        y = outs[0] if halves == 1 else self.node("Concat", outs, axis=1)[0]
+        return self.node("Reshape", [y, self.i64([-1, k, o])], hint=hint)[0]
+
     def _dequantized_int4(self, codes, scales, zeros, axis: int, group: int, hint: str) -> str:
         """DequantizeLinear(codes - 8 as INT4, scales[, zeros - 8], axis, block_size=group): TensorRT's
         weight-only INT4 form; the same values as `qwen35c.quant.formats`' dequantization."""
@@ -254,11 +274,11 @@ class TensorRTEmitter(OnnxEmitter):
         if reason is not None:          # as the triton pack (and so the emulating reference): kept as stored
             self.notes.append(f"{weight}: routed experts kept high precision ({reason})")
             return self._expert_matvec(rows, experts, self._bf16_weight(node.inputs[1]))
-        if fmt[0] != "int4":
-            raise EmitError(f"{weight}: the recipe quantizes these routed experts to {fmt[0]}, and the TensorRT "
-                            f"bundle has no FP8 grouped expert GEMM yet (an FP8 MoE model builds with the triton "
-                            f"backend)")
-        parts, _ = quantize_stacked(stacked, fmt, "gate_up" if weight.endswith("gate_up_proj") else "down")
+        gate_up = weight.endswith("gate_up_proj")
+        parts, _ = quantize_stacked(stacked, fmt, "gate_up" if gate_up else "down")
+        if fmt[0] == "fp8":
+            self._released(node.inputs[1])
+            return [self._fp8_experts(node, rows, experts, parts, 2 if gate_up else 1)]
         from qwen35c.quant.formats import int4_unpack_codes
 
         e, o, h = stacked.shape

@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 from qwen35c.backends.triton.causal_conv1d.kernel import causal_conv1d_fwd_kernel, conv_block_sizes  # noqa: E402
 from qwen35c.backends.triton.gated_delta_rule.fused_recurrent import (  # noqa: E402
     gdn_fused_recurrent_fwd_kernel, recurrent_block_sizes)
-from qwen35c.backends.triton.gemm.fp8 import fp8_dynamic_gemm_kernel  # noqa: E402
+from qwen35c.backends.triton.gemm.fp8 import fp8_dynamic_expert_gemv_kernel, fp8_dynamic_gemm_kernel  # noqa: E402
 
 FP8_TILE = (16, 64)     # (BLOCK_M, BLOCK_N): the library's decode tile; one specialisation serves every M
 
@@ -51,4 +51,11 @@ def fp8_plugin_kernel(x, weight, scale, M, N, K, y,
                             BLOCK_M, BLOCK_N, GROUP_M, EMULATE_E4M3)
 
 
-__all__ = ["FP8_TILE", "conv_block_sizes", "fp8_plugin_kernel", "conv_plugin_kernel", "gdn_plugin_kernel", "recurrent_block_sizes"]
+@triton.jit
+def fp8_expert_plugin_kernel(x, experts, weight, scale, N, K, y,
+                             BLOCK_N: tl.constexpr, EMULATE_E4M3: tl.constexpr):
+    """qwen35c::Fp8ExpertLinear: grid (slots, cdiv(N, BLOCK_N)); x [S, K], experts [S], W [E, N, K]."""
+    fp8_dynamic_expert_gemv_kernel(x, experts, weight, scale, y, N, K, BLOCK_N, EMULATE_E4M3)
+
+
+__all__ = ["FP8_TILE", "fp8_expert_plugin_kernel", "conv_block_sizes", "fp8_plugin_kernel", "conv_plugin_kernel", "gdn_plugin_kernel", "recurrent_block_sizes"]

@@ -11,6 +11,9 @@
                              fp32 `weight_scale_inv` [N/128, K/128]) with x quantized per token per
                              128-channel group inside the kernel (the official Qwen FP8 recipe):
                              x [M, K], weight [N, K], scale -> y [M, N]
+    qwen35c::Fp8ExpertLinear the same for routed experts, one slot (token, choice) a row: x [S, K],
+                             experts i64[S], weight [E, N, K] (E4M3 bytes), scale [E, N/128, K/128]
+                             -> y [S, N]
 
 A step whose a and b are -inf leaves the recurrent state exactly as it is (softplus(-inf) = 0, so the
 decay is exp(-0) = 1; sigmoid(-inf) = 0, so the update is 0): the bundle masks right padding that way.
@@ -139,8 +142,17 @@ def plugin_defs(dims: dict | None) -> list[PluginDef]:
         {}, "fp8_plugin_kernel", {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 1, "EMULATE_E4M3": False},
         (("M", "x_0"), ("N", "weight_0"), ("K", "x_1")), (f"cdiv(x_0, {bm}) * cdiv(weight_0, {bn})", "1", "1"), 4,
         "y = fp8 block-128 GEMM of x quantized per token per 128 channels (E4M3, s = amax/448) and W")
+    experts = PluginDef(
+        "Fp8ExpertLinear",
+        (Port("x", "f32", ("x_0", "x_1")), Port("experts", "i64", ("x_0",)),
+         Port("weight", "e4m3", ("weight_0", "weight_1", "x_1")),
+         Port("scale", "f32", ("weight_0", "cdiv(weight_1, 128)", "cdiv(x_1, 128)"))),
+        (Port("y", "f32", ("x_0", "weight_1")),),
+        {}, "fp8_expert_plugin_kernel", {"BLOCK_N": 64, "EMULATE_E4M3": False},
+        (("N", "weight_1"), ("K", "x_1")), ("x_0", "cdiv(weight_1, 64)", "1"), 4,
+        "y[s] = fp8 block-128 GEMV of x[s] (quantized per 128 channels) and expert experts[s]'s W")
     if dims is None:
-        return [fp8]
+        return [fp8, experts]
     H, HV, K, V, W = dims["H"], dims["HV"], dims["K"], dims["V"], dims["W"]
     C = 2 * H * K + HV * V
     BT, BC, BS = conv_block_sizes(4096, C, W)      # one specialisation serves prefill and decode
@@ -166,7 +178,7 @@ def plugin_defs(dims: dict | None) -> list[PluginDef]:
         {"H": H, "HV": HV, "K": K, "V": V, "BK": BK, "BV": BV, "SCALE": K ** -0.5}, (("T", "q_1"),),
         (f"cdiv({V}, {BV})", f"q_0 * {HV}", "1"), 4,
         "the gated delta rule token by token (gates, q/k L2 norm and dk^-0.5 inside); state in place")
-    return [conv, gdn, fp8]
+    return [conv, gdn, fp8, experts]
 
 
 def output_shapes(defn: PluginDef, input_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -199,6 +211,16 @@ def reference(op: str, inputs: list[np.ndarray], attrs: dict) -> list[np.ndarray
 
         x, weight, scale = t
         return [fp8_linear(x.float(), weight.view(torch.float8_e4m3fn), scale).numpy()]
+    if op == "Fp8ExpertLinear":
+        from qwen35c.backends.triton.gemm.naive import fp8_linear
+
+        x, experts, weight, scale = t
+        w8 = weight.view(torch.float8_e4m3fn)
+        y = torch.zeros(x.shape[0], weight.shape[1])
+        for e in experts.unique().tolist():
+            rows = (experts == e).nonzero().flatten()
+            y[rows] = fp8_linear(x[rows].float(), w8[e], scale[e])
+        return [y.numpy()]
     if op == "GatedDeltaRule":
         q, k, v, a, b, a_log, dt_bias, state = t
         H, HV, K, V = (int(attrs[n]) for n in ("H", "HV", "K", "V"))

@@ -30,7 +30,7 @@ from __future__ import annotations
 from qwen35c.backends.triton.aot import KernelSpec, ModelShapes, make_spec
 from qwen35c.backends.triton.gemm.dense import gemm_config, gemm_kernel, linear
 from qwen35c.backends.triton.gemm.fp8 import (
-    fp8_act_quant_kernel, fp8_block_gemm_kernel, fp8_dynamic_gemm_kernel, fp8_block_linear, fp8_gemm_config, fp8_linear,
+    fp8_act_quant_kernel, fp8_block_gemm_kernel, fp8_dynamic_expert_gemv_kernel, fp8_dynamic_gemm_kernel, fp8_block_linear, fp8_gemm_config, fp8_linear,
     fp8_quantize_activations,
 )
 from qwen35c.backends.triton.gemm.int4 import int4_gemm_config, int4_gemm_kernel, int4_linear
@@ -76,6 +76,10 @@ def aot_specs(shapes: ModelShapes) -> list[KernelSpec]:
                            {**_launch_options(fp8_gemm_config(_DECODE_M))[0], "EMULATE_E4M3": False}, min_sm=89,
                            aligned=("K", "stride_xm", "stride_wn", "stride_ym"),
                            **_launch_options(fp8_gemm_config(_DECODE_M))[1]))
+    specs.append(make_spec(f"fp8_expert_gemv[{shapes.name}]", fp8_dynamic_expert_gemv_kernel,
+                           {"x_ptr": "*bf16", "e_ptr": "*i64", "w_ptr": "*fp8e4nv", "w_s_ptr": "*fp32",
+                            "y_ptr": "*bf16", "N": "i32", "K": "i32"},
+                           {"BLOCK_N": 64, "EMULATE_E4M3": False}, min_sm=89, aligned=("K",)))
     specs.append(make_spec(f"fp8_act_quant[{shapes.name}]", fp8_act_quant_kernel,
                            {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
                             "stride_xm": "i32", "stride_qm": "i32", "stride_sm": "i32"},

@@ -120,6 +120,39 @@ def fp8_dynamic_gemm_kernel(
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def fp8_dynamic_expert_gemv_kernel(
+    x_ptr, e_ptr, w_ptr, w_s_ptr, y_ptr, N, K,
+    BLOCK_N: tl.constexpr, EMULATE_E4M3: tl.constexpr = False,
+):
+    """One routed slot per program row: y[s] = x[s] @ W[e[s]]^T over stacked FP8 block-128 experts
+    W [E, N, K] (scales [E, N/128, K/128]), x[s]'s 1x128 groups quantized as loaded (as
+    fp8_dynamic_gemm_kernel). Grid (slots, cdiv(N, BLOCK_N)): a mat-vec per slot, the decode shape of MoE."""
+    BLOCK_K: tl.constexpr = 128
+    slot = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    kb_count = tl.cdiv(K, BLOCK_K)
+    expert = tl.load(e_ptr + slot).to(tl.int64)
+    w_cols = w_ptr + expert * N * K + cols.to(tl.int64)[None, :] * K
+    w_s_cols = w_s_ptr + expert * tl.cdiv(N, 128) * kb_count + (cols // 128) * kb_count
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kb in range(0, kb_count):
+        k_ok = (kb * BLOCK_K + ks) < K
+        x = tl.load(x_ptr + slot * K + kb * BLOCK_K + ks, mask=k_ok, other=0.0).to(tl.float32)
+        a_s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10) / 448.0
+        q = tl.minimum(tl.maximum(x / a_s, -448.0), 448.0)
+        if EMULATE_E4M3:
+            a = round_to_e4m3(q)
+        else:
+            a = q.to(tl.float8e4nv).to(tl.float32)
+        b = tl.load(w_cols + (kb * BLOCK_K + ks)[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w_s = tl.load(w_s_cols + kb, mask=col_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(a[:, None] * b.to(tl.float32), axis=0) * a_s * w_s
+    tl.store(y_ptr + slot * N + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
 def fp8_gemm_config(m: int) -> dict:
     if m <= 32:
         return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
