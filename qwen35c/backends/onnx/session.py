@@ -150,6 +150,9 @@ class OnnxSession(Session):
             source = rewrite(onnx.load(source, load_external_data=False)).SerializeToString()
             options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                              str(model.parent))
+            # a rewrite that widens stored tensors (bf16 -> fp32 Casts) would be folded into fp32 copies
+            # of every weight, held beside the originals: cast them per step instead
+            options.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
         try:
             self.ort = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own exception types

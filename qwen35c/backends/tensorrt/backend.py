@@ -80,11 +80,22 @@ class TensorRTBackend:
     def reference(self, model_dir: Path, manifest: dict, prepared, session):
         """The triton backend's emulating reference (bf16-rounded weights, the recipe's quantized
         weights) at the lowering gate: the bundle computes in fp32 what a triton artifact computes
-        under the interpreter. `prepared` is not reused (the emulation rounds its weights in place)."""
+        under the interpreter. Unquantized, from a checkpoint that stores its weights in bf16 (rounding
+        them changes nothing): the streamed reference, one layer resident (the same logits, bit for
+        bit). `prepared` is not reused (the emulation rounds its weights in place)."""
         from qwen35c.backends.triton.emit import emulating_reference
         from qwen35c.targets import lowering_gate
 
         record = manifest.get("quantization")
+        if record is None and _stored_bf16(model_dir):
+            import torch
+
+            from qwen35c.runtime.session import ReferenceSession, load_tokenizer
+            from reference.stream import StreamedModel
+
+            streamed = StreamedModel(model_dir, torch.float32)
+            return (ReferenceSession(streamed, load_tokenizer(model_dir), model_dir), "fp32",
+                    "reference (streamed; the checkpoint's weights are bf16)")
         what = "bf16-rounded weights" + (f", {record['label']}" if record else "")
         return emulating_reference(model_dir, record), lowering_gate(record), f"emulating reference ({what})"
 
@@ -118,6 +129,24 @@ def _serving_entry(section: dict, vocab: int, out_dir: Path) -> dict:
     (folder / "config.pbtxt").write_text(text)
     return {"config": "serving/config.pbtxt", "name": SERVING_NAME, "max_batch_size": MAX_BATCH,
             "max_length": MAX_CACHE}
+
+
+def _stored_bf16(model_dir: Path) -> bool:
+    """Whether every weight a bf16 target rounds is stored in bf16 already (safetensors headers only)."""
+    import torch
+
+    from qwen35c.backends.triton.emit import bf16_weight
+    from reference.safetensors_io import SafetensorsFile
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        file = SafetensorsFile(path)
+        try:
+            if any(file.dtype(n).is_floating_point and file.dtype(n) != torch.bfloat16 and bf16_weight(n)
+                   for n in file.keys()):
+                return False
+        finally:
+            file.close()
+    return True
 
 
 def _bf16_weights(weights):
