@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from qwen35c.backends.tensorrt import plugins
 from qwen35c.backends.tensorrt.bundle import DOMAINS, check_bundle
 from qwen35c.cli import main
+from qwen35c.errors import QwenError
 
 BUNDLED = Path(__file__).resolve().parents[2] / "qwen35c" / "models"
 
@@ -76,6 +77,9 @@ def test_plugin_ptx_is_shipped_for_the_target_sm_and_hashed(bundle, tmp_path):
         ptx = (bundle / row["ptx"]).read_text()
         assert ".target sm_90" in ptx and f".entry {row['kernel']}" in ptx
         assert row["ptx"] in manifest["files"]
+        # exactly TensorRT's arguments (inputs, scalars, outputs): Triton's trailing scratch pointers dropped
+        signature = ptx[ptx.index(f".entry {row['kernel']}("):].split(")", 1)[0]
+        assert signature.count(".param") == len(row["arguments"]) and row["dropped_params"] == 2
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
     ptx = copy / section["kernels"][0]["ptx"]
@@ -329,3 +333,12 @@ def test_register_tensorrt_wires_shapes_grids_and_scalars(bundle, monkeypatch):
         assert name == rows[defn.id]["kernel"] and ptx == (bundle / rows[defn.id]["ptx"]).read_text()
         assert (launch.grid_x, launch.grid_y, launch.grid_z) == tuple(plugins.evaluate(g, shapes) for g in defn.grid)
         assert launch.block_x == 32 * defn.num_warps and extra == [plugins.evaluate(f, shapes) for _, f in defn.scalars]
+
+
+def test_only_unused_trailing_ptx_params_are_dropped():
+    ptx = (".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u32 k_param_1,\n\t.param .u64 k_param_2\n)\n"
+           "{\n\tld.param.b64 %rd1, [k_param_0];\n\tld.param.b32 %r1, [k_param_1];\n}\n")
+    out, dropped = plugins.drop_trailing_params(ptx, "k", 2)
+    assert dropped == 1 and "k_param_2" not in out and out.count("\t.param ") == 2 and "k_param_1\n)" in out
+    with pytest.raises(QwenError, match="trailing parameter 1 is used"):
+        plugins.drop_trailing_params(ptx, "k", 1)

@@ -312,11 +312,50 @@ def _compile_here(what: dict, sm: int, folder: Path) -> list[dict]:
         compiled = triton.compile(src, target=GPUTarget("cuda", sm, 32),
                                   options={"num_warps": defn.num_warps, "num_stages": 1,
                                            "ptx_version": ptx_version_for(sm)})
-        (folder / f"{defn.spec}.ptx").write_text(compiled.asm["ptx"])
-        rows.append({"id": defn.id, "spec": defn.spec, "ptx": f"{defn.spec}.ptx", "kernel": compiled.metadata.name,
-                     "num_warps": defn.num_warps, "shared": int(compiled.metadata.shared),
-                     "arguments": [a for a in order if full[a] != "constexpr"]})
+        arguments = [a for a in order if full[a] != "constexpr"]
+        meta = compiled.metadata
+        if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+            raise QwenError(f"{defn.id}: the compiled kernel needs Triton scratch memory, which a TensorRT "
+                            f"AOT launch cannot pass")
+        ptx, dropped = drop_trailing_params(compiled.asm["ptx"], meta.name, len(arguments))
+        path = folder / f"{defn.spec}.ptx"
+        path.write_text(ptx)
+        _ptxas(path, sm)
+        rows.append({"id": defn.id, "spec": defn.spec, "ptx": f"{defn.spec}.ptx", "kernel": meta.name,
+                     "num_warps": defn.num_warps, "shared": int(meta.shared), "arguments": arguments,
+                     "dropped_params": dropped})
     return rows
+
+
+def drop_trailing_params(ptx: str, kernel: str, keep: int) -> tuple[str, int]:
+    """The PTX with only the kernel's first `keep` parameters. Triton appends scratch pointers (global,
+    profile) after the user's arguments; TensorRT's AOT launch passes exactly inputs, extra scalars and
+    outputs, so a longer signature would make the driver read past its argument array. Only
+    parameters the body never references are dropped (checked); returns (ptx, how many dropped)."""
+    import re
+
+    head = re.search(rf"\.entry {re.escape(kernel)}\(\n(.*?)\n\)", ptx, re.DOTALL)
+    if head is None:
+        raise QwenError(f"PTX of {kernel}: no .entry signature found")
+    params = head.group(1).split(",\n")
+    if len(params) < keep:
+        raise QwenError(f"PTX of {kernel}: {len(params)} parameters, fewer than its {keep} arguments")
+    body = ptx[head.end():]
+    for i in range(keep, len(params)):
+        if re.search(rf"\b{re.escape(kernel)}_param_{i}\b", body):
+            raise QwenError(f"PTX of {kernel}: trailing parameter {i} is used by the kernel; cannot drop it")
+    return ptx[:head.start(1)] + ",\n".join(params[:keep]) + ptx[head.end(1):], len(params) - keep
+
+
+def _ptxas(path: Path, sm: int) -> None:
+    """Assemble the shipped PTX for sm with the ptxas Triton compiles with: the file TensorRT gets is valid."""
+    from triton.backends.nvidia import compiler as nv
+
+    arch = f"sm_{sm}a" if sm >= 90 else f"sm_{sm}"
+    done = subprocess.run([nv.get_ptxas(sm).path, f"-arch={arch}", str(path), "-o", os.devnull],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise QwenError(f"{path.name}: ptxas rejects the shipped PTX for sm_{sm}: {done.stderr.strip()[:300]}")
 
 
 # ------------------------------------------------------------------------------------ TensorRT
