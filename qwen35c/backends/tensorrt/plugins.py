@@ -27,7 +27,7 @@ attributes in the engine); the ONNX nodes carry them too, for the parser and the
 TensorRT launches an AOT kernel with (input pointers, extra scalar arguments, output pointers): the
 adapters in `kernels.py` take that order and call the library's kernels.
 
-This module describes the plugins without TensorRT or Triton (`python -m qwen35c.backends.tensorrt.plugins
+This module describes the plugins without TensorRT or a GPU (`python -m qwen35c.backends.tensorrt.plugins
 --describe BUNDLE`), holds their reference implementations (the kernels' naive twins with the plugin's
 exact binding: the CPU check runs them as ONNX Runtime custom ops, the tests run each adapter kernel
 under the interpreter against them), compiles the adapters to PTX for the bundle's SM (in a child
@@ -97,8 +97,9 @@ class PluginDef:
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
 
-def evaluate(formula: str, dims: dict[str, list[int]]) -> int:
-    """A dimension formula: ints, `port_axis` names, + - * //, cdiv(a, b)."""
+def _formula(formula: str, dim, cdiv):
+    """Walk a dimension formula (ints, `port_axis` names, + - * //, cdiv(a, b)); `dim(port, axis)`
+    gives a name's value, `cdiv` the ceiling division, over ints or TensorRT's symbolic dims."""
     def ev(node):
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -106,15 +107,19 @@ def evaluate(formula: str, dims: dict[str, list[int]]) -> int:
             return node.value
         if isinstance(node, ast.Name):
             port, _, axis = node.id.rpartition("_")
-            return int(dims[port][int(axis)])
+            return dim(port, int(axis))
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "cdiv" and len(node.args) == 2:
-            a, b = ev(node.args[0]), ev(node.args[1])
-            return -(-a // b)
+            return cdiv(ev(node.args[0]), ev(node.args[1]))
         raise QwenError(f"plugin formula {formula!r}: unsupported expression")
 
     return ev(ast.parse(formula, mode="eval"))
+
+
+def evaluate(formula: str, dims: dict[str, list[int]]) -> int:
+    """A dimension formula over concrete input shapes."""
+    return _formula(formula, lambda port, axis: int(dims[port][axis]), lambda a, b: -(-a // b))
 
 
 # ------------------------------------------------------------------------------------ the plugins
@@ -426,22 +431,7 @@ def register_tensorrt(bundle: Path, section: dict) -> list[str]:
 
 def _shape_expr(formula: str, inputs: dict):
     """A dimension formula over TensorRT's symbolic input dims (TensorDesc.shape_expr)."""
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.Name):
-            port, _, axis = node.id.rpartition("_")
-            return inputs[port].shape_expr[int(axis)]
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "cdiv":
-            a, b = ev(node.args[0]), ev(node.args[1])
-            return (a + b - 1) // b
-        raise QwenError(f"plugin formula {formula!r}: unsupported expression")
-
-    return ev(ast.parse(formula, mode="eval"))
+    return _formula(formula, lambda port, axis: inputs[port].shape_expr[axis], lambda a, b: (a + b - 1) // b)
 
 
 # ------------------------------------------------------------------------------------------ CLI
