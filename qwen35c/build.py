@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen35c.artifact import (
-    COPIED_MODEL_FILES, SCHEMA_VERSION, atomic_directory, check_output, protected_paths, source_hashes, tool_versions,
+    COPIED_MODEL_FILES, SCHEMA_VERSION, atomic_directory, check_output, protected_paths, settle, source_hashes,
+    tool_versions,
     write_manifest,
 )
 from qwen35c.errors import QwenError
@@ -181,6 +182,7 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
             write_manifest(tmp, manifest)
         elif check:
             stages.start("check", "parity against the reference")
+            settle(tmp)
             manifest["parity"] = _check(impl, tmp, manifest, model, prepared)
             write_manifest(tmp, manifest)
             stages.done("check")

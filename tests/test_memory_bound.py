@@ -131,3 +131,54 @@ def test_inspect_reports_both_estimates(checkpoint_factory):
     for target in ("cpu", "cpu-int4"):
         assert info["targets"][target]["artifact_runtime_peak"]["total_bytes"] > 0
         assert info["targets"][target]["build_peak"]["total_bytes"] > 0
+
+
+def _rss_file() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc RSS accounting")
+def test_a_settled_artifact_file_maps_only_the_rows_a_gather_touches(tmp_path):
+    """The build settles its files before the check (fsync + drop from the page cache): a mapped
+    gather of random rows then costs about a page a row, not the large folio a fresh write left
+    cached (2 MiB a row on ext4 with large folios: a 1 GB embedding table fully counted in RSS)."""
+    import mmap
+
+    import numpy as np
+
+    from qwen35c.artifact import settle
+
+    rows, width = 32768, 2048                               # a 256 MiB table of 8 KiB rows
+    table = tmp_path / "model.onnx.data"
+    with open(table, "wb") as f:
+        for _ in range(16):
+            f.write(np.random.default_rng(0).bytes(rows * width // 16))
+    settle(tmp_path)
+    picks = np.random.default_rng(1).choice(rows, 64, replace=False)
+    with open(table, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        before = _rss_file()
+        for r in picks:
+            m[int(r) * width]                               # one byte of the row: a page fault
+        grown = _rss_file() - before
+    assert grown <= 64 * (256 << 10), f"64 random rows mapped {grown / 2**20:.1f} MiB of file pages"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc RSS accounting")
+def test_releasing_a_tied_lm_head_drops_the_embedding_pages(checkpoint_factory):
+    """The emitter releases a tied head by its own name (`lm_head.weight`); the pages are the
+    embedding's. They stayed mapped through the build check (0.8B: 490 MB of a bf16 table)."""
+    from qwen35c.graph.trace import CheckpointWeights
+
+    weights = CheckpointWeights(checkpoint_factory("tiny", tie_word_embeddings=True, vocab_size=65536,
+                                                   hidden_size=256, num_hidden_layers=1))
+    before = _rss_file()
+    table = weights("lm_head.weight")
+    assert float(table.float().abs().sum()) > 0                  # every page of the 32 MiB table read
+    mapped = _rss_file() - before
+    weights.release("lm_head.weight")
+    left = _rss_file() - before
+    assert mapped >= 24 << 20, f"reading the table mapped only {mapped / 2**20:.1f} MiB"
+    assert left <= 4 << 20, f"{left / 2**20:.1f} MiB of the embedding stayed mapped after the release"

@@ -553,14 +553,17 @@ class CheckpointWeights:
         if self.config.tie_word_embeddings:
             self._shapes["lm_head.weight"] = self._shapes["model.embed_tokens.weight"]
 
+    def _stored(self, name: str) -> str:
+        """The parameter a weight is read from: a tied LM head is the embedding."""
+        return "model.embed_tokens.weight" if name == "lm_head.weight" and self.config.tie_word_embeddings else name
+
     def __call__(self, name: str) -> torch.Tensor:
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
+        name = self._stored(name)
         return self._loader.tensor(name, self._shapes[name])
 
     def release(self, name: str) -> None:
         """Drop the mapped pages of a weight the caller has finished with (bounded build memory)."""
-        self._loader.release(name)
+        self._loader.release(self._stored(name))
 
     def unused(self) -> list[str]:
         """Checkpoint tensors no weight was read from so far (see `WeightLoader.unused`)."""
