@@ -3,7 +3,8 @@
 The bundle is opened through the artifact loader (every file hash-checked, the plugins' PTX
 included); `backends/tensorrt/engine.py` builds the engine where TensorRT and a GPU of the bundle's
 SM are (`EngineUnavailable`, exit 3, otherwise: checked before anything is written). The engine then
-runs the verify prompt set against the bundle's own reference (the backend's `reference`), and `out`
+runs the verify prompt set against the bundle's own reference (the backend's `reference`, over
+the source checkpoint once it hashes as recorded), and `out`
 becomes a Triton Inference Server model repository (`NAME/config.pbtxt` from the bundle,
 `NAME/1/model.plan`) with `engine.json` (TensorRT version, GPU, the bundle manifest's digest, the
 parity report), written atomically; a failed parity check writes nothing.
@@ -23,7 +24,7 @@ def build_engine(bundle: str | Path, out: str | Path, force: bool = False, say=p
     from qwen35c.backends.tensorrt.engine import (MAX_BATCH, MAX_CACHE, MAX_TOKENS, EngineSession,
                                                   EngineUnavailable, build_plan, engine_blocker, gpu_name)
     from qwen35c.runtime import open_checked
-    from qwen35c.verify import ParityFailure, quick_parity
+    from qwen35c.verify import ParityFailure, quick_parity, source_checkpoint
 
     bundle, out = Path(bundle), Path(out)
     manifest, backend = open_checked(bundle)
@@ -37,6 +38,7 @@ def build_engine(bundle: str | Path, out: str | Path, force: bool = False, say=p
         raise EngineUnavailable(f"engine not built: {blocker}; nothing was written to {out}")
     protected = protected_paths(bundle)
     check_output(out, force, protected)
+    source = source_checkpoint(bundle, manifest, say=say)
     plan = build_plan(bundle, manifest, say)
     with atomic_directory(out, force, protected) as tmp:
         entry = tmp / section["serving"]["name"]
@@ -44,7 +46,7 @@ def build_engine(bundle: str | Path, out: str | Path, force: bool = False, say=p
         (entry / "1" / "model.plan").write_bytes(plan)
         (entry / "config.pbtxt").write_bytes(artifact_file(bundle, manifest, section["serving"]["config"]).read_bytes())
         session = EngineSession(bundle, manifest, plan)
-        reference, gate, against = backend.reference(Path(manifest["source"]["path"]), manifest, None, session)
+        reference, gate, against = backend.reference(source, manifest, None, session)
         say("running the engine on the verify prompt set")
         report = quick_parity(session, reference, gate, against=against, prompts="full")
         import tensorrt as trt

@@ -522,6 +522,24 @@ def _mtp_head(artifact, reference, checks: list[dict], report: dict, quantized_a
                              f"fed in two steps vs one {worst_split:.1e} (limit {limit:.1e})"})
 
 
+def source_checkpoint(directory: Path, manifest: dict, reference: str | Path | None = None, say=print) -> Path:
+    """The checkpoint an artifact was built from (`reference`, or the manifest's source path), read
+    only after every file the manifest recorded for it hashes as recorded."""
+    from qwen35c.artifact import ArtifactError, sha256_file
+
+    ref_path = Path(reference) if reference else Path(manifest["source"]["path"])
+    if not reference and not manifest["source"]["path"]:
+        raise ArtifactError(f"{directory}: the manifest names no source checkpoint; pass --reference DIR")
+    if not (ref_path / "config.json").is_file():
+        raise ArtifactError(f"{ref_path}: reference checkpoint missing (no config.json); pass --reference DIR")
+    say(f"hashing the reference checkpoint {ref_path}")
+    mismatched = [n for n, h in sorted(manifest["source"]["files"].items())
+                  if not (ref_path / n).is_file() or sha256_file(ref_path / n, follow=True) != h]
+    if mismatched:
+        raise ArtifactError(f"{ref_path / mismatched[0]}: differs from the checkpoint the artifact was built from")
+    return ref_path
+
+
 def verify_artifact(directory: str | Path, reference: str | Path | None = None, bisect: bool = False,
                     threads: int | None = None, structure_only: bool = False, skip: tuple[str, ...] = (),
                     progress=None, prompts: str = "full") -> dict:
@@ -532,7 +550,6 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     `structure_only` checks the manifest, files and reference without executing the artifact (its
     status says so); `skip` names checks the caller does not want (reported as skipped); `prompts`
     picks the parity prompt set (PROMPT_SETS; the report records it)."""
-    from qwen35c.artifact import ArtifactError, sha256_file
     from qwen35c.runtime import open_checked
     from qwen35c.targets import get_target, runnable_here
 
@@ -547,16 +564,7 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     checks.append({"name": "manifest", "status": "pass",
                    "detail": f"schema {manifest['schema_version']}, {len(manifest['files'])} files hash as recorded"})
     target = get_target(manifest["target"]["name"])
-    ref_path = Path(reference) if reference else Path(manifest["source"]["path"])
-    if not reference and not manifest["source"]["path"]:
-        raise ArtifactError(f"{directory}: the manifest names no source checkpoint; pass --reference DIR")
-    if not (ref_path / "config.json").is_file():
-        raise ArtifactError(f"{ref_path}: reference checkpoint missing (no config.json); pass --reference DIR")
-    say(f"hashing the reference checkpoint {ref_path}")
-    mismatched = [n for n, h in sorted(manifest["source"]["files"].items())
-                  if not (ref_path / n).is_file() or sha256_file(ref_path / n, follow=True) != h]
-    if mismatched:
-        raise ArtifactError(f"{ref_path / mismatched[0]}: differs from the checkpoint the artifact was built from")
+    ref_path = source_checkpoint(directory, manifest, reference, say)
     checks.append({"name": "reference", "status": "pass", "detail": f"{ref_path} matches the source hashes"})
     quantized = manifest.get("quantization")
     report = {"artifact": str(directory), "target": target.name,
@@ -644,4 +652,5 @@ def run_bisect(manifest: dict, ref_path: Path, tolerance: float = 1e-4, artifact
 
 
 __all__ = ["ParityFailure", "compare", "gate", "heldout_ids", "quantization_loss", "lowering_gate", "quick_parity", "run_bisect",
+           "source_checkpoint",
            "verify_artifact"]

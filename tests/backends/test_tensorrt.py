@@ -177,6 +177,34 @@ def test_engine_exits_3_and_writes_nothing_without_tensorrt(bundle, tmp_path):
     assert "TensorRT is not installed" in result.output and not (tmp_path / "engine").exists()
 
 
+def test_engine_reads_the_source_checkpoint_only_once_it_hashes_as_recorded(bundle, tmp_path, monkeypatch):
+    """Stage 2 runs the engine against the source checkpoint the manifest names: a changed one is
+    refused, naming the file, before any engine is built or anything written (TensorRT stood in for)."""
+    import shutil
+
+    from qwen35c.artifact import ArtifactError
+    from qwen35c.backends.tensorrt import engine as trt_engine
+    from qwen35c.engine import build_engine
+
+    copy, source = tmp_path / "bundle", tmp_path / "source"
+    shutil.copytree(bundle, copy)
+    shutil.copytree(BUNDLED / "qwen35-tiny", source)
+    with open(source / "config.json", "a") as f:
+        f.write("\n")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["source"]["path"] = str(source)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    def no_build(*args):
+        raise AssertionError("the engine was built from an unchecked source")
+
+    monkeypatch.setattr(trt_engine, "engine_blocker", lambda sm: None)
+    monkeypatch.setattr(trt_engine, "build_plan", no_build)
+    with pytest.raises(ArtifactError, match="config.json: differs from the checkpoint"):
+        build_engine(copy, tmp_path / "engine", say=lambda *a: None)
+    assert not (tmp_path / "engine").exists()
+
+
 def test_fp8_bundle_runs_the_fp8_plugin_and_verifies(tmp_path):
     out = tmp_path / "fp8"
     _cli("build", "--model", BUNDLED / "qwen35-tiny", "--target", "h100-fp8", "--backend", "tensorrt", "-o", out)
