@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from qwen35c.quant.algorithms import awq, gptq, rtn
@@ -84,3 +90,64 @@ def test_gptq_in_row_chunks_is_the_whole_matrix_gptq(monkeypatch):
         for part in ("qweight", "scales", "zeros", "g_idx"):
             a, b = getattr(whole, part), getattr(chunked, part)
             assert (a is None and b is None) or torch.equal(a, b), (options, part)
+
+
+def _upper_cholesky_of_inverse_naive(h, damp):
+    """The textbook formula, out of place (the twin of algorithms._upper_cholesky_of_inverse)."""
+    mean_diag = float(torch.diag(h).mean())
+    for attempt in range(6):
+        damped = h + (damp * (10 ** attempt)) * mean_diag * torch.eye(h.shape[0])
+        chol, info = torch.linalg.cholesky_ex(damped.double())
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0:
+                return upper.float()
+    raise ValueError("not positive definite")
+
+
+def test_gptq_factorisation_in_place_equals_the_textbook_formula_to_the_bit():
+    from qwen35c.quant.algorithms import _upper_cholesky_of_inverse
+
+    g = torch.Generator().manual_seed(0)
+    for k, rows, shift in [(64, 1000, 0.0), (256, 100, 0.0), (512, 4096, 0.0), (128, 5, 0.0), (96, 64, 0.05)]:
+        x = torch.randn(rows, k, generator=g) * torch.rand(k, generator=g) * 5
+        h = 2 / rows * (x.t() @ x)
+        h.diagonal().sub_(shift * float(h.diagonal().mean()))     # indefinite: the damping retries
+        for damp in (0.01, 1e-9):
+            ours, twin = _outcome(_upper_cholesky_of_inverse, h, damp), _outcome(_upper_cholesky_of_inverse_naive, h, damp)
+            assert type(ours) is type(twin) and (isinstance(ours, str) or torch.equal(ours, twin)), (k, damp)
+
+
+def _outcome(factorise, h, damp):
+    try:
+        return factorise(h, damp)
+    except ValueError:
+        return "not positive definite"
+
+
+_FACTOR_PEAK = """
+import json, sys, torch
+from pathlib import Path
+from qwen35c.quant.algorithms import _upper_cholesky_of_inverse
+torch.set_num_threads(1)
+k = 4096
+x = torch.randn(2 * k, k, generator=torch.Generator().manual_seed(0))
+h = x.t() @ x / (2 * k)
+del x
+def rss(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+Path("/proc/self/clear_refs").write_text("5")
+base = rss("VmRSS")
+_upper_cholesky_of_inverse(h, 0.01)
+print(json.dumps({"growth": rss("VmHWM") - base}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_gptq_factorisation_holds_one_float64_copy_of_the_hessian():
+    """K = 4096: one float64 matrix is 128 MiB (and the float32 result 64 MiB); the out-of-place
+    chain held four and an identity, and LAPACK calls on a row-major matrix copy it."""
+    out = subprocess.run([sys.executable, "-c", _FACTOR_PEAK], capture_output=True, text=True, check=True)
+    growth = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    one = 4096 * 4096 * 8
+    assert growth < 1.75 * one, f"the factorisation grew RSS by {growth / 2**20:.0f} MiB (one float64 copy: 128 MiB)"
