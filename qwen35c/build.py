@@ -175,6 +175,7 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
         if prepared is not None:
             manifest["quantization"] = prepared.record
         write_manifest(tmp, manifest)
+        settle(tmp)   # durable before the rename, and read back by the check (and verify) in small pages
         blocker = _memory_blocker(weights.config, prepared) if check else None
         if blocker:
             manifest["parity"] = {"status": "not run", "passed": None, "by": "build", "summary": blocker}
@@ -182,7 +183,6 @@ def build_artifact(model: str | Path, target_name: str, out: str | Path, *, pipe
             write_manifest(tmp, manifest)
         elif check:
             stages.start("check", "parity against the reference")
-            settle(tmp)
             manifest["parity"] = _check(impl, tmp, manifest, model, prepared)
             write_manifest(tmp, manifest)
             stages.done("check")
@@ -224,8 +224,10 @@ def _emit_context(weights, prepared, target, graph, stages: _Stages):
         source = quantized_weight_source(weights, Recipe.from_dict(prepared.record["recipe"]), prepared.quantized)
 
     def release(name: str) -> None:
-        if "#" not in name:            # packed parts (`<name>#<part>`) come from `prepared`, not the checkpoint
+        if "#" not in name:
             weights.release(name)
+        elif prepared is not None:     # packed parts (`<name>#<part>`) come from `prepared`, not the checkpoint
+            prepared.release()
 
     total = max(1, sum(1 for n in graph.nodes if n.op == "weight"))
     seen = [0]

@@ -112,6 +112,11 @@ class SafetensorsFile:
         if hi > lo:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
+    def release_all(self) -> None:
+        """`release` for every tensor of the file at once."""
+        if self._map is not None and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         self._map = None  # views may still reference the mapping; it is freed with them
         self._file.close()

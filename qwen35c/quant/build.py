@@ -5,7 +5,7 @@ recipe, quantized / kept / not-lowered names). `prepare(model_dir, meta)` comput
 of exactly those units, layer by layer in bounded memory (`qwen35c.quant.sequential`): each decoder
 layer is read from the memory-mapped checkpoint in fp32, calibrated on the built-in calibration set
 when the recipe needs data (AWQ, GPTQ, static FP8; `calibrate.builtin_calibration`) as it flows
-through the already-quantized layers before it, packed, and dropped. Calibration and quantization run single-threaded
+through the already-quantized layers before it, packed (to disk, mapped back: `qwen35c.quant.spill`), and dropped. Calibration and quantization run single-threaded
 (`torch.set_num_threads(1)` for their duration): BLAS reductions change with the thread count, and a
 GPTQ code flips on a last-bit difference, so one thread count is what keeps builds byte-identical
 across machines with different core counts.
@@ -32,6 +32,7 @@ from qwen35c.quant.model import (SHARED_EMBEDDING, EmulatedLinear, QuantizedMode
                                  restrict)
 from qwen35c.quant.policy import canonical_name, plan_model
 from qwen35c.quant.recipe import Recipe
+from qwen35c.quant.spill import PackedSpill
 from qwen35c.quant.sequential import quantize_sequential
 from reference.model import Qwen35ForCausalLM
 from reference.stream import StreamedModel
@@ -86,6 +87,12 @@ class Prepared:
     quantized: QuantizedModel
     model_dir: Path
     record: dict                # what the manifest / graph metadata records
+    spill: PackedSpill | None = None   # where the packed tensors live (memory-mapped), if not in memory
+
+    def release(self) -> None:
+        """Drop the pages of the packed tensors this process has touched (see `qwen35c.quant.spill`)."""
+        if self.spill is not None:
+            self.spill.release()
 
     @property
     def model(self) -> StreamedModel:
@@ -108,8 +115,12 @@ class Prepared:
 
         # tied-embedding=shared: the lookup reads the head's codes; else rows of the checkpoint's table
         shared = SHARED_EMBEDDING in weights and self.record.get("embedding", "").startswith("shared")
+        def layer(index: int, layer: nn.Module) -> nn.Module:
+            self.release()            # the layer before has run: one layer's packed pages resident
+            return emulate_layer(layer, index, weights)
+
         return StreamedModel(self.model_dir, torch.float32, head_hook=head, embed_hook=embedding if shared else None,
-                             layer_hook=lambda index, layer: emulate_layer(layer, index, weights))
+                             layer_hook=layer)
 
 
 def prepare(model_dir: str | Path, meta: dict) -> Prepared:
@@ -130,15 +141,21 @@ def prepare(model_dir: str | Path, meta: dict) -> Prepared:
             batches = cset.batches
             calib_record = {**cset.meta, "moe_calibration": recipe.moe_calibration,
                             "order": "sequential (each layer calibrated on the quantized layers before it)"}
-        quantized = quantize_sequential(stream, recipe, decisions, batches, mode=recipe.moe_calibration)
+        spill = PackedSpill()
+        try:
+            quantized = quantize_sequential(stream, recipe, decisions, batches, mode=recipe.moe_calibration,
+                                            spill=spill)
+        finally:
+            spill.close()
     stream.close()
     record = {"recipe": recipe.to_dict(), "label": recipe.label, "precision": precision_of(recipe),
               "algorithm": recipe.algorithm, "calibration": calib_record,
               "quantized": sorted(meta["quantized"]), "kept": sorted(meta.get("kept", [])),
               "not_lowered": sorted(meta.get("not_lowered", [])),
               "packed_sha256": packed_digest(quantized), "notes": list(quantized.notes)}
+    spill.release()
     if meta.get("not_lowered_reason"):
         record["not_lowered_reason"] = meta["not_lowered_reason"]
     if meta.get("embedding"):
         record["embedding"] = meta["embedding"]
-    return Prepared(quantized, Path(model_dir), record)
+    return Prepared(quantized, Path(model_dir), record, spill)

@@ -5,8 +5,9 @@ pipeline): the calibration activations are captured at the input of decoder laye
 weights are read from the memory-mapped checkpoint (`reference.stream.StreamedModel.load_layer`),
 its units are calibrated and packed, the layer is turned into its quantization-emulating twin
 (`emulate_layer`) and run on the same activations to produce layer i+1's inputs; then the fp32
-layer is dropped and only its packed weights stay (they are small). Every layer is therefore
-calibrated on the activations of the already-quantized model before it.
+layer is dropped and only its packed weights stay, written to disk (`qwen35c.quant.spill`) and
+mapped back. Every layer is therefore calibrated on the activations of the already-quantized model
+before it.
 
 Routed experts are calibrated expert by expert from the MoE block's input (kept once per layer,
 [N, H]): expert e's rows are computed, its three units packed, its rows dropped — so one layer of a
@@ -27,6 +28,7 @@ from qwen35c.quant.calibrate import Calibration, Collector, add_expert_rows
 from qwen35c.quant.model import QuantizedModel, emulate_layer, note_fallback, quantize_units
 from qwen35c.quant.policy import Decision
 from qwen35c.quant.recipe import Recipe
+from qwen35c.quant.spill import PackedSpill
 from reference import ops
 from reference.model import SparseMoeBlock
 from reference.stream import Batch, StreamedModel, return_freed_memory
@@ -39,8 +41,9 @@ MAX_ROWS = 4096      # calibration rows kept per unit (as `calibrate.collect`)
 @torch.no_grad()
 def quantize_sequential(stream: StreamedModel, recipe: Recipe, decisions: list[Decision],
                         batches: list[Tensor] | None, mode: str = "all", seed: int = 0,
-                        progress=None) -> QuantizedModel:
-    """Pack every quantized unit of `decisions`, one decoder layer resident at a time."""
+                        progress=None, spill: PackedSpill | None = None) -> QuantizedModel:
+    """Pack every quantized unit of `decisions`, one decoder layer resident at a time; with `spill`,
+    each layer's packed weights go to disk as soon as they exist (`qwen35c.quant.spill`)."""
     out = QuantizedModel(recipe, {}, decisions)
     todo: dict[int | None, list[Decision]] = {}
     for d in decisions:
@@ -56,16 +59,24 @@ def quantize_sequential(stream: StreamedModel, recipe: Recipe, decisions: list[D
         layer = stream.load_layer(index)
         units = todo.get(index, [])
         if units:
+            done = set(out.weights)
             fallback += _quantize_layer(out.weights, layer, index, units, xs, steps, recipe, mode, seed)
+            if spill is not None:
+                spill.put(out.weights, sorted(set(out.weights) - done))
             layer = emulate_layer(layer, index, out.weights)
         if calibrated:
             xs = [layer(x, step) for x, step in zip(xs, steps)]              # the quantized model's activations
         del layer
+        if spill is not None:
+            spill.release()
         return_freed_memory()
         if progress is not None:
             progress(index + 1, stream.config.num_hidden_layers, f"layer {index}")
     if todo.get(None):
+        done = set(out.weights)
         fallback += _quantize_edges(out.weights, stream, todo[None], xs, recipe, seed)
+        if spill is not None:
+            spill.put(out.weights, sorted(set(out.weights) - done))
     if len(out.weights) != sum(map(len, todo.values())):
         stray = sorted({d.canonical for units in todo.values() for d in units} - set(out.weights))
         raise QwenError(f"{stray[0]}: a quantized unit outside the decoder layers and lm_head "
