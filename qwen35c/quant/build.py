@@ -5,10 +5,11 @@ recipe, quantized / kept / not-lowered names). `prepare(model_dir, meta)` comput
 of exactly those units, layer by layer in bounded memory (`qwen35c.quant.sequential`): each decoder
 layer is read from the memory-mapped checkpoint in fp32, calibrated on the built-in calibration set
 when the recipe needs data (AWQ, GPTQ, static FP8; `calibrate.builtin_calibration`) as it flows
-through the already-quantized layers before it, packed (to disk, mapped back: `qwen35c.quant.spill`), and dropped. Calibration and quantization run single-threaded
-(`torch.set_num_threads(1)` for their duration): BLAS reductions change with the thread count, and a
-GPTQ code flips on a last-bit difference, so one thread count is what keeps builds byte-identical
-across machines with different core counts.
+through the already-quantized layers before it, packed (to disk, mapped back: `qwen35c.quant.spill`),
+and dropped. Calibration and quantization run single-threaded (`torch.set_num_threads(1)` for their
+duration): BLAS reductions change with the thread count, and a GPTQ code flips on a last-bit
+difference, so one thread count is what keeps builds byte-identical across machines with different
+core counts.
 
 The result is recorded (`Prepared.record`) in the graph metadata and the manifest's `quantization`
 section: the recipe, the calibration record, the unit lists and `packed_sha256`, a digest of every
@@ -32,10 +33,10 @@ from qwen35c.quant.model import (SHARED_EMBEDDING, EmulatedLinear, QuantizedMode
                                  restrict)
 from qwen35c.quant.policy import canonical_name, plan_model
 from qwen35c.quant.recipe import Recipe
-from qwen35c.quant.spill import PackedSpill
 from qwen35c.quant.sequential import quantize_sequential
+from qwen35c.quant.spill import PackedSpill
 from reference.model import Qwen35ForCausalLM
-from reference.stream import StreamedModel
+from reference.stream import StreamedModel, return_freed_memory
 
 __all__ = ["Prepared", "prepare", "packed_digest", "precision_of", "DEFAULT_INT4_ALGORITHM"]
 
@@ -115,12 +116,13 @@ class Prepared:
 
         # tied-embedding=shared: the lookup reads the head's codes; else rows of the checkpoint's table
         shared = SHARED_EMBEDDING in weights and self.record.get("embedding", "").startswith("shared")
-        def layer(index: int, layer: nn.Module) -> nn.Module:
+
+        def emulated_layer(index: int, module: nn.Module) -> nn.Module:
             self.release()            # the layer before has run: one layer's packed pages resident
-            return emulate_layer(layer, index, weights)
+            return emulate_layer(module, index, weights)
 
         return StreamedModel(self.model_dir, torch.float32, head_hook=head, embed_hook=embedding if shared else None,
-                             layer_hook=layer)
+                             layer_hook=emulated_layer)
 
 
 def prepare(model_dir: str | Path, meta: dict) -> Prepared:
@@ -154,6 +156,7 @@ def prepare(model_dir: str | Path, meta: dict) -> Prepared:
               "not_lowered": sorted(meta.get("not_lowered", [])),
               "packed_sha256": packed_digest(quantized), "notes": list(quantized.notes)}
     spill.release()
+    return_freed_memory()               # the head's row chunks and the digest's copies: free heap
     if meta.get("not_lowered_reason"):
         record["not_lowered_reason"] = meta["not_lowered_reason"]
     if meta.get("embedding"):

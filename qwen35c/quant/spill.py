@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from qwen35c.errors import QwenError
 from reference.safetensors_io import SafetensorsFile, write_safetensors
 
 __all__ = ["PackedSpill"]
@@ -37,7 +38,12 @@ class PackedSpill:
         if not tensors:
             return
         path = self.directory / f"{len(self.files):05d}.safetensors"
-        write_safetensors(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], tensors.__getitem__)
+        try:
+            write_safetensors(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], tensors.__getitem__)
+        except OSError as err:
+            path.unlink(missing_ok=True)
+            raise QwenError(f"{path}: cannot write the packed weights ({err.strerror}); point TMPDIR at a "
+                            f"directory with room for the quantized model") from None
         try:
             file = SafetensorsFile(path)
         finally:

@@ -92,3 +92,20 @@ def test_quantization_memory_does_not_grow_with_the_packed_layers(checkpoint_fac
           f"in memory, {spilled['growth'] / 2**20:.0f} MiB spilled")
     assert kept["growth"] > 0.75 * packed
     assert spilled["growth"] < 0.25 * packed
+
+
+def test_a_full_scratch_disk_is_a_clear_error(tmp_path, monkeypatch):
+    import qwen35c.quant.spill as spill_module
+    from qwen35c.errors import QwenError
+
+    def full(path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spill_module, "write_safetensors", full)
+    weights = {"lm_head.weight": int4_quantize(torch.randn(8, 128), 128, True)}
+    spill = PackedSpill(tmp_path)
+    with pytest.raises(QwenError, match="No space left on device.*TMPDIR"):
+        spill.put(weights, ["lm_head.weight"])
+    assert list(spill.directory.iterdir()) == []
+    spill.close()
