@@ -59,10 +59,9 @@ def quantize_sequential(stream: StreamedModel, recipe: Recipe, decisions: list[D
         layer = stream.load_layer(index)
         units = todo.get(index, [])
         if units:
-            done = set(out.weights)
             fallback += _quantize_layer(out.weights, layer, index, units, xs, steps, recipe, mode, seed)
             if spill is not None:
-                spill.put(out.weights, sorted(set(out.weights) - done))
+                spill.put(out.weights)
             layer = emulate_layer(layer, index, out.weights)
         if calibrated:
             xs = [layer(x, step) for x, step in zip(xs, steps)]              # the quantized model's activations
@@ -73,10 +72,9 @@ def quantize_sequential(stream: StreamedModel, recipe: Recipe, decisions: list[D
         if progress is not None:
             progress(index + 1, stream.config.num_hidden_layers, f"layer {index}")
     if todo.get(None):
-        done = set(out.weights)
         fallback += _quantize_edges(out.weights, stream, todo[None], xs, recipe, seed)
         if spill is not None:
-            spill.put(out.weights, sorted(set(out.weights) - done))
+            spill.put(out.weights)
     if len(out.weights) != sum(map(len, todo.values())):
         stray = sorted({d.canonical for units in todo.values() for d in units} - set(out.weights))
         raise QwenError(f"{stray[0]}: a quantized unit outside the decoder layers and lm_head "

@@ -30,9 +30,12 @@ class PackedSpill:
     def __init__(self, directory: str | Path | None = None):
         self.directory = Path(tempfile.mkdtemp(prefix="qwen35c-packed-", dir=directory))
         self.files: list[SafetensorsFile] = []
+        self.spilled: set[str] = set()
 
-    def put(self, weights: dict, names) -> None:
-        """Move the tensors of `weights[name]` (packed weight dataclasses) for `names` to disk."""
+    def put(self, weights: dict) -> None:
+        """Move the tensors of every packed weight in `weights` (name -> packed weight dataclass) that
+        is not on disk yet to disk."""
+        names = sorted(set(weights) - self.spilled)
         tensors = {f"{name}#{f.name}": value for name in names for f in dataclasses.fields(weights[name])
                    if isinstance(value := getattr(weights[name], f.name), Tensor)}
         if not tensors:
@@ -52,6 +55,7 @@ class PackedSpill:
         for key in tensors:
             name, field = key.split("#")
             setattr(weights[name], field, file.view(key))
+        self.spilled.update(names)
 
     def release(self) -> None:
         """Drop every page of the spilled tensors from this process's memory (read back from disk

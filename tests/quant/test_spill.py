@@ -25,7 +25,7 @@ def test_spilled_weights_read_back_the_same_bytes_and_leave_no_file(tmp_path):
                for p in ("gate_proj", "up_proj")}
     before = {n: {k: v.clone() for k, v in vars(q).items() if isinstance(v, torch.Tensor)} for n, q in weights.items()}
     spill = PackedSpill(tmp_path)
-    spill.put(weights, sorted(weights))
+    spill.put(weights)
     assert list(spill.directory.iterdir()) == []                # unlinked once mapped
     for name, q in weights.items():
         for field, value in before[name].items():
@@ -106,6 +106,6 @@ def test_a_full_scratch_disk_is_a_clear_error(tmp_path, monkeypatch):
     weights = {"lm_head.weight": int4_quantize(torch.randn(8, 128), 128, True)}
     spill = PackedSpill(tmp_path)
     with pytest.raises(QwenError, match="No space left on device.*TMPDIR"):
-        spill.put(weights, ["lm_head.weight"])
+        spill.put(weights)
     assert list(spill.directory.iterdir()) == []
     spill.close()
