@@ -269,21 +269,32 @@ def _memory_blocker(config, prepared) -> str | None:
 
 def _check(impl, directory: Path, manifest: dict, model: Path, prepared) -> dict:
     """The build's own parity check, on the artifact as written (through the backend's loader),
-    against the reference the backend names (the fp32 reference or an emulating one)."""
-    from qwen35c.verify import quick_parity
+    against the reference the backend names (the fp32 reference or an emulating one). The artifact
+    runs first and its logits are recorded; it is gone before the reference runs (`verify.record`),
+    so the check's peak is the larger of the two, not their sum."""
+    from qwen35c.targets import lowering_gate
+    from qwen35c.verify import PROMPT_SETS, prompt_plan, quick_parity, record
 
-    session = impl.load(directory, manifest, threads=1, lean=True)
-    reference, precision, against = impl.reference(model, manifest, prepared, session)
-    if precision != "quantized-activations":
-        return quick_parity(session, reference, precision, against=against)
+    def run_artifact(prompts: str):
+        session = impl.load(directory, manifest, threads=1, lean=True)
+        recorded = record(session, prompt_plan(session.config.vocab_size, **PROMPT_SETS[prompts]))
+        mode = session.mode
+        del session
+        return_freed_memory()
+        return recorded, mode
+
     # This gate is statistical (KL and top-1 against the reference's own noise floor on the same
     # prompts): the short set's ~90 positions make a noisy estimate of both.
     # A backend that runs fast checks on the full set (~575 positions); a slow one (the Triton
     # interpreter) on the short set first, and when that fails, the full set decides.
-    prompts = getattr(impl, "statistical_check_prompts", "short")
-    result = quick_parity(session, reference, precision, against=against, prompts=prompts)
-    if not result["passed"] and prompts == "short":
-        result = quick_parity(session, reference, precision, against=against, prompts="full")
+    statistical = lowering_gate(manifest.get("quantization")) == "quantized-activations"
+    prompts = getattr(impl, "statistical_check_prompts", "short") if statistical else "short"
+    recorded, mode = run_artifact(prompts)
+    reference, precision, against = impl.reference(model, manifest, prepared, mode)
+    result = quick_parity(recorded, reference, precision, prompts, against)
+    if not result["passed"] and precision == "quantized-activations" and prompts == "short":
+        recorded, _ = run_artifact("full")
+        result = quick_parity(recorded, reference, precision, "full", against)
         result["summary"] += " (the short prompt set failed; the full set decided)"
     return result
 

@@ -24,7 +24,7 @@ def build_engine(bundle: str | Path, out: str | Path, force: bool = False, say=p
     from qwen35c.backends.tensorrt.engine import (MAX_BATCH, MAX_CACHE, MAX_TOKENS, EngineSession,
                                                   EngineUnavailable, build_plan, engine_blocker, gpu_name)
     from qwen35c.runtime import open_checked
-    from qwen35c.verify import ParityFailure, quick_parity, source_checkpoint
+    from qwen35c.verify import PROMPT_SETS, ParityFailure, prompt_plan, quick_parity, record, source_checkpoint
 
     bundle, out = Path(bundle), Path(out)
     manifest, backend = open_checked(bundle)
@@ -46,9 +46,10 @@ def build_engine(bundle: str | Path, out: str | Path, force: bool = False, say=p
         (entry / "1" / "model.plan").write_bytes(plan)
         (entry / "config.pbtxt").write_bytes(artifact_file(bundle, manifest, section["serving"]["config"]).read_bytes())
         session = EngineSession(bundle, manifest, plan)
-        reference, gate, against = backend.reference(source, manifest, None, session)
         say("running the engine on the verify prompt set")
-        report = quick_parity(session, reference, gate, against=against, prompts="full")
+        recorded = record(session, prompt_plan(session.config.vocab_size, **PROMPT_SETS["full"]))
+        reference, gate, against = backend.reference(source, manifest, None, session.mode)
+        report = quick_parity(recorded, reference, gate, "full", against)
         import tensorrt as trt
 
         record = {"tensorrt": trt.__version__, "sm": sm, "gpu": gpu_name(),

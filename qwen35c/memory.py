@@ -13,9 +13,11 @@ Estimates are computed from shapes alone (config + the target's precision), neve
                          layer + calibration activations + one unit's Hessian / rows; the head is
                          quantized from the mapped checkpoint in row chunks), emission (tensor by
                          tensor: two of the largest, a tensor over 64 MB written in 64 MB row chunks)
-                         and the check (the artifact above + the streamed reference's layer and, for
-                         an fp32 check, its [V, H] head: a quantized check's emulated head is
-                         dequantized in slices, its lookups gather checkpoint rows + both sides' logits).
+                         and the check, in two phases that never overlap: the artifact above runs the
+                         prompt set and its logits are recorded to a scratch file, then it is dropped
+                         and the streamed reference runs (a layer and, for an fp32 check, its [V, H]
+                         head: a quantized check's emulated head is dequantized in slices, its lookups
+                         gather checkpoint rows + one case's logits from each side).
 
 `available_bytes()` is /proc/meminfo MemAvailable, lowered to a cgroup (v2 or v1) limit minus usage
 when one is set. Numbers are bytes.
@@ -125,6 +127,14 @@ STREAM_CHUNK = 64 << 20       # qwen35c.backends.onnx.emit.STREAM_BYTES
 HEAD_CHUNK = 256 << 20        # fp32 rows of the head GPTQ works on at a time (quant.algorithms)
 
 
+def check_reference_peak(config, precision: str = "fp32") -> int:
+    """The reference side of a check: one streamed layer (and the one being loaded), the fp32 head of
+    an fp32 check (a quantized check's emulated head is dequantized in slices, its lookups gather
+    checkpoint rows), the prompt set's activations, one case's logits from each side."""
+    head = 4 * config.vocab_size * config.hidden_size if precision == "fp32" else 0
+    return PROCESS_BASE + head + 2 * _layer_bytes(config) + 2 * CHECK_PROMPT * config.vocab_size * 4
+
+
 def build_peak(config, precision: str = "fp32", calibrated: bool | None = None, check: bool = True) -> Estimate:
     """Peak RSS of a streamed `qwen35c build` (the largest phase; see the module docstring)."""
     layer = _layer_bytes(config)
@@ -136,10 +146,9 @@ def build_peak(config, precision: str = "fp32", calibrated: bool | None = None, 
         quantize += 3 * CALIB_TOKENS * config.hidden_size * 4 + 3 * CALIB_ROWS * widest_k * 4 + 4 * widest_k ** 2 * 4
     phases = {"quantize": quantize if precision != "fp32" else 0,
               "emit": PROCESS_BASE + 2 * min(_largest_tensor(config), max(layer, STREAM_CHUNK))}
-    if check:
-        reference_logits = 2 * CHECK_PROMPT * config.vocab_size * 4
-        head = table if precision == "fp32" else 0
-        phases["check"] = artifact_peak(config, precision).total + head + 2 * layer + reference_logits
+    if check:   # the artifact runs first and is dropped before the reference runs (verify.record)
+        phases["check_artifact"] = artifact_peak(config, precision).total
+        phases["check_reference"] = check_reference_peak(config, precision)
     worst = max(phases.values())
     return Estimate(worst, phases)
 
@@ -189,7 +198,8 @@ def estimates_for(config) -> dict:
 def check_blocker(config, precision: str) -> str | None:
     """Why the build's own check cannot run here (its estimated peak exceeds this machine's free
     memory plus what this process already holds), or None when it fits."""
-    need = build_peak(config, precision).parts["check"]
+    parts = build_peak(config, precision).parts
+    need = max(parts["check_artifact"], parts["check_reference"])
     available = available_bytes()
     if available is None:
         return None
@@ -197,6 +207,7 @@ def check_blocker(config, precision: str) -> str | None:
     if need <= have:
         return None
     runtime = artifact_peak(config, precision).total
-    return (f"not enough memory for the check: it needs ~{need / 2**30:.1f} GiB (the artifact's runtime peak "
-            f"~{runtime / 2**30:.1f} GiB + the streamed reference), {have / 2**30:.1f} GiB available "
-            f"(MemAvailable / cgroup limit)")
+    return (f"not enough memory for the check: it needs ~{need / 2**30:.1f} GiB (the larger of the artifact's "
+            f"runtime peak ~{runtime / 2**30:.1f} GiB and the streamed reference's ~"
+            f"{parts['check_reference'] / 2**30:.1f} GiB, which run one after the other), "
+            f"{have / 2**30:.1f} GiB available (MemAvailable / cgroup limit)")

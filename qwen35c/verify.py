@@ -7,7 +7,10 @@ Checks, in order (each reported as pass / fail / not run / skipped, never a pass
   target     can this machine execute the artifact (CPU targets: always)
   parity     artifact vs reference on a built-in prompt set: single prompts around the 64-token
              chunk boundaries (full prefill logits at every position), a batch of different lengths
-             (prefill, then teacher-forced decode steps), and greedy continuations
+             (prefill, then decode steps fed fixed random tokens), and greedy continuations. The
+             artifact runs the set first (`record`: its logits to a scratch file) and is dropped;
+             the reference then computes the same positions teacher-forced, the whole set in one
+             pass over its layers (`against`): a check holds the larger of the two, never both
 Metrics per case: max / mean |Δlogit|, min cosine, KL(ref || artifact) mean and p99, top-1
 agreement; gated by the target's precision (`qwen35c.targets.GATES`).
   speculative  (artifacts with a commit step) a verify step with drafts leaves the state of a step
@@ -35,18 +38,21 @@ A quantized artifact (manifest `quantization` section) is checked twice, separat
                 Not run for a checkpoint without a tokenizer.json.
 
 Both references (full precision and emulating) are streamed (`reference.stream.StreamedModel`): one
-decoder layer resident at a time, the same logits bit for bit as the resident reference.
+decoder layer resident at a time, the same logits bit for bit as the resident reference. The
+speculative and MTP checks load the artifact again after the references are done.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from qwen35c.errors import QwenError
+from reference.stream import return_freed_memory
 
 SINGLE_LENGTHS = (1, 63, 64, 65, 127, 129)
 BATCH_LENGTHS = (5, 64, 33)
@@ -142,112 +148,230 @@ def gate(metrics: dict, precision: str, greedy_match: float | None, floor: dict 
     return not failures, failures
 
 
-class _LastBitNoise:
-    """A reference session whose every call runs under `formats.last_bit_noise` (one generator for
-    the whole comparison: each call draws fresh noise)."""
+# ---- the prompt set, run by each side in turn --------------------------------------------------------
+# The artifact runs the set the way a user runs it (prefill, decode steps, greedy generation) and its
+# logits are recorded (spilled to a scratch file: ~1 MB a position at a 248K vocabulary); then it can
+# be dropped, and the reference computes the same positions teacher-forced, every sequence of the set
+# in one call (`Session.logits_each`: one pass over the weights of a streamed reference). A check so
+# holds the larger of the two, never both, and a streamed reference reads its layers once, not once
+# per decode step.
+@dataclass
+class PromptPlan:
+    """The inputs of a comparison, drawn from a seed: single prompts (full prefill logits), a batch of
+    different lengths (prefill, then `steps` decode steps fed the random tokens `follow`, teacher-
+    forced) and that batch's greedy continuation."""
 
-    def __init__(self, session, seed: int):
-        import torch
+    singles: list[torch.Tensor]          # [1, n] each
+    prompts: list[list[int]]             # the batch's rows
+    follow: torch.Tensor                 # [B, steps]
+    steps: int
 
-        self._session, self._generator = session, torch.Generator().manual_seed(seed)
+    def padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([len(r) for r in rows])
+        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids, lengths
 
-    def __getattr__(self, name: str):
-        from qwen35c.quant.formats import last_bit_noise
 
-        attr = getattr(self._session, name)
-        if not callable(attr):
-            return attr
+def prompt_plan(vocab: int, single=SINGLE_LENGTHS, batch=BATCH_LENGTHS, steps=DECODE_STEPS, seed: int = 0) -> PromptPlan:
+    gen = torch.Generator().manual_seed(seed)
+    singles = [torch.randint(0, vocab, (1, n), generator=gen) for n in single]
+    prompts, follow = [], torch.zeros(0, steps, dtype=torch.long)
+    if batch:
+        ids = torch.randint(0, vocab, (len(batch), max(batch)), generator=gen)
+        prompts = [ids[b, :n].tolist() for b, n in enumerate(batch)]
+        follow = torch.randint(0, vocab, (len(batch), steps), generator=gen)
+    return PromptPlan(singles, prompts, follow, steps)
 
-        def call(*args, **kwargs):
-            with last_bit_noise(self._generator):
-                return attr(*args, **kwargs)
-        return call
+
+def _case_names(plan: PromptPlan) -> list[str]:
+    names = [f"prefill T={ids.shape[1]}" for ids in plan.singles]
+    if plan.prompts:
+        names.append(f"batch prefill lengths={[len(p) for p in plan.prompts]}")
+        if plan.steps:
+            names.append(f"batch decode x{plan.steps}")
+    return names
+
+
+@dataclass
+class Recording:
+    """One side's logits on a plan (case name -> [positions, V] fp32, valid positions only; read-only
+    views of a scratch file) and its greedy continuation of the batch (None: not generated)."""
+
+    logits: dict[str, torch.Tensor]
+    greedy: list[list[int]] | None
+    spill: object = None
+
+    def release(self) -> None:
+        if self.spill is not None:
+            self.spill.release()
+
+
+def _recorded(cases, greedy=None) -> Recording:
+    """A Recording of (case name, logits) pairs, each spilled as it comes."""
+    from qwen35c.quant.spill import Spill
+
+    logits = {}
+    with Spill(prefix="qwen35c-logits-") as spill:
+        for name, value in cases:
+            logits.update(spill.tensors({name: value.float().contiguous()}, "recorded logits"))
+            del value
+            return_freed_memory()
+        spill.release()
+    return Recording(logits, greedy() if greedy else None, spill)
+
+
+def record(session, plan: PromptPlan) -> Recording:
+    """Run `session` on the plan as a user runs it: each single prompt prefilled; the batch prefilled
+    (rows of different lengths), decoded `steps` steps and continued greedily."""
+    def cases():
+        names = iter(_case_names(plan))
+        for ids in plan.singles:
+            yield next(names), session.logits(ids)[0]
+        if plan.prompts:
+            ids, lengths = plan.padded(plan.prompts)
+            state = session.new_state(len(plan.prompts), ids.shape[1] + plan.steps + 1)
+            out = session.prefill(ids, state, lengths)
+            yield next(names), torch.cat([out[b, :n] for b, n in enumerate(lengths.tolist())])
+            del out
+            if plan.steps:     # row-major: row b's steps in order
+                steps = [session.decode(plan.follow[:, k:k + 1], state)[:, 0] for k in range(plan.steps)]
+                yield next(names), torch.stack(steps, 1).flatten(0, 1)
+
+    def greedy():
+        return session.generate(plan.prompts, plan.steps).tokens
+
+    return _recorded(cases(), greedy if plan.prompts and plan.steps else None)
+
+
+def _teacher_forced(reference, plan: PromptPlan, greedy: list[list[int]] | None = None):
+    """(case name, logits [positions, V]) of `reference` on the plan, teacher-forced, in one
+    `logits_each` call; with `greedy` (the artifact's continuation) last ("greedy", per-row logits
+    at the positions that chose each token)."""
+    batches = [(ids, None) for ids in plan.singles]
+    lengths = [len(p) for p in plan.prompts]
+    if plan.prompts:
+        batches.append(plan.padded([p + f for p, f in zip(plan.prompts, plan.follow.tolist())]))
+    if greedy is not None:
+        batches.append(plan.padded([p + g[:-1] for p, g in zip(plan.prompts, greedy)]))
+    names, out = _case_names(plan), reference.logits_each(batches)
+    for ids in plan.singles:
+        yield names.pop(0), next(out)[0].float()
+    if plan.prompts:
+        both = next(out).float()
+        yield names.pop(0), torch.cat([both[b, :n] for b, n in enumerate(lengths)])
+        if plan.steps:
+            yield names.pop(0), torch.cat([both[b, n:n + plan.steps] for b, n in enumerate(lengths)])
+        del both
+    if greedy is not None:
+        rows = next(out).float()
+        yield "greedy", [rows[b, n - 1:n - 1 + len(g)] for b, (n, g) in enumerate(zip(lengths, greedy))]
+
+
+def record_teacher_forced(reference, plan: PromptPlan) -> Recording:
+    """The plan's logits of a reference, teacher-forced (one pass), recorded like `record`'s."""
+    return _recorded(_teacher_forced(reference, plan))
+
+
+def against(reference, plan: PromptPlan, sides: dict[str, Recording]) -> dict[str, dict]:
+    """Compare each recorded side with `reference`'s teacher-forced logits of the same positions,
+    computed once for all of them. Per side: per-case metrics, totals and, for the side that
+    generated (at most one), the greedy match (`_greedy_match`)."""
+    generated = [name for name, side in sides.items() if side.greedy is not None]
+    assert len(generated) <= 1, "one greedy continuation per reference pass"
+    cases: dict[str, dict] = {name: {} for name in sides}
+    greedy_logits = None
+    for case, want in _teacher_forced(reference, plan, sides[generated[0]].greedy if generated else None):
+        if case == "greedy":
+            greedy_logits = want
+            continue
+        for name, side in sides.items():
+            cases[name][case] = _metrics(side.logits[case], want)
+            side.release()
+        del want
+        return_freed_memory()
+    out = {name: {"cases": cases[name], "total": _merge(list(cases[name].values())), "greedy_match": None}
+           for name in sides}
+    if greedy_logits is not None:
+        side = out[generated[0]]
+        side["greedy_match"], side["greedy_ties"] = _greedy_match(sides[generated[0]].greedy, greedy_logits,
+                                                                  tie=2 * side["total"]["max_abs"])
+    return out
+
+
+def _greedy_match(got: list[list[int]], want: list[torch.Tensor], tie: float) -> tuple[float, int]:
+    """Share of the reference's greedy tokens the artifact reproduced, from the reference's logits
+    want[b] [len(got[b]), V] teacher-forced on the artifact's own continuation got[b] (up to the
+    first token where they part, the two continuations are the same sequence, so these are the
+    logits the reference's own greedy decoding sees). Where they part, and the reference's logit
+    for the artifact's token is within `tie` (twice the measured max |Δlogit|) of its top-1, the two
+    logits were tied within the measured error: the rest of that row counts as matched (the
+    sequences then legitimately differ) and the tie is reported, not failed."""
+    matched = total = ties = 0
+    for row, logits in zip(got, want):
+        total += len(row)
+        for j, x in enumerate(row):
+            step = logits[j].double()
+            if x != int(step.argmax()):
+                if float(step.max() - step[x]) <= tie:
+                    ties += 1
+                    matched += len(row) - j
+                break
+            matched += 1
+    return (matched / total if total else 1.0), ties
 
 
 def noise_floor(reference, prompts: str = "full", seed: int = 0) -> dict:
     """How far a last-bit difference at every activation quantizer's input moves the emulating
-    `reference`'s logits on the `prompts` set: the reference under `formats.last_bit_noise` vs itself.
-    The yardstick of the `quantized-activations` gate (see qwen35c.targets.GATES)."""
-    return compare(_LastBitNoise(reference, seed), reference, **PROMPT_SETS[prompts])["total"]
+    `reference`'s logits on the `prompts` set: the reference under `formats.last_bit_noise` vs itself,
+    teacher-forced. The yardstick of the `quantized-activations` gate (see qwen35c.targets.GATES)."""
+    plan = prompt_plan(reference.config.vocab_size, **PROMPT_SETS[prompts])
+    return against(reference, plan, {"floor": _noisy(reference, plan, seed)})["floor"]["total"]
 
 
-def parity(artifact, reference, precision: str, prompts: str = "full") -> tuple[dict, bool, list[str]]:
-    """`compare` on a prompt set and the gate's verdict (with the noise floor where the gate needs it)."""
-    result = compare(artifact, reference, **PROMPT_SETS[prompts])
+def _noisy(reference, plan: PromptPlan, seed: int) -> Recording:
+    from qwen35c.quant.formats import last_bit_noise
+
+    with last_bit_noise(torch.Generator().manual_seed(seed)):
+        return record_teacher_forced(reference, plan)
+
+
+def judge(recorded: Recording, reference, precision: str, plan: PromptPlan) -> tuple[dict, bool, list[str]]:
+    """The artifact's `recorded` run against `reference` and the gate's verdict; where the gate
+    needs the noise floor, the reference's noisy twin is recorded first and compared in the same
+    pass (two passes over a streamed reference in all)."""
+    sides = {"artifact": recorded}
     if precision == "quantized-activations":
-        result["floor"] = noise_floor(reference, prompts)
+        sides["floor"] = _noisy(reference, plan, seed=0)
+    results = against(reference, plan, sides)
+    result = results["artifact"]
+    if "floor" in results:
+        result["floor"] = results["floor"]["total"]
     ok, failures = gate(result["total"], precision, result["greedy_match"], result.get("floor"))
     return result, ok, failures
 
 
 def compare(artifact, reference, *, single=SINGLE_LENGTHS, batch=BATCH_LENGTHS, steps=DECODE_STEPS,
             seed: int = 0) -> dict:
-    """Run both sessions on the prompt set; returns per-case metrics, totals and greedy match.
-    Freed heap goes back to the OS after each case (logits of a 248K vocabulary are 1 MB a position)."""
-    from reference.stream import return_freed_memory
-
-    vocab = reference.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    cases = {}
-    for length in single:
-        ids = torch.randint(0, vocab, (1, length), generator=gen)
-        cases[f"prefill T={length}"] = _metrics(artifact.logits(ids)[0].float(), reference.logits(ids)[0].float())
-        return_freed_memory()
-    greedy = None
-    if batch:
-        lengths = list(batch)
-        width = max(lengths)
-        ids = torch.randint(0, vocab, (len(lengths), width), generator=gen)
-        lens = torch.tensor(lengths)
-        sa, sr = artifact.new_state(len(lengths), width + steps + 1), reference.new_state(len(lengths), width + steps + 1)
-        la, lr = artifact.prefill(ids, sa, lens).float(), reference.prefill(ids, sr, lens).float()
-        cases[f"batch prefill lengths={lengths}"] = _reduce(
-            [_metric_parts(la[b, :n], lr[b, :n]) for b, n in enumerate(lengths)])
-        nxt = torch.stack([lr[b, n - 1] for b, n in enumerate(lengths)]).argmax(-1)
-        del la, lr
-        return_freed_memory()
-        got, want = [], []
-        for _ in range(steps):
-            da, dr = artifact.decode(nxt.view(-1, 1), sa)[:, 0].float(), reference.decode(nxt.view(-1, 1), sr)[:, 0].float()
-            got.append(da)
-            want.append(dr)
-            nxt = dr.argmax(-1)  # teacher-forced with the reference's choice
-        if steps:
-            cases[f"batch decode x{steps}"] = _metrics(torch.cat(got), torch.cat(want))
-        prompts = [ids[b, :n].tolist() for b, n in enumerate(lengths)]
-        ga = artifact.generate(prompts, steps).tokens
-        gr = reference.generate(prompts, steps, keep_logits=True)
-        greedy, ties = _greedy_match(ga, gr, prompts, tie=2 * _merge(list(cases.values()))["max_abs"])
-    out = {"cases": cases, "total": _merge(list(cases.values())), "greedy_match": greedy}
-    if batch:
-        out["greedy_ties"] = ties
-    return out
+    """Both sessions on a prompt set (`record`, then `against`): per-case metrics, totals, greedy match."""
+    plan = prompt_plan(reference.config.vocab_size, single, batch, steps, seed)
+    return against(reference, plan, {"artifact": record(artifact, plan)})["artifact"]
 
 
-def _greedy_match(got: list[list[int]], want, prompts: list[list[int]], tie: float) -> tuple[float, int]:
-    """Share of the reference's greedy tokens the artifact reproduced. Where they part, and the
-    reference's own logit for the artifact's token is within `tie` (twice the measured max |Δlogit|)
-    of its top-1, the two logits were tied within the measured error: the rest of that row counts as
-    matched (the sequences then legitimately differ) and the tie is reported, not failed."""
-    matched = total = ties = 0
-    for b, (a_row, r_row) in enumerate(zip(got, want.tokens)):
-        total += len(r_row)
-        for j, (x, y) in enumerate(zip(a_row, r_row)):
-            if x != y:
-                logits = want.logits[b][len(prompts[b]) - 1 + j].double()
-                if float(logits.max() - logits[x]) <= tie:
-                    ties += 1
-                    matched += len(r_row) - j
-                break
-            matched += 1
-    return (matched / total if total else 1.0), ties
+def parity(artifact, reference, precision: str, prompts: str = "full") -> tuple[dict, bool, list[str]]:
+    """`compare` on a prompt set and the gate's verdict (with the noise floor where the gate needs it)."""
+    plan = prompt_plan(reference.config.vocab_size, **PROMPT_SETS[prompts])
+    return judge(record(artifact, plan), reference, precision, plan)
 
 
-def quick_parity(session, reference, precision: str, against: str = "reference", prompts: str = "short") -> dict:
-    """The build's own check of a loaded artifact `session` against `reference` (a session: the
-    checkpoint's fp32 reference, or the quantization-emulating one for quantized builds, named by
-    `against`) on the `prompts` set; numbers rounded so builds stay byte-identical."""
-    result, ok, failures = parity(session, reference, precision, prompts)
+def quick_parity(recorded: Recording, reference, precision: str, prompts: str, against_what: str = "reference") -> dict:
+    """The build's own check: the artifact's `recorded` run of the `prompts` set (`record`; the
+    artifact may be gone) against `reference` (the checkpoint's fp32 reference, or the quantization-
+    emulating one for quantized builds, named by `against_what`); numbers rounded so builds stay
+    byte-identical."""
+    plan = prompt_plan(reference.config.vocab_size, **PROMPT_SETS[prompts])
+    result, ok, failures = judge(recorded, reference, precision, plan)
     rounded = {key: {k: (float(f"{v:.2g}") if isinstance(v, float) else v) for k, v in result[key].items()}
                for key in ("total", "floor") if key in result}
     summary = "pass" if ok else "; ".join(failures)
@@ -256,8 +380,8 @@ def quick_parity(session, reference, precision: str, against: str = "reference",
            "greedy_match": result["greedy_match"], "summary": summary}
     if "floor" in rounded:
         out["noise_floor"] = rounded["floor"]
-    if against != "reference":
-        out["against"] = against
+    if against_what != "reference":
+        out["against"] = against_what
     return out
 
 
@@ -348,17 +472,17 @@ def _prepare(manifest: dict, ref_path: Path, checks: list[dict], report: dict, s
     return None
 
 
-def _parity(artifact, backend, manifest: dict, ref_path: Path, prepared, checks: list[dict], report: dict, say,
-            prompts: str = "full"):
-    """Artifact vs the reference its backend says it must match (the fp32 reference, or an emulating
-    one: quantized weights, bf16-rounded weights), at that reference's gate."""
-    reference, precision, against = backend.reference(ref_path, manifest, prepared, artifact)
-    say(f"parity: artifact vs the {against}")
-    result, ok, failures = parity(artifact, reference, precision, prompts)
-    report["parity"] = dict(result, against=against, gate=precision, limits=limits_of(precision, result.get("floor")),
-                            prompts=prompts)
+def _parity(recorded: Recording, plan: PromptPlan, backend, manifest: dict, ref_path: Path, prepared, mode: str | None,
+            checks: list[dict], report: dict, say, prompts: str = "full"):
+    """The artifact's recorded run vs the reference its backend says it must match (the fp32
+    reference, or an emulating one: quantized weights, bf16-rounded weights), at that reference's gate."""
+    reference, precision, against_what = backend.reference(ref_path, manifest, prepared, mode)
+    say(f"parity: the {against_what} on the same positions")
+    result, ok, failures = judge(recorded, reference, precision, plan)
+    report["parity"] = dict(result, against=against_what, gate=precision,
+                            limits=limits_of(precision, result.get("floor")), prompts=prompts)
     checks.append({"name": "parity", "status": "pass" if ok else "fail",
-                   "detail": f"artifact vs {against}: " + (f"within the {precision} gate" if ok else "; ".join(failures))})
+                   "detail": f"artifact vs {against_what}: " + (f"within the {precision} gate" if ok else "; ".join(failures))})
 
 
 def _quantization_loss(manifest: dict, ref_path: Path, prepared, checks: list[dict], report: dict,
@@ -579,28 +703,40 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     if not runnable:
         checks.append({"name": "parity", "status": "not run", "detail": why})
         return _finish(report)
+    prepared = _prepare(manifest, ref_path, checks, report, say) if quantized else None
+    # The artifact runs first and alone; its logits are recorded and it is dropped before a reference
+    # runs, so verify holds the larger of the two, never both (see `record`)
     say(f"loading the artifact ({manifest['backend']['name']})")
     artifact = backend.load(directory, manifest, threads=threads, lean=True)
     report["mode"] = getattr(artifact, "mode", None)
-    prepared = _prepare(manifest, ref_path, checks, report, say) if quantized else None
+    speculative, drafts = artifact.extends, getattr(artifact, "drafts", False)
+    recorded = None
     if prepared is not None or not quantized:
-        _parity(artifact, backend, manifest, ref_path, prepared, checks, report, say, prompts)
+        say(f"parity: running the artifact on the {prompts} prompt set")
+        plan = prompt_plan(artifact.config.vocab_size, **PROMPT_SETS[prompts])
+        recorded = record(artifact, plan)
+    del artifact
+    return_freed_memory()
+    if recorded is not None:
+        _parity(recorded, plan, backend, manifest, ref_path, prepared, report["mode"], checks, report, say, prompts)
     if quantized:
         _quantization_loss(manifest, ref_path, prepared, checks, report, skip, say)
     if manifest["engine"]["status"] == "not built":     # a stage-1 TensorRT bundle: the check above is its CPU check
         checks.append({"name": "engine", "status": "skipped",
                        "detail": f"not built, so not verified: {manifest['engine'].get('detail', '')}"})
+    wanted = (speculative and "speculative" not in skip) or (drafts and "mtp" not in skip)
+    artifact = backend.load(directory, manifest, threads=threads, lean=True) if wanted else None
     if "speculative" in skip:
         checks.append({"name": "speculative", "status": "skipped", "detail": "--skip speculative"})
-    elif artifact.extends:
+    elif speculative:
         say("speculative decoding: commit step and greedy equality")
         _speculative(artifact, checks, report)
     if "mtp" in skip:
         checks.append({"name": "mtp", "status": "skipped", "detail": "--skip mtp"})
-    elif getattr(artifact, "drafts", False) and quantized and prepared is None:
+    elif drafts and quantized and prepared is None:
         checks.append({"name": "mtp", "status": "not run",
                        "detail": "the quantization-emulating reference (the head's LM head) could not be rebuilt"})
-    elif getattr(artifact, "drafts", False):
+    elif drafts:
         from reference.stream import StreamedModel
 
         say("MTP head against the reference MTP module")

@@ -6,8 +6,9 @@ while only the embedding, the final norm, the LM head (one copy when tied) and t
 layer are resident. A layer's tensors are read from the memory-mapped checkpoint, copied into the
 layer, their mapped pages released, and the layer is dropped once every batch went through it.
 
-One call runs a whole prompt SET (`forward_many`): every batch's activations [B, T, H] are held
-while the layers stream past, so a short prompt set costs one pass over the weights. Incremental
+One call runs a whole prompt SET (`forward_many`, or `forward_each` to take the logits a batch at a
+time): every batch's activations [B, T, H] are held while the layers stream past, so a prompt set
+costs one pass over the weights. Incremental
 decoding works too (a `Cache` per batch, `new_cache`); each decode step is one pass.
 
 `layer_hook(index, layer) -> module` transforms a freshly loaded layer before it runs (the
@@ -21,7 +22,7 @@ quantization drives `load_layer`, `step_info` and `embed` itself. Memory: one la
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,22 +189,27 @@ class StreamedModel:
             return_freed_memory()
         return xs
 
-    @torch.no_grad()
     def forward_many(self, batches: list[Batch]) -> list[Tensor]:
         """Logits of every batch ([B, T, V], or [B, 1, V] with `last_only`) in one pass over the layers."""
+        return list(self.forward_each(batches))
+
+    @torch.no_grad()
+    def forward_each(self, batches: list[Batch]) -> Iterator[Tensor]:
+        """`forward_many`, yielding each batch's logits in turn: the layers run over every batch before
+        the first is yielded, and only the batch being consumed has its [B, T, V] logits in memory
+        (a 248K vocabulary: ~1 MB a position)."""
         steps = [self.step_info(b) for b in batches]
         xs = self.run_layers([self.embed(b.ids) for b in batches], steps)
         _, norm, head = self.edges()
-        out = []
-        for batch, step, x in zip(batches, steps, xs):
+        for index, (batch, step) in enumerate(zip(batches, steps)):
+            x, xs[index] = xs[index], None
             if batch.cache is not None:
                 batch.cache.seq_lens = batch.cache.seq_lens + step.lengths
             hidden = norm(x)
             if batch.last_only:
                 last = step.lengths - 1
                 hidden = hidden.gather(1, last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
-            out.append(head(hidden))
-        return out
+            yield head(hidden)
 
     def forward(self, input_ids: Tensor, cache: Cache | None = None, lengths: Tensor | None = None,
                 last_only: bool = False) -> Tensor:

@@ -23,7 +23,7 @@ NARROW = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=LAYERS,
 # Runs in a subprocess; prints {"base", "peak"} in bytes. The peak (VmHWM) is reset once tracing and
 # the passes are done (/proc/self/clear_refs): they hold the graph, never weights, and their size
 # grows with the layer count however the weights are handled. "artifact" mode measures the built
-# artifact alone on the build check's workload (the ORT session is part of any check).
+# artifact alone on the build check's workload (its side of the check: `verify.record`).
 SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
     from qwen35c.build import build_artifact
     from qwen35c.backends.onnx.session import OnnxSession
     from qwen35c.quant import calibrate
-    from qwen35c.verify import compare
+    from qwen35c.verify import prompt_plan, record
 
     real = calibrate.builtin_calibration
     # fewer calibration tokens keep the test fast; memory per layer is what is measured
@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent("""
     else:
         base.append(reset())
         session = OnnxSession(Path(out), read_manifest(Path(out)), threads=1)
-        compare(session, session, single=(1, 65), batch=(3, 9), steps=4)
+        record(session, prompt_plan(session.config.vocab_size, single=(1, 65), batch=(3, 9), steps=4))
     print(json.dumps({"base": base[0], "peak": rss("VmHWM")}))
 """)
 

@@ -5,7 +5,9 @@ breaks only past the 64-token chunk or only in decode."""
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -149,21 +151,75 @@ def test_a_statistical_check_failed_on_the_short_set_is_decided_on_the_full_set(
     import qwen35c.build as build
     import qwen35c.verify as verify
 
-    calls = []
+    calls, alive = [], []
 
-    def fake_parity(session, reference, precision, against="reference", prompts="short"):
+    class Session:
+        config, mode = SimpleNamespace(vocab_size=100), "test"
+
+    def fake_record(session, plan):
+        alive.append(weakref.ref(session))
+        return len(plan.singles)
+
+    def fake_parity(recorded, reference, precision, prompts, against="reference"):
+        assert all(ref() is None for ref in alive)      # the artifact is gone before the reference runs
         calls.append(prompts)
+        assert recorded == len(verify.PROMPT_SETS[prompts]["single"])
         ok = prompts == "full" and full_passes
         return {"passed": ok, "status": "pass" if ok else "fail", "summary": "pass" if ok else "top-1 0.9767 < 0.98"}
 
     class Slow:   # no statistical_check_prompts: the short set first
         def load(self, *args, **kwargs):
-            return "session"
+            return Session()
 
         def reference(self, *args):
             return "reference", "quantized-activations", "quantization-emulating reference"
 
     monkeypatch.setattr(verify, "quick_parity", fake_parity)
-    result = build._check(Slow(), Path("."), {}, Path("."), None)
+    monkeypatch.setattr(verify, "record", fake_record)
+    manifest = {"quantization": {"recipe": {"activations": "int8"}}}
+    result = build._check(Slow(), Path("."), manifest, Path("."), None)
     assert calls == ["short", "full"] and result["passed"] == full_passes
     assert result["summary"].endswith("(the short prompt set failed; the full set decided)")
+
+
+@pytest.mark.parametrize("target, passes", [("cpu", 1), ("cpu-int4", 3)])
+def test_the_build_check_reads_each_reference_layer_once_a_pass(checkpoint_factory, tmp_path, monkeypatch, target,
+                                                                 passes):
+    """The check's streamed reference computes every position of the prompt set teacher-forced, decode
+    steps and greedy continuation included, in one pass over its layers (it used to take one per
+    decode step). cpu-int4: sequential quantization's pass, the noisy twin's (the statistical gate's
+    floor) and the reference's."""
+    from collections import Counter
+
+    from reference.stream import StreamedModel
+
+    loads, real = Counter(), StreamedModel.load_layer
+    monkeypatch.setattr(StreamedModel, "load_layer", lambda self, index: loads.update([index]) or real(self, index))
+    ckpt = checkpoint_factory("tiny")
+    report = build_artifact(ckpt, target, tmp_path / "a")
+    assert report.manifest["parity"]["passed"], report.manifest["parity"]
+    layers = json.loads((ckpt / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert loads == Counter({index: passes for index in range(layers)})
+
+
+def test_greedy_match_reads_the_reference_teacher_forced_on_the_artifact_continuation():
+    """Rows agree up to where they part; a parting at a logit tie within `tie` counts the row as matched
+    (and is reported), a real one ends the row's matched prefix."""
+    import torch
+
+    from qwen35c.verify import _greedy_match
+
+    def logits(*rows):   # one [len, 4] tensor per row, the reference's top-1 first in each step's tuple
+        out = []
+        for row in rows:
+            t = torch.zeros(len(row), 4)
+            for j, (top, second) in enumerate(row):
+                t[j, top], t[j, second] = 1.0, 1.0 - 1e-4
+            out.append(t)
+        return out
+
+    want = logits([(1, 2), (3, 0), (2, 1)], [(0, 1), (1, 2), (2, 3)])
+    assert _greedy_match([[1, 3, 2], [0, 1, 2]], want, tie=0.0) == (1.0, 0)
+    assert _greedy_match([[1, 0, 0], [0, 1, 2]], want, tie=2e-4) == (1.0, 1)       # step 1: 0 is tied with 3
+    assert _greedy_match([[1, 2, 2], [0, 1, 2]], want, tie=2e-4) == (4 / 6, 0)     # step 1: 2 is not
+    assert _greedy_match([[1, 3, 2], [0, 1, 3]], want, tie=1e-5) == (5 / 6, 0)

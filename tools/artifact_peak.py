@@ -1,5 +1,6 @@
-"""Peak RSS of an artifact alone on the build check's workload (T=1, T=65, batch [3, 9] + 4 decode
-steps + a greedy continuation): `python tools/artifact_peak.py ARTIFACT_DIR`. Prints VmHWM (MiB)
+"""Peak RSS of an artifact alone on the build check's workload (its side of the check, `verify.record`:
+T=1, T=65, batch [3, 9] + 4 decode steps + a greedy continuation; or the `full` set, which a build
+whose gate is statistical checks on): `python tools/artifact_peak.py ARTIFACT_DIR [short|full]`. Prints VmHWM (MiB)
 before and after, so the build's own peak can be compared with the artifact's."""
 
 from __future__ import annotations
@@ -20,20 +21,15 @@ def vm(key: str) -> float:
 def main() -> None:
     from qwen35c.artifact import read_manifest
     from qwen35c.backends.onnx.session import OnnxSession
-    from qwen35c.verify import compare
+    from qwen35c.verify import PROMPT_SETS, prompt_plan, record
 
     directory = Path(sys.argv[1])
     print(f"imports: VmHWM {vm('VmHWM'):.0f} MiB")
-    session = OnnxSession(directory, read_manifest(directory), threads=1)
+    prompts = sys.argv[2] if len(sys.argv) > 2 else "short"
+    session = OnnxSession(directory, read_manifest(directory), threads=1, arena=False)   # as the check loads it
     print(f"session: VmRSS {vm('VmRSS'):.0f} MiB")
 
-    class Same:                       # the artifact against itself: only its own memory counts
-        config = session.config
-
-        def __getattr__(self, name):
-            return getattr(session, name)
-
-    compare(session, Same(), single=(1, 65), batch=(3, 9), steps=4)
+    record(session, prompt_plan(session.config.vocab_size, **PROMPT_SETS[prompts]))   # the check's artifact side
     print(f"after check workload: VmHWM {vm('VmHWM'):.0f} MiB, VmRSS {vm('VmRSS'):.0f} MiB")
 
 

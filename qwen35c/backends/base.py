@@ -50,7 +50,7 @@ class Backend(Protocol):
     def engine_status(self, section: dict) -> dict:
         """The manifest's `engine` section for a freshly emitted payload."""
 
-    def reference(self, model_dir: Path, manifest: dict, prepared: Any, session: Session) -> tuple[Session, str, str]:
-        """What a loaded artifact `session` must match: (reference session, gate name in
-        `qwen35c.targets.GATES`, a description). `prepared` is the build's or verify's
+    def reference(self, model_dir: Path, manifest: dict, prepared: Any, mode: str | None) -> tuple[Session, str, str]:
+        """What the artifact, run in `mode` (its session's `mode`), must match: (reference session,
+        gate name in `qwen35c.targets.GATES`, a description). `prepared` is the build's or verify's
         `qwen35c.quant.build.Prepared` for a quantized artifact (None otherwise); not modified."""

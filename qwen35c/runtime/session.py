@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -57,6 +57,12 @@ class Session:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, T, V] of a full sequence, from an empty state."""
         return self.prefill(ids, self.new_state(ids.shape[0], ids.shape[1]))
+
+    def logits_each(self, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Iterator[torch.Tensor]:
+        """Teacher-forced logits [B, T, V] of each (ids [B, T], lengths [B] or None) batch, from an
+        empty state, in order (a streamed reference runs them all in one pass over its weights)."""
+        for ids, lengths in batches:
+            yield self.prefill(ids, self.new_state(ids.shape[0], ids.shape[1]), lengths)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] = (),
@@ -144,3 +150,11 @@ class ReferenceSession(Session):
     @torch.no_grad()
     def logits(self, ids):
         return self.model(ids)
+
+    def logits_each(self, batches):
+        if not hasattr(self.model, "forward_each"):     # a resident model: batch by batch
+            yield from super().logits_each(batches)
+            return
+        from reference.stream import Batch
+
+        yield from self.model.forward_each([Batch(ids, lengths=lengths) for ids, lengths in batches])

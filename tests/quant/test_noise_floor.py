@@ -14,7 +14,7 @@ import qwen35c.quant.formats as formats
 from qwen35c.backends.triton.emit import emulating_reference
 from qwen35c.build import build_artifact
 from qwen35c.models import default_model_path
-from qwen35c.verify import PROMPT_SETS, _LastBitNoise, compare, gate, limits_of, noise_floor
+from qwen35c.verify import PROMPT_SETS, _noisy, against, compare, gate, limits_of, noise_floor, prompt_plan
 
 
 def test_last_bit_noise_moves_a_quantizer_input_by_at_most_one_ulp():
@@ -80,7 +80,8 @@ def _with_activation_quantizer(session, quantizer):
 def test_the_noise_floor_tells_a_lowering_bug_from_last_bit_noise(fp8_reference):
     floor = noise_floor(fp8_reference, "full")
     assert 1e-5 < floor["kl_mean"] < 5e-4 and floor["top1"] > 0.95   # measured 3.2e-4, 0.983
-    other = compare(_LastBitNoise(fp8_reference, seed=1), fp8_reference, **PROMPT_SETS["full"])
+    plan = prompt_plan(fp8_reference.config.vocab_size, **PROMPT_SETS["full"])
+    other = against(fp8_reference, plan, {"other": _noisy(fp8_reference, plan, seed=1)})["other"]
     assert gate(other["total"], "quantized-activations", None, floor)[0]
     real = formats.fp8_fake_quant_activations
     bugs = {"per-token scales": lambda x, *a, **k: real(x, None),

@@ -85,7 +85,7 @@ class OnnxBackend:
         if section.get("mtp") is not None:
             _validate_graph(check.dict(section["mtp"], "backend.mtp"), "backend.mtp", check, files)
 
-    def reference(self, model_dir: Path, manifest: dict, prepared, session):
+    def reference(self, model_dir: Path, manifest: dict, prepared, mode: str | None):
         """The fp32 reference at the target's gate, or for a quantized artifact the quantization-
         emulating reference at the recipe's lowering gate (ORT computes in fp32)."""
         import torch

@@ -109,7 +109,8 @@ class OnnxSession(Session):
     def __init__(self, directory: Path, manifest: dict, threads: int | None = None, arena: bool = True,
                  graph: str | None = None, custom_ops: str | None = None, rewrite=None):
         """`arena=False` turns off ORT's CPU memory arena (which keeps its largest working set, grown
-        in doubling steps, for the session's life): slower allocation, a lower peak for the checks.
+        in doubling steps, for the session's life) and its memory patterns: slower allocation, a
+        lower peak for the checks.
         `graph="mtp"` opens the artifact's MTP head (`mtp.onnx`) instead of the model; `custom_ops` is a
         custom-op library to register (the TensorRT bundle's plugin nodes); `rewrite(ModelProto)` edits
         the graph in memory before loading (the bundle's bf16 widened to fp32; external data is read
@@ -136,6 +137,10 @@ class OnnxSession(Session):
             options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin)))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_cpu_mem_arena = arena
+        # ORT's memory pattern pre-plans one block for every intermediate of a run shape it has seen;
+        # lean sessions allocate per tensor instead (measured on a 4b cpu-int4 artifact, a [3, 64]
+        # batch prefill: peak 4070 -> 3806 MiB)
+        options.enable_mem_pattern = arena
         options.log_severity_level = 3
         if custom_ops is not None:
             options.register_custom_ops_library(custom_ops)

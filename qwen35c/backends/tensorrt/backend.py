@@ -77,7 +77,7 @@ class TensorRTBackend:
         serving = check.dict(section.get("serving"), "backend.serving")
         check.listed(serving.get("config"), "backend.serving.config", files)
 
-    def reference(self, model_dir: Path, manifest: dict, prepared, session):
+    def reference(self, model_dir: Path, manifest: dict, prepared, mode: str | None):
         """The triton backend's emulating reference (bf16-rounded weights, the recipe's quantized
         weights) at the lowering gate: the bundle computes in fp32 what a triton artifact computes
         under the interpreter. Unquantized, from a checkpoint that stores its weights in bf16 (rounding

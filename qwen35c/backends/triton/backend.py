@@ -53,7 +53,7 @@ class TritonBackend:
             for suffix in (".json", ".cubin"):
                 check.listed(f"{folder}/{spec}{suffix}", f"backend.kernels.specialisations[{i}]", files)
 
-    def reference(self, model_dir: Path, manifest: dict, prepared, session):
+    def reference(self, model_dir: Path, manifest: dict, prepared, mode: str | None):
         """Under the interpreter (fp32 activations) the emulating reference: bf16-rounded weights, the
         recipe's quantized weights and routed experts, at the fp32 gate (FP8 with dynamic activations:
         the quantized-activations gate). On a GPU (bf16 activations) the same reference at the
@@ -64,7 +64,7 @@ class TritonBackend:
         record = manifest.get("quantization")
         reference = emulating_reference(model_dir, record)
         what = "bf16-rounded weights" + (f", {record['label']}" if record else "")
-        if session.mode.startswith("cuda"):
+        if (mode or "").startswith("cuda"):
             return reference, get_target(manifest["target"]["name"]).precision, f"emulating reference ({what})"
         return reference, lowering_gate(record), f"emulating reference ({what}, fp32 activations)"
 
