@@ -4,11 +4,12 @@ machine has available.
 Estimates are computed from shapes alone (config + the target's precision), never by loading weights:
 
   artifact (ONNX CPU)  = process base + weights (fp32; INT4 units at 4 bits + one fp32 scale per
-                         group) + prepacked copies (a tied fp32 LM head: the Gather keeps the
-                         initializer, the head's MatMul packs its own copy) + ORT's working set
-                         (arena, per-run buffers: ORT_WORKING x the fp32 embedding, calibrated on
-                         the 0.8b preset, where it did not depend on the weights' precision) +
-                         state / KV for the workload + activations (logits dominate);
+                         group, as MatMulNBits packs them; an INT4 artifact's embedding table is
+                         mapped and only gathered rows are read) + prepacked copies (a tied fp32
+                         LM head: the Gather keeps the initializer, the head's MatMul packs its own
+                         copy) + ORT's run buffers (ORT_WORKING copies of the workload's logits) +
+                         state / KV for the workload + activations (logits dominate); calibrated on
+                         the 0.8b and 4b presets (see the constants);
   build (streamed)     = the largest of its phases: quantization (a few copies of the largest decoder
                          layer + calibration activations + one unit's Hessian / rows; the head is
                          quantized from the mapped checkpoint in row chunks), emission (tensor by
@@ -30,11 +31,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Estimate", "artifact_peak", "build_peak", "available_bytes", "check_blocker", "estimates_for"]
+__all__ = ["Estimate", "artifact_peak", "build_peak", "verify_peak", "available_bytes", "check_blocker", "shortfall",
+           "estimates_for"]
 
 PROCESS_BASE = 300 << 20      # python + torch + onnxruntime imported (measured ~220-260 MiB)
-ORT_WORKING = 1.35            # ORT arena + run buffers, x the fp32 embedding [V, H]: measured 1.29 GiB on
-                              # the 0.8b preset for both the fp32 and the INT4 artifact (tools/artifact_peak.py)
+# Calibrated with `python tools/artifact_peak.py ART full` (a lean session, as the checks load it) on
+# the 0.8b and 4b presets' cpu-int4 artifacts (resident INT4 weights 430 / 2307 MiB, run peak minus
+# the loaded session 713 / ~1130 MiB) and the 0.8b cpu one
+ORT_WORKING = 5               # ORT's run buffers, in copies of the workload's logits [tokens, V] fp32
+INT4_PACKED = 1.3             # MatMulNBits' prepacked INT4 blocks (codes, scales, block sums) / ours
+INT4_FIXED = 150 << 20        # ... plus what the INT4 kernels allocate once
 # the build check's workload (qwen35c.verify.quick_parity): its longest prompt and its batch; the full
 # prompt set's (an int4 / FP8 build with quantized activations checks on it, build._check)
 CHECK_PROMPT = 129
@@ -74,12 +80,12 @@ def _weight_bytes(config, precision: str) -> tuple[int, int]:
         group_size = recipe.group_size
         # a stacked expert tensor counts as INT4 through its per-expert units (quantized_moe)
         quantized = {d.name if d.expert is None else d.source for d in plan_model(model, recipe) if d.quantize}
-    total = 0
+    total = INT4_FIXED if quantized else 0
     for name, p in model.named_parameters():
-        if name.startswith("mtp."):
-            continue
+        if name.startswith("mtp.") or (quantized and name == "model.embed_tokens.weight"):
+            continue    # an INT4 artifact's lookup table is mapped and only its gathered rows are read
         n = p.numel()
-        total += n // 2 + 4 * n // group_size if name in quantized else 4 * n
+        total += int(INT4_PACKED * (n // 2 + 4 * n // group_size)) if name in quantized else 4 * n
     # a tied fp32 head: ORT prepacks its own copy of the table for the head's GEMM
     tied = 4 * config.vocab_size * config.hidden_size if config.tie_word_embeddings and "lm_head.weight" not in quantized else 0
     return total, tied
@@ -107,8 +113,8 @@ def artifact_peak(config, precision: str = "fp32", batch: int = CHECK_BATCH, max
     prefill of `tokens` (defaults: the build check's workload)."""
     weights, tied = _weight_bytes(config, precision)
     parts = {"process": PROCESS_BASE, "weights": weights, "prepacked": tied,
-             "ort_working": int(ORT_WORKING * 4 * config.vocab_size * config.hidden_size), "state": _state_bytes(config, batch, max_len),
-             "activations": _activation_bytes(config, max(tokens, batch * max_len))}
+             "ort_working": ORT_WORKING * max(tokens, batch * max_len) * config.vocab_size * 4,
+             "state": _state_bytes(config, batch, max_len), "activations": _activation_bytes(config, max(tokens, batch * max_len))}
     return Estimate(sum(parts.values()), parts)
 
 
@@ -125,6 +131,7 @@ def _largest_tensor(config) -> int:
 
 STREAM_CHUNK = 64 << 20       # qwen35c.backends.onnx.emit.STREAM_BYTES
 HEAD_CHUNK = 256 << 20        # fp32 rows of the head GPTQ works on at a time (quant.algorithms)
+LOSS_WINDOW_LOGITS = 512 << 20  # logits held per model and pass in verify's quantization loss (WINDOW_LOGITS_BYTES)
 
 
 def check_reference_peak(config, precision: str = "fp32") -> int:
@@ -186,28 +193,47 @@ def current_rss() -> int:
     return 0
 
 
+def verify_peak(config, precision: str = "fp32", quantized: bool = False) -> Estimate:
+    """Peak RSS of `qwen35c verify` on an ONNX CPU artifact: the largest of its phases, which run one
+    after the other (the artifact on the full prompt set; the parity check's streamed reference; for
+    a quantized artifact the quantization-loss pass, whose full-precision reference holds its fp32
+    [V, H] head and two windows' logits)."""
+    phases = {"artifact": artifact_peak(config, precision).total,
+              "reference": check_reference_peak(config, precision)}
+    if quantized:
+        phases["quantization_loss"] = check_reference_peak(config, "fp32") + 2 * LOSS_WINDOW_LOGITS
+    return Estimate(max(phases.values()), phases)
+
+
 def estimates_for(config) -> dict:
-    """What `qwen35c inspect` reports: per precision, the artifact's runtime peak and the build's peak."""
+    """What `qwen35c inspect` reports: per precision, the artifact's runtime peak, the build's peak
+    and `verify`'s."""
     out = {}
     for target, precision in (("cpu", "fp32"), ("cpu-int4", "int4")):
         out[target] = {"artifact_runtime_peak": artifact_peak(config, precision).to_json(),
-                       "build_peak": build_peak(config, precision).to_json()}
+                       "build_peak": build_peak(config, precision).to_json(),
+                       "verify_peak": verify_peak(config, precision, precision != "fp32").to_json()}
     return out
 
 
-def check_blocker(config, precision: str) -> str | None:
-    """Why the build's own check cannot run here (its estimated peak exceeds this machine's free
-    memory plus what this process already holds), or None when it fits."""
-    parts = build_peak(config, precision).parts
-    need = max(parts["check_artifact"], parts["check_reference"])
+def shortfall(need: int, what: str) -> str | None:
+    """Why `what`, estimated to need `need` bytes at its peak, cannot run here (more than this
+    machine's free memory plus what this process already holds), or None when it fits (or nothing
+    can be read)."""
     available = available_bytes()
     if available is None:
         return None
     have = available + current_rss()
     if need <= have:
         return None
-    runtime = artifact_peak(config, precision).total
-    return (f"not enough memory for the check: it needs ~{need / 2**30:.1f} GiB (the larger of the artifact's "
-            f"runtime peak ~{runtime / 2**30:.1f} GiB and the streamed reference's ~"
-            f"{parts['check_reference'] / 2**30:.1f} GiB, which run one after the other), "
-            f"{have / 2**30:.1f} GiB available (MemAvailable / cgroup limit)")
+    return (f"not enough memory for {what}: it needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available "
+            f"(MemAvailable / cgroup limit)")
+
+
+def check_blocker(config, precision: str) -> str | None:
+    """Why the build's own check cannot run here, or None when it fits (`shortfall`)."""
+    parts = build_peak(config, precision).parts
+    return shortfall(max(parts["check_artifact"], parts["check_reference"]),
+                     f"the check (the larger of the artifact's runtime peak ~{parts['check_artifact'] / 2**30:.1f} "
+                     f"GiB and the streamed reference's ~{parts['check_reference'] / 2**30:.1f} GiB, which run "
+                     f"one after the other)")

@@ -703,6 +703,10 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     if not runnable:
         checks.append({"name": "parity", "status": "not run", "detail": why})
         return _finish(report)
+    blocker = _memory(directory, manifest, report)
+    if blocker:
+        checks.append({"name": "parity", "status": "not run", "detail": blocker})
+        return _finish(report)
     prepared = _prepare(manifest, ref_path, checks, report, say) if quantized else None
     # The artifact runs first and alone; its logits are recorded and it is dropped before a reference
     # runs, so verify holds the larger of the two, never both (see `record`)
@@ -755,6 +759,23 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
         checks.append({"name": "bisect", "status": "pass" if report["bisect"]["first_broken"] is None else "fail",
                        "detail": f"first broken: {report['bisect']['first_broken'] or 'none'}"})
     return _finish(report)
+
+
+def _memory(directory: Path, manifest: dict, report: dict) -> str | None:
+    """verify's estimated peak RSS in the report (ONNX CPU artifacts: `memory.verify_peak`), and why it
+    cannot run on this machine (None: it fits, or no estimate exists for this backend)."""
+    if manifest["backend"]["name"] != "onnx":
+        return None
+    from qwen35c.memory import available_bytes, shortfall, verify_peak
+    from reference.config import load_config
+
+    record = manifest.get("quantization")
+    estimate = verify_peak(load_config(directory), "int4" if record and record["precision"] == "int4" else "fp32",
+                           record is not None)
+    report["memory"] = {"estimated_peak_bytes": estimate.total, "phases_bytes": estimate.parts,
+                        "available_bytes": available_bytes()}
+    phases = ", ".join(f"{name.replace('_', ' ')} ~{size / 2**30:.1f}" for name, size in estimate.parts.items())
+    return shortfall(estimate.total, f"verify (its phases, one after the other, in GiB: {phases})")
 
 
 def _finish(report: dict, structure_only: bool = False) -> dict:

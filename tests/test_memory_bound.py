@@ -113,6 +113,22 @@ def test_build_records_the_check_as_not_run_when_memory_is_short(checkpoint_fact
     assert parity["status"] == "not run" and "not enough memory for the check" in parity["summary"]
 
 
+def test_verify_says_what_memory_it_needs_and_does_not_run_without_it(checkpoint_factory, tmp_path, monkeypatch):
+    import qwen35c.memory
+    from qwen35c.build import build_artifact
+    from qwen35c.verify import verify_artifact
+
+    build_artifact(checkpoint_factory("tiny"), "cpu", tmp_path / "a", check=False)
+    report = verify_artifact(tmp_path / "a", skip=("speculative", "mtp"), prompts="short")
+    assert report["status"] == "pass" and report["memory"]["estimated_peak_bytes"] > 0
+    monkeypatch.setattr(qwen35c.memory, "available_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(qwen35c.memory, "current_rss", lambda: 0)
+    report = verify_artifact(tmp_path / "a")
+    parity = {c["name"]: c for c in report["checks"]}["parity"]
+    assert report["status"] == "incomplete" and parity["status"] == "not run"
+    assert parity["detail"].startswith("not enough memory for verify (") and "it needs ~" in parity["detail"]
+
+
 def test_build_estimate_does_not_grow_with_the_layer_count():
     from qwen35c.memory import artifact_peak, build_peak
     from reference.checkpoint import preset_config

@@ -88,12 +88,13 @@ def summarize(path, preset: str | None = None, scan: bool = True) -> dict:
 
 
 def memory_estimates(config) -> dict:
-    """Estimated peak RSS per CPU target: the artifact at run time (the build check's workload) and
-    the streamed build (`qwen35c.memory`); with this machine's available memory."""
+    """Estimated peak RSS per CPU target: the artifact at run time (the build check's workload), the
+    streamed build and `verify` (`qwen35c.memory`); with this machine's available memory."""
     from qwen35c.memory import available_bytes, estimates_for
 
     return {"targets": estimates_for(config), "available_bytes": available_bytes(),
-            "workload": "artifact: the build check's prompts (T=65, batch 3 x 14 tokens); build: largest phase"}
+            "workload": "artifact: the full prompt set (T=129, batch 5/64/33 + 8 decode steps); build and verify: "
+                        "their largest phase"}
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -152,7 +153,8 @@ def command(model, as_json, no_scan):
     for target, est in memory["targets"].items():
         rows.append((f"peak RSS ({target})",
                      f"artifact ~{_human(est['artifact_runtime_peak']['total_bytes'])}, "
-                     f"build ~{_human(est['build_peak']['total_bytes'])} (estimates)"))
+                     f"build ~{_human(est['build_peak']['total_bytes'])}, "
+                     f"verify ~{_human(est['verify_peak']['total_bytes'])} (estimates)"))
     if memory["available_bytes"] is not None:
         rows.append(("memory available", _human(memory["available_bytes"])))
     for key, value in rows:

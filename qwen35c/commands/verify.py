@@ -37,6 +37,10 @@ def command(artifact, reference, as_json, bisect, threads, structure_only, skip,
         for name, m in report.get("parity", {}).get("cases", {}).items():
             info(f"    {name:<34} max|Δ| {m['max_abs']:.2e}  mean|Δ| {m['mean_abs']:.2e}  cos {m['cosine_min']:.6f}  "
                  f"KL {m['kl_mean']:.2e}/{m['kl_p99']:.2e}  top1 {m['top1']:.3f}")
+        if "memory" in report:
+            memory = report["memory"]
+            have = f", {memory['available_bytes'] / 2**30:.1f} GiB available" if memory["available_bytes"] else ""
+            info(f"  {'memory':<12} estimated peak ~{memory['estimated_peak_bytes'] / 2**30:.1f} GiB{have}")
         if "parity" in report:
             info(f"    greedy continuation match: {report['parity']['greedy_match']:.3f} "
                  f"({report['parity'].get('prompts', 'full')} prompt set; ran as {report.get('mode')})")
