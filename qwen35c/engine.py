@@ -52,14 +52,14 @@ def build_engine(bundle: str | Path, out: str | Path, force: bool = False, say=p
         report = quick_parity(recorded, reference, gate, "full", against)
         import tensorrt as trt
 
-        record = {"tensorrt": trt.__version__, "sm": sm, "gpu": gpu_name(),
+        engine = {"tensorrt": trt.__version__, "sm": sm, "gpu": gpu_name(),
                   "bundle": {"path": str(bundle.absolute()),
                              "manifest_sha256": hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()},
                   "profile": {"batch": MAX_BATCH, "tokens": MAX_TOKENS, "cache": MAX_CACHE}, "parity": report}
-        (tmp / "engine.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        (tmp / "engine.json").write_text(json.dumps(engine, indent=1, sort_keys=True) + "\n")
         if not report["passed"]:
             raise ParityFailure(f"engine parity check failed: {report['summary']}; nothing was written to {out}")
-    return record
+    return engine
 
 
 __all__ = ["build_engine"]

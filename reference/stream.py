@@ -8,8 +8,8 @@ layer, their mapped pages released, and the layer is dropped once every batch we
 
 One call runs a whole prompt SET (`forward_many`, or `forward_each` to take the logits a batch at a
 time): every batch's activations [B, T, H] are held while the layers stream past, so a prompt set
-costs one pass over the weights. Incremental
-decoding works too (a `Cache` per batch, `new_cache`); each decode step is one pass.
+costs one pass over the weights. Incremental decoding works too (a `Cache` per batch, `new_cache`);
+each decode step is one pass.
 
 `layer_hook(index, layer) -> module` transforms a freshly loaded layer before it runs (the
 quantization-emulating reference replaces linears with their dequantized twins there);
