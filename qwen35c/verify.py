@@ -212,13 +212,12 @@ def _recorded(cases, greedy=None) -> Recording:
     """A Recording of (case name, logits) pairs, each spilled as it comes."""
     from qwen35c.quant.spill import Spill
 
-    logits = {}
-    with Spill(prefix="qwen35c-logits-") as spill:
-        for name, value in cases:
-            logits.update(spill.tensors({name: value.float().contiguous()}, "recorded logits"))
-            del value
-            return_freed_memory()
-        spill.release()
+    logits, spill = {}, Spill()
+    for name, value in cases:
+        logits.update(spill.tensors({name: value.float().contiguous()}, "recorded logits"))
+        del value
+        return_freed_memory()
+    spill.release()
     return Recording(logits, greedy() if greedy else None, spill)
 
 

@@ -144,11 +144,7 @@ def prepare(model_dir: str | Path, meta: dict) -> Prepared:
             calib_record = {**cset.meta, "moe_calibration": recipe.moe_calibration,
                             "order": "sequential (each layer calibrated on the quantized layers before it)"}
         spill = PackedSpill()
-        try:
-            quantized = quantize_sequential(stream, recipe, decisions, batches, mode=recipe.moe_calibration,
-                                            spill=spill)
-        finally:
-            spill.close()
+        quantized = quantize_sequential(stream, recipe, decisions, batches, mode=recipe.moe_calibration, spill=spill)
     stream.close()
     record = {"recipe": recipe.to_dict(), "label": recipe.label, "precision": precision_of(recipe),
               "algorithm": recipe.algorithm, "calibration": calib_record,

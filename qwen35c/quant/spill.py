@@ -6,17 +6,19 @@ layer on a 4B model in INT4 (1.8 GB by the last layer, on top of that layer's GP
 whole quantized model for a 397B one. The parity check likewise records the artifact's logits
 before the reference runs (248K-vocabulary rows: ~1 MB a position, ~0.6 GB for the full prompt set).
 
-`Spill.tensors` writes tensors to a scratch safetensors file, maps the file and unlinks it, and returns
-read-only views of the mapping: the bytes are the same, the file disappears with the last view
-(nothing is left behind, whatever happens to the process), and pages a reader touched are dropped
-again by `release()`. `PackedSpill.put` does it for a layer's packed weights in place. The scratch
-directory is the system's temporary directory (`TMPDIR`), or the one given.
+`Spill.tensors` writes tensors to a scratch safetensors file that has no name (Linux O_TMPFILE; else one
+unlinked as soon as it is mapped), maps it, and returns read-only views of the mapping: the bytes are
+the same, the file disappears with the last view (nothing is left behind, whatever happens to the
+process), and pages a reader touched are dropped again by `release()`. `PackedSpill.put` does it for
+a layer's packed weights in place. The scratch directory is the system's temporary directory
+(`TMPDIR`), or the one given.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import errno
+import os
 import tempfile
 from pathlib import Path
 
@@ -29,26 +31,29 @@ __all__ = ["PackedSpill", "Spill"]
 
 
 class Spill:
-    def __init__(self, directory: str | Path | None = None, prefix: str = "qwen35c-spill-"):
-        self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
+    def __init__(self, directory: str | Path | None = None):
+        self.directory = Path(directory or tempfile.gettempdir())
         self.files: list[SafetensorsFile] = []
 
     def tensors(self, tensors: dict[str, Tensor], what: str = "tensors") -> dict[str, Tensor]:
-        """The same tensors as read-only views of a mapped, already unlinked scratch file. A full
-        scratch disk is a QwenError naming the file and `what` was being written."""
+        """The same tensors as read-only views of a mapped scratch file that has no name: an O_TMPFILE
+        inode where the filesystem offers it (a process killed mid-write leaves nothing behind), else
+        a named file unlinked as soon as it is mapped. A full scratch disk is a QwenError naming the
+        directory and what was being written."""
         if not tensors:
             return {}
-        path = self.directory / f"{len(self.files):05d}.safetensors"
+        fd, name = _scratch(self.directory)
+        path = Path(f"/proc/self/fd/{fd}") if name is None else name
         try:
             write_safetensors(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], tensors.__getitem__)
-        except OSError as err:
-            path.unlink(missing_ok=True)
-            raise QwenError(f"{path}: cannot write the {what} ({err.strerror}); point TMPDIR at a "
-                            f"directory with room for them") from None
-        try:
             file = SafetensorsFile(path)
+        except OSError as err:
+            raise QwenError(f"{self.directory}: cannot write the {what} to a scratch file ({err.strerror}); "
+                            f"point TMPDIR at a directory with room for them") from None
         finally:
-            path.unlink()
+            os.close(fd)
+            if name is not None:
+                name.unlink(missing_ok=True)
         self.files.append(file)
         return {key: file.view(key) for key in tensors}
 
@@ -58,20 +63,28 @@ class Spill:
         for file in self.files:
             file.release_all()
 
-    def close(self) -> None:
-        """Remove the scratch directory (its files are unlinked already; the views stay valid)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
 
-    def __enter__(self) -> "Spill":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def _scratch(directory: Path) -> tuple[int, Path | None]:
+    """A read-write scratch file in `directory`: (fd, None) for an unnamed O_TMPFILE inode, else
+    (fd, path) of a fresh named one."""
+    if hasattr(os, "O_TMPFILE"):
+        try:
+            return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), None
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise QwenError(f"{directory}: cannot create a scratch file ({err.strerror}); point TMPDIR at a "
+                                f"writable directory") from None
+    try:
+        fd, name = tempfile.mkstemp(prefix="qwen35c-spill-", suffix=".safetensors", dir=directory)
+    except OSError as err:
+        raise QwenError(f"{directory}: cannot create a scratch file ({err.strerror}); point TMPDIR at a "
+                        f"writable directory") from None
+    return fd, Path(name)
 
 
 class PackedSpill(Spill):
     def __init__(self, directory: str | Path | None = None):
-        super().__init__(directory, prefix="qwen35c-packed-")
+        super().__init__(directory)
         self.spilled: set[str] = set()
 
     def put(self, weights: dict) -> None:

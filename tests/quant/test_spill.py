@@ -5,6 +5,7 @@ every layer's packed weights."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,7 +27,7 @@ def test_spilled_weights_read_back_the_same_bytes_and_leave_no_file(tmp_path):
     before = {n: {k: v.clone() for k, v in vars(q).items() if isinstance(v, torch.Tensor)} for n, q in weights.items()}
     spill = PackedSpill(tmp_path)
     spill.put(weights)
-    assert list(spill.directory.iterdir()) == []                # unlinked once mapped
+    assert list(tmp_path.iterdir()) == []                       # no name (O_TMPFILE), or unlinked once mapped
     for name, q in weights.items():
         for field, value in before[name].items():
             now = getattr(q, field)
@@ -34,8 +35,6 @@ def test_spilled_weights_read_back_the_same_bytes_and_leave_no_file(tmp_path):
     spill.release()                                             # pages dropped, bytes still there
     for name, q in weights.items():
         assert all(torch.equal(getattr(q, field), value) for field, value in before[name].items())
-    spill.close()
-    assert not spill.directory.exists()
 
 
 # Runs in a subprocess: anonymous RSS after each layer of an RTN quantization, with and without the
@@ -94,7 +93,8 @@ def test_quantization_memory_does_not_grow_with_the_packed_layers(checkpoint_fac
     assert spilled["growth"] < 0.25 * packed
 
 
-def test_a_full_scratch_disk_is_a_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named-then-unlinked"])
+def test_a_full_scratch_disk_is_a_clear_error(tmp_path, monkeypatch, tmpfile):
     import qwen35c.quant.spill as spill_module
     from qwen35c.errors import QwenError
 
@@ -103,9 +103,29 @@ def test_a_full_scratch_disk_is_a_clear_error(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(spill_module, "write_safetensors", full)
+    if not tmpfile:
+        monkeypatch.delattr(spill_module.os, "O_TMPFILE", raising=False)
     weights = {"lm_head.weight": int4_quantize(torch.randn(8, 128), 128, True)}
-    spill = PackedSpill(tmp_path)
-    with pytest.raises(QwenError, match="No space left on device.*TMPDIR"):
-        spill.put(weights)
-    assert list(spill.directory.iterdir()) == []
-    spill.close()
+    with pytest.raises(QwenError, match=re.escape(f"{tmp_path}: ") + ".*No space left on device.*TMPDIR"):
+        PackedSpill(tmp_path).put(weights)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "O_TMPFILE"), reason="Linux O_TMPFILE")
+def test_a_process_killed_while_spilling_leaves_nothing(tmp_path):
+    """The scratch file has no name while it is written: SIGKILL in the middle of a write leaves no
+    partial file in TMPDIR (a named file would stay, header and all)."""
+    script = textwrap.dedent("""
+        import os, signal, torch
+        from qwen35c.quant.spill import Spill
+
+        class DiesMidWrite(dict):   # the header is on disk when the first tensor is asked for
+            def __getitem__(self, key):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        Spill().tensors(DiesMidWrite(a=torch.zeros(1 << 20)))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=120,
+                            env={"PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
