@@ -291,10 +291,10 @@ def _check(impl, directory: Path, manifest: dict, model: Path, prepared) -> dict
     prompts = getattr(impl, "statistical_check_prompts", "short") if statistical else "short"
     recorded, mode = run_artifact(prompts)
     reference, precision, against = impl.reference(model, manifest, prepared, mode)
-    result = quick_parity(recorded, reference, precision, prompts, against)
+    result = quick_parity(recorded, reference, precision, against)
     if not result["passed"] and precision == "quantized-activations" and prompts == "short":
         recorded, _ = run_artifact("full")
-        result = quick_parity(recorded, reference, precision, "full", against)
+        result = quick_parity(recorded, reference, precision, against)
         result["summary"] += " (the short prompt set failed; the full set decided)"
     return result
 

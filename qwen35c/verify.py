@@ -166,6 +166,10 @@ class PromptPlan:
     follow: torch.Tensor                 # [B, steps]
     steps: int
 
+    def describe(self) -> str:
+        singles = ", ".join(f"T={ids.shape[1]}" for ids in self.singles)
+        return f"{singles}, batch {[len(p) for p in self.prompts]} + {self.steps} decode steps"
+
     def padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(r) for r in rows])
         ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
@@ -199,6 +203,7 @@ class Recording:
     """One side's logits on a plan (case name -> [positions, V] fp32, valid positions only; read-only
     views of a scratch file) and its greedy continuation of the batch (None: not generated)."""
 
+    plan: PromptPlan
     logits: dict[str, torch.Tensor]
     greedy: list[list[int]] | None
     spill: object = None
@@ -208,8 +213,8 @@ class Recording:
             self.spill.release()
 
 
-def _recorded(cases, greedy=None) -> Recording:
-    """A Recording of (case name, logits) pairs, each spilled as it comes."""
+def _recorded(plan: PromptPlan, cases, greedy=None) -> Recording:
+    """A Recording of (case name, logits) pairs on `plan`, each spilled as it comes."""
     from qwen35c.quant.spill import Spill
 
     logits, spill = {}, Spill()
@@ -218,7 +223,7 @@ def _recorded(cases, greedy=None) -> Recording:
         del value
         return_freed_memory()
     spill.release()
-    return Recording(logits, greedy() if greedy else None, spill)
+    return Recording(plan, logits, greedy() if greedy else None, spill)
 
 
 def record(session, plan: PromptPlan) -> Recording:
@@ -241,7 +246,7 @@ def record(session, plan: PromptPlan) -> Recording:
     def greedy():
         return session.generate(plan.prompts, plan.steps).tokens
 
-    return _recorded(cases(), greedy if plan.prompts and plan.steps else None)
+    return _recorded(plan, cases(), greedy if plan.prompts and plan.steps else None)
 
 
 def _teacher_forced(reference, plan: PromptPlan, greedy: list[list[int]] | None = None):
@@ -270,13 +275,15 @@ def _teacher_forced(reference, plan: PromptPlan, greedy: list[list[int]] | None 
 
 def record_teacher_forced(reference, plan: PromptPlan) -> Recording:
     """The plan's logits of a reference, teacher-forced (one pass), recorded like `record`'s."""
-    return _recorded(_teacher_forced(reference, plan))
+    return _recorded(plan, _teacher_forced(reference, plan))
 
 
-def against(reference, plan: PromptPlan, sides: dict[str, Recording]) -> dict[str, dict]:
-    """Compare each recorded side with `reference`'s teacher-forced logits of the same positions,
-    computed once for all of them. Per side: per-case metrics, totals and, for the side that
-    generated (at most one), the greedy match (`_greedy_match`)."""
+def against(reference, sides: dict[str, Recording]) -> dict[str, dict]:
+    """Compare each recorded side (all on one plan) with `reference`'s teacher-forced logits of the
+    same positions, computed once for all of them. Per side: per-case metrics, totals and, for the
+    side that generated (at most one), the greedy match (`_greedy_match`)."""
+    plan = next(iter(sides.values())).plan
+    assert all(side.plan is plan for side in sides.values()), "sides recorded on different plans"
     generated = [name for name, side in sides.items() if side.greedy is not None]
     assert len(generated) <= 1, "one greedy continuation per reference pass"
     cases: dict[str, dict] = {name: {} for name in sides}
@@ -326,7 +333,7 @@ def noise_floor(reference, prompts: str = "full", seed: int = 0) -> dict:
     `reference`'s logits on the `prompts` set: the reference under `formats.last_bit_noise` vs itself,
     teacher-forced. The yardstick of the `quantized-activations` gate (see qwen35c.targets.GATES)."""
     plan = prompt_plan(reference.config.vocab_size, **PROMPT_SETS[prompts])
-    return against(reference, plan, {"floor": _noisy(reference, plan, seed)})["floor"]["total"]
+    return against(reference, {"floor": _noisy(reference, plan, seed)})["floor"]["total"]
 
 
 def _noisy(reference, plan: PromptPlan, seed: int) -> Recording:
@@ -336,14 +343,14 @@ def _noisy(reference, plan: PromptPlan, seed: int) -> Recording:
         return record_teacher_forced(reference, plan)
 
 
-def judge(recorded: Recording, reference, precision: str, plan: PromptPlan) -> tuple[dict, bool, list[str]]:
+def judge(recorded: Recording, reference, precision: str) -> tuple[dict, bool, list[str]]:
     """The artifact's `recorded` run against `reference` and the gate's verdict; where the gate
     needs the noise floor, the reference's noisy twin is recorded first and compared in the same
     pass (two passes over a streamed reference in all)."""
     sides = {"artifact": recorded}
     if precision == "quantized-activations":
-        sides["floor"] = _noisy(reference, plan, seed=0)
-    results = against(reference, plan, sides)
+        sides["floor"] = _noisy(reference, recorded.plan, seed=0)
+    results = against(reference, sides)
     result = results["artifact"]
     if "floor" in results:
         result["floor"] = results["floor"]["total"]
@@ -355,38 +362,31 @@ def compare(artifact, reference, *, single=SINGLE_LENGTHS, batch=BATCH_LENGTHS, 
             seed: int = 0) -> dict:
     """Both sessions on a prompt set (`record`, then `against`): per-case metrics, totals, greedy match."""
     plan = prompt_plan(reference.config.vocab_size, single, batch, steps, seed)
-    return against(reference, plan, {"artifact": record(artifact, plan)})["artifact"]
+    return against(reference, {"artifact": record(artifact, plan)})["artifact"]
 
 
 def parity(artifact, reference, precision: str, prompts: str = "full") -> tuple[dict, bool, list[str]]:
     """`compare` on a prompt set and the gate's verdict (with the noise floor where the gate needs it)."""
     plan = prompt_plan(reference.config.vocab_size, **PROMPT_SETS[prompts])
-    return judge(record(artifact, plan), reference, precision, plan)
+    return judge(record(artifact, plan), reference, precision)
 
 
-def quick_parity(recorded: Recording, reference, precision: str, prompts: str, against_what: str = "reference") -> dict:
-    """The build's own check: the artifact's `recorded` run of the `prompts` set (`record`; the
-    artifact may be gone) against `reference` (the checkpoint's fp32 reference, or the quantization-
-    emulating one for quantized builds, named by `against_what`); numbers rounded so builds stay
-    byte-identical."""
-    plan = prompt_plan(reference.config.vocab_size, **PROMPT_SETS[prompts])
-    result, ok, failures = judge(recorded, reference, precision, plan)
+def quick_parity(recorded: Recording, reference, precision: str, against_what: str = "reference") -> dict:
+    """The build's own check: the artifact's `recorded` run of a prompt set (`record`; the artifact
+    may be gone) against `reference` (the checkpoint's fp32 reference, or the quantization-emulating
+    one for quantized builds, named by `against_what`); numbers rounded so builds stay byte-identical."""
+    result, ok, failures = judge(recorded, reference, precision)
     rounded = {key: {k: (float(f"{v:.2g}") if isinstance(v, float) else v) for k, v in result[key].items()}
                for key in ("total", "floor") if key in result}
     summary = "pass" if ok else "; ".join(failures)
     out = {"status": "pass" if ok else "fail", "passed": ok, "by": "build", "precision": precision,
-           "prompts": _describe(PROMPT_SETS[prompts]), "metrics": rounded["total"],
+           "prompts": recorded.plan.describe(), "metrics": rounded["total"],
            "greedy_match": result["greedy_match"], "summary": summary}
     if "floor" in rounded:
         out["noise_floor"] = rounded["floor"]
     if against_what != "reference":
         out["against"] = against_what
     return out
-
-
-def _describe(prompts: dict) -> str:
-    single = ", ".join(f"T={n}" for n in prompts["single"])
-    return f"{single}, batch {list(prompts['batch'])} + {prompts['steps']} decode steps"
 
 
 # quantization loss is measured teacher-forced on natural held-out text (random ids make top-1 meaningless)
@@ -471,13 +471,13 @@ def _prepare(manifest: dict, ref_path: Path, checks: list[dict], report: dict, s
     return None
 
 
-def _parity(recorded: Recording, plan: PromptPlan, backend, manifest: dict, ref_path: Path, prepared, mode: str | None,
+def _parity(recorded: Recording, backend, manifest: dict, ref_path: Path, prepared, mode: str | None,
             checks: list[dict], report: dict, say, prompts: str = "full"):
     """The artifact's recorded run vs the reference its backend says it must match (the fp32
     reference, or an emulating one: quantized weights, bf16-rounded weights), at that reference's gate."""
     reference, precision, against_what = backend.reference(ref_path, manifest, prepared, mode)
     say(f"parity: the {against_what} on the same positions")
-    result, ok, failures = judge(recorded, reference, precision, plan)
+    result, ok, failures = judge(recorded, reference, precision)
     report["parity"] = dict(result, against=against_what, gate=precision,
                             limits=limits_of(precision, result.get("floor")), prompts=prompts)
     checks.append({"name": "parity", "status": "pass" if ok else "fail",
@@ -716,12 +716,11 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     recorded = None
     if prepared is not None or not quantized:
         say(f"parity: running the artifact on the {prompts} prompt set")
-        plan = prompt_plan(artifact.config.vocab_size, **PROMPT_SETS[prompts])
-        recorded = record(artifact, plan)
+        recorded = record(artifact, prompt_plan(artifact.config.vocab_size, **PROMPT_SETS[prompts]))
     del artifact
     return_freed_memory()
     if recorded is not None:
-        _parity(recorded, plan, backend, manifest, ref_path, prepared, report["mode"], checks, report, say, prompts)
+        _parity(recorded, backend, manifest, ref_path, prepared, report["mode"], checks, report, say, prompts)
     if quantized:
         _quantization_loss(manifest, ref_path, prepared, checks, report, skip, say)
     if manifest["engine"]["status"] == "not built":     # a stage-1 TensorRT bundle: the check above is its CPU check

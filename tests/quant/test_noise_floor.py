@@ -81,7 +81,7 @@ def test_the_noise_floor_tells_a_lowering_bug_from_last_bit_noise(fp8_reference)
     floor = noise_floor(fp8_reference, "full")
     assert 1e-5 < floor["kl_mean"] < 5e-4 and floor["top1"] > 0.95   # measured 3.2e-4, 0.983
     plan = prompt_plan(fp8_reference.config.vocab_size, **PROMPT_SETS["full"])
-    other = against(fp8_reference, plan, {"other": _noisy(fp8_reference, plan, seed=1)})["other"]
+    other = against(fp8_reference, {"other": _noisy(fp8_reference, plan, seed=1)})["other"]
     assert gate(other["total"], "quantized-activations", None, floor)[0]
     real = formats.fp8_fake_quant_activations
     bugs = {"per-token scales": lambda x, *a, **k: real(x, None),
