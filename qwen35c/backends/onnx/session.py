@@ -25,6 +25,7 @@ from qwen35c.artifact import artifact_file
 from qwen35c.errors import QwenError
 from qwen35c.runtime.session import Session, load_tokenizer
 from qwen35c.settings import settings
+from reference.stream import unmap_freed_blocks
 
 _NP = {"f32": np.float32, "f16": np.float16, "i64": np.int64}
 
@@ -141,6 +142,8 @@ class OnnxSession(Session):
         # lean sessions allocate per tensor instead (measured on a 4b cpu-int4 artifact, a [3, 64]
         # batch prefill: peak 4070 -> 3806 MiB)
         options.enable_mem_pattern = arena
+        if not arena:
+            unmap_freed_blocks()   # and glibc must not keep ORT's freed intermediates as heap either
         options.log_severity_level = 3
         if custom_ops is not None:
             options.register_custom_ops_library(custom_ops)
