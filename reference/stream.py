@@ -22,6 +22,7 @@ quantization drives `load_layer`, `step_info` and `embed` itself. Memory: one la
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,16 +240,23 @@ def return_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def unmap_freed_blocks() -> None:
-    """From now on have glibc serve every allocation of 128 KiB or more from its own mapping, unmapped
-    when it is freed (`mallopt(M_MMAP_THRESHOLD)`, which also turns off glibc's dynamic threshold).
-    By default a freed mapped block raises the threshold to its size, so a later run's intermediates
-    of up to that size come from the heap and stay there, free but resident, after it: ONNX Runtime
-    without its arena (a lean session) then held about twice its working set (0.8b cpu-int4, the
-    check's full prompt set: a run's peak over the loaded session 711 -> 541 MiB). Process-wide; a
-    no-op elsewhere."""
+@contextlib.contextmanager
+def freed_blocks_unmapped():
+    """While inside, glibc serves every allocation of 128 KiB or more from its own mapping, unmapped
+    as soon as it is freed (`mallopt(M_MMAP_THRESHOLD)`). By default a freed mapped block raises
+    glibc's threshold to its size, so a later run's intermediates of up to that size come from the
+    heap and stay there, free but resident: ONNX Runtime without its arena (a lean session) held
+    about twice its working set that way (0.8b cpu-int4, the check's full prompt set: a run's peak
+    over the loaded session 711 -> 541 MiB, the runs 7-20% slower). On leaving, the threshold is
+    32 MiB, where glibc's own dynamic one ends up (setting it turns the dynamic one off for good;
+    torch code runs as fast as with the default, unlike at 128 KiB). A no-op elsewhere."""
     if _libc():
         _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+    try:
+        yield
+    finally:
+        if _LIBC:
+            _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 def _libc():

@@ -201,23 +201,23 @@ def test_releasing_a_tied_lm_head_drops_the_embedding_pages(checkpoint_factory):
 
 
 FREED_BLOCKS = """
+import contextlib
 import sys
 from pathlib import Path
 import numpy as np
-from reference.stream import unmap_freed_blocks
+from reference.stream import freed_blocks_unmapped
 
 def rss():
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
     return int(line.split()[1]) * 1024
 
-if sys.argv[1] == "unmap":
-    unmap_freed_blocks()
-big = np.ones(16 << 20, np.uint8)       # a run's large buffer, freed: glibc's threshold rises to 16 MiB
+big = np.ones(16 << 20, np.uint8)       # a large buffer, freed: glibc's threshold rises to 16 MiB
 del big
 base = rss()
-blocks = [np.ones(1 << 20, np.uint8) for _ in range(96)]   # the next run's 1 MiB intermediates ...
-last = blocks[-1]
-del blocks                              # ... freed, all but the last
+with freed_blocks_unmapped() if sys.argv[1] == "unmap" else contextlib.nullcontext():
+    blocks = [np.ones(1 << 20, np.uint8) for _ in range(96)]   # a run's 1 MiB intermediates ...
+    last = blocks[-1]
+    del blocks                          # ... freed, all but the last
 print(rss() - base)
 """
 
@@ -226,8 +226,8 @@ print(rss() - base)
 def test_lean_sessions_hand_freed_blocks_back_at_once():
     """A lean ONNX Runtime session runs without ORT's arena, so its intermediates come from glibc,
     whose dynamic mmap threshold keeps blocks under the largest one freed so far on the heap: free
-    but resident after a run (about twice a run's working set at the 0.8b preset). The lean session
-    sets the threshold (`unmap_freed_blocks`): each block is unmapped as it is freed."""
+    but resident after a run (about twice a run's working set at the 0.8b preset). A lean session
+    runs inside `freed_blocks_unmapped`: each block is unmapped as it is freed."""
     def retained(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", FREED_BLOCKS, mode], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[1], check=True)

@@ -16,6 +16,7 @@ QWEN35C_ORT_SPIN, QWEN35C_PREFILL_CHUNK) unless the caller passes them.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from qwen35c.artifact import artifact_file
 from qwen35c.errors import QwenError
 from qwen35c.runtime.session import Session, load_tokenizer
 from qwen35c.settings import settings
-from reference.stream import unmap_freed_blocks
+from reference.stream import freed_blocks_unmapped
 
 _NP = {"f32": np.float32, "f16": np.float16, "i64": np.int64}
 
@@ -142,8 +143,6 @@ class OnnxSession(Session):
         # lean sessions allocate per tensor instead (measured on a 4b cpu-int4 artifact, a [3, 64]
         # batch prefill: peak 4070 -> 3806 MiB)
         options.enable_mem_pattern = arena
-        if not arena:
-            unmap_freed_blocks()   # and glibc must not keep ORT's freed intermediates as heap either
         options.log_severity_level = 3
         if custom_ops is not None:
             options.register_custom_ops_library(custom_ops)
@@ -208,7 +207,8 @@ class OnnxSession(Session):
         binding.bind_output("logits", "cpu")
         for name in self.extra_outputs:
             binding.bind_output(name, "cpu")
-        self.ort.run_with_iobinding(binding)
+        with contextlib.nullcontext() if self.arena else freed_blocks_unmapped():   # lean: nor glibc's heap
+            self.ort.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         result = {name: outputs[i].numpy() for i, name in enumerate(["logits", *self.extra_outputs])}
         state.swap()
