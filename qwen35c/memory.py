@@ -36,9 +36,11 @@ __all__ = ["Estimate", "artifact_peak", "build_peak", "verify_peak", "available_
 
 PROCESS_BASE = 300 << 20      # python + torch + onnxruntime imported (measured ~220-260 MiB)
 # Calibrated with `python tools/artifact_peak.py ART full` (a lean session, as the checks load it) on
-# the 0.8b and 4b presets' cpu-int4 artifacts (resident INT4 weights 430 / 2307 MiB, run peak minus
-# the loaded session 713 / ~1130 MiB) and the 0.8b cpu one
-ORT_WORKING = 5               # ORT's run buffers, in copies of the workload's logits [tokens, V] fp32
+# the 0.8b and 4b presets' cpu-int4 artifacts (loaded session 698 / 2678 MiB, run peak over it 534 /
+# 724 MiB; estimated 1484 / 3632 MiB in all against 1232 / 3402 measured) and the 0.8b cpu one (4100,
+# +581; 4843 against 4681). Before lean runs unmapped their freed blocks (freed_blocks_unmapped) a
+# run held 713 / ~1130-1250 MiB, and this was 5.
+ORT_WORKING = 2               # ORT's run buffers, in copies of the workload's logits [tokens, V] fp32
 INT4_PACKED = 1.3             # MatMulNBits' prepacked INT4 blocks (codes, scales, block sums) / ours
 INT4_FIXED = 150 << 20        # ... plus what the INT4 kernels allocate once
 # the build check's workload (qwen35c.verify.quick_parity): its longest prompt and its batch; the full
