@@ -7,6 +7,7 @@ once everything is imported, and the growth must stay under a bound computed fro
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import textwrap
@@ -222,7 +223,8 @@ print(rss() - base)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc RSS accounting")
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's allocator on Linux (/proc RSS accounting)")
 def test_lean_sessions_hand_freed_blocks_back_at_once():
     """A lean ONNX Runtime session runs without ORT's arena, so its intermediates come from glibc,
     whose dynamic mmap threshold keeps blocks under the largest one freed so far on the heap: free
