@@ -67,19 +67,18 @@ class Spill:
 def _scratch(directory: Path) -> tuple[int, Path | None]:
     """A read-write scratch file in `directory`: (fd, None) for an unnamed O_TMPFILE inode, else
     (fd, path) of a fresh named one."""
-    if hasattr(os, "O_TMPFILE"):
-        try:
-            return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), None
-        except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
-                raise QwenError(f"{directory}: cannot create a scratch file ({err.strerror}); point TMPDIR at a "
-                                f"writable directory") from None
     try:
+        if hasattr(os, "O_TMPFILE"):
+            try:
+                return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600), None
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise
         fd, name = tempfile.mkstemp(prefix="qwen35c-spill-", suffix=".safetensors", dir=directory)
+        return fd, Path(name)
     except OSError as err:
         raise QwenError(f"{directory}: cannot create a scratch file ({err.strerror}); point TMPDIR at a "
                         f"writable directory") from None
-    return fd, Path(name)
 
 
 class PackedSpill(Spill):
