@@ -6,7 +6,9 @@
 For each artifact, in one process, measurements interleaved across repeats (medians):
   step cost   a 1-token decode step against a T-token verify step (commit 1, the rest drafts) for
               T = 2 .. 2K+1 at a CONTEXT-token state: the ratio c(T) decides every speedup below;
-              and, for an artifact with an MTP head, one draft step of the head (ratio d).
+              for an artifact with an MTP head, the same steps of the model joined with its head
+              (each step also drafts the next token: c_mtp(T)), and one draft step of the head run
+              alone (ratio d: chained drafts 2..K).
   generation  NEW greedy tokens after a CONTEXT-token prompt, plain and with `speculative=K` for
               each drafter (`mtp`: the artifact's MTP head; `lookup`: prompt lookup): decode tok/s
               (drafting included), drafts accepted / proposed, tokens per weight pass (= per
@@ -16,8 +18,8 @@ For each artifact, in one process, measurements interleaved across repeats (medi
   projection  for a per-draft acceptance ALPHA (independent drafts), a step with K drafts yields
               E[m] = (1 - ALPHA^(K+1)) / (1 - ALPHA) tokens and feeds T = E[m] + K tokens (the last
               step's E[m] tokens come back as pending): speedup = E[m] / c(T), c interpolated from
-              the measured step costs, plus K draft steps (K d) where the head drafts: speedup =
-              E[m] / (c(T) + K d). The default ALPHA 0.9 is the order of the ~93 % reported for
+              the measured step costs; with the MTP head, the joined step's cost plus the chained
+              drafts' K - 1 draft steps: speedup = E[m] / (c_mtp(T) + (K - 1) d). The default ALPHA 0.9 is the order of the ~93 % reported for
               Qwen3-Next's MTP head (ROCm ATOM, ../shared/notes/peers.md §4.11), a published
               model's head; the bundled tiny models' heads reach ~55 %.
 """
@@ -25,6 +27,7 @@ For each artifact, in one process, measurements interleaved across repeats (medi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -33,22 +36,28 @@ import numpy as np
 import torch
 
 
-def step_costs(session, context: int, widths: list[int], repeats: int, rng) -> dict[int, float]:
-    """Median seconds of a decode step (T = 1) and of extend steps of each width (commit 1)."""
-    vocab = session.config.vocab_size
-    state = session.new_state(1, context + repeats * 40 * (sum(widths) + 1) + 64)
-    session.prefill(torch.from_numpy(rng.integers(0, vocab, (1, context))), state, last_only=True)
-    times: dict[int, list[float]] = {1: [], **{t: [] for t in widths}}
-    for _ in range(repeats * 20):
-        for t in times:
-            ids = torch.from_numpy(rng.integers(0, vocab, (1, t)))
-            start = time.perf_counter()
-            if t == 1:
-                session.decode(ids, state)
-            else:
-                session.extend(ids, state, np.array([t]), np.array([1]))
-            times[t].append(time.perf_counter() - start)
-    return {t: statistics.median(v) for t, v in times.items()}
+def step_costs(sessions: dict, context: int, widths: list[int], repeats: int, rng) -> dict[str, dict[int, float]]:
+    """Median seconds of a decode step (T = 1) and of extend steps of each width (commit 1), for each
+    session (the model alone, and joined with its MTP head): widths interleaved, sessions in turns of
+    20 rounds (a session's threads spin-wait a while after its run: two sessions interleaved step by
+    step slow each other down, which no generation does)."""
+    vocab = next(iter(sessions.values())).config.vocab_size
+    states = {}
+    for name, session in sessions.items():
+        states[name] = session.new_state(1, context + repeats * 40 * (sum(widths) + 1) + 64)
+        session.prefill(torch.from_numpy(rng.integers(0, vocab, (1, context))), states[name], last_only=True)
+    times = {name: {1: [], **{t: [] for t in widths}} for name in sessions}
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            for _, t in itertools.product(range(20), times[name]):
+                ids = torch.from_numpy(rng.integers(0, vocab, (1, t)))
+                start = time.perf_counter()
+                if t == 1:
+                    session.decode(ids, states[name])
+                else:
+                    session.extend(ids, states[name], np.array([t]), np.array([1]))
+                times[name][t].append(time.perf_counter() - start)
+    return {name: {t: statistics.median(v) for t, v in by_width.items()} for name, by_width in times.items()}
 
 
 def draft_cost(head, context: int, repeats: int, rng) -> float:
@@ -75,28 +84,31 @@ def prompt_ids(session, context: int, rng) -> tuple[list[int], str]:
     return rng.integers(0, session.config.vocab_size, context).tolist(), "random ids"
 
 
-def projection(costs: dict[int, float], k: int, alpha: float, draft: float = 0.0) -> dict:
+def projection(costs: dict[int, float], k: int, alpha: float, plain: float, drafter: str, draft: float = 0.0) -> dict:
+    """Speedup over plain decoding (a step of `plain` seconds) of steps costing `costs` by width."""
     widths = sorted(costs)
     expected = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
     width = expected + k
-    ratio = float(np.interp(width, widths, [costs[t] / costs[1] for t in widths])) + k * draft / costs[1]
-    return {"k": k, "alpha": alpha, "tokens_per_step": expected, "step_tokens": width, "step_cost": ratio,
-            "speedup": expected / ratio, "extrapolated": width > widths[-1]}
+    ratio = float(np.interp(width, widths, [costs[t] / plain for t in widths])) + (k - 1) * draft / plain
+    return {"drafter": drafter, "k": k, "alpha": alpha, "tokens_per_step": expected, "step_tokens": width,
+            "step_cost": ratio, "speedup": expected / ratio, "extrapolated": width > widths[-1]}
 
 
 def bench(path: str, args) -> dict:
     from qwen35c.runtime import load
-    from qwen35c.runtime.speculative import MtpDrafter, PromptLookup
+    from qwen35c.runtime.speculative import PromptLookup
 
     session = load(path, threads=args.threads)
     if not session.extends:
         raise SystemExit(f"{path}: no commit step (rebuild the artifact)")
     rng = np.random.default_rng(0)
     ks = [int(k) for k in args.k.split(",")]
-    costs = step_costs(session, args.context, list(range(2, 2 * max(ks) + 2)), args.repeats, rng)
     head = session.draft_head() if session.drafts else None
+    sessions = {"plain": session, **({"mtp": session.drafting()} if head is not None else {})}
+    measured = step_costs(sessions, args.context, list(range(2, 2 * max(ks) + 2)), args.repeats, rng)
+    costs = measured["plain"]
     draft = draft_cost(head, args.context, args.repeats, rng) if head is not None else 0.0
-    factories = {"mtp": lambda: MtpDrafter(head), "lookup": PromptLookup}
+    factories = {"mtp": lambda: "mtp", "lookup": PromptLookup}
     drafters = [d for d in args.drafters.split(",") if d != "mtp" or head is not None]
     prompt, source = prompt_ids(session, args.context, rng)
     runs: dict[tuple, list] = {(None, 0): [], **{(d, k): [] for d in drafters for k in ks}}
@@ -108,6 +120,7 @@ def bench(path: str, args) -> dict:
     out = {"artifact": path, "mode": session.mode, "context": args.context, "new": args.new, "prompt": source,
            "threads": args.threads, "step_ms": {t: 1e3 * c for t, c in costs.items()},
            "step_ratio": {t: c / costs[1] for t, c in costs.items()},
+           "mtp_step_ms": {t: 1e3 * c for t, c in measured["mtp"].items()} if head is not None else None,
            "mtp_draft_ms": 1e3 * draft if head is not None else None, "generation": [], "projection": []}
     base = statistics.median(r.decode_tokens_per_second for r in runs[None, 0])
     for (d, k), results in runs.items():
@@ -117,7 +130,9 @@ def bench(path: str, args) -> dict:
             "drafter": d, "k": k, "decode_tokens_per_second": rate, "ratio": rate / base, "steps": r.decode_steps,
             "tokens_per_pass": (r.decode_tokens / r.decode_steps) if k and r.decode_steps else 1.0,
             "drafted": r.drafted, "accepted": r.accepted, "equal_to_plain": all(x.tokens == plain for x in results)})
-    out["projection"] = [projection(costs, k, args.alpha, draft) for k in ks]
+    out["projection"] = [projection(costs, k, args.alpha, costs[1], "lookup") for k in ks]
+    if head is not None:
+        out["projection"] += [projection(measured["mtp"], k, args.alpha, costs[1], "mtp", draft) for k in ks]
     return out
 
 
@@ -127,14 +142,17 @@ def show(result: dict) -> None:
     print("  step cost: " + ", ".join(f"T={t} {ms:.2f} ms (x{result['step_ratio'][t]:.2f})"
                                       for t, ms in result["step_ms"].items()))
     if result["mtp_draft_ms"] is not None:
-        print(f"  MTP draft step: {result['mtp_draft_ms']:.2f} ms (x{result['mtp_draft_ms'] / result['step_ms'][1]:.2f})")
+        base = result["step_ms"][1]
+        print("  joined with the MTP head: " + ", ".join(f"T={t} {ms:.2f} ms (x{ms / base:.2f})"
+                                                       for t, ms in result["mtp_step_ms"].items()))
+        print(f"  MTP head alone (chained drafts): {result['mtp_draft_ms']:.2f} ms (x{result['mtp_draft_ms'] / base:.2f})")
     for g in result["generation"]:
         label = "plain" if not g["k"] else f"{g['drafter']} K={g['k']}"
         drafts = f", accepted {g['accepted']}/{g['drafted']}" if g["k"] else ""
         print(f"  {label:12s} {g['decode_tokens_per_second']:8.1f} tok/s  x{g['ratio']:.2f}  "
               f"{g['tokens_per_pass']:.2f} tokens/pass{drafts}  tokens == plain: {g['equal_to_plain']}")
     for p in result["projection"]:
-        print(f"  projected K={p['k']} at acceptance {p['alpha']}: {p['tokens_per_step']:.2f} tokens a step "
+        print(f"  projected {p['drafter']} K={p['k']} at acceptance {p['alpha']}: {p['tokens_per_step']:.2f} tokens a step "
               f"of {p['step_tokens']:.1f} tokens costing x{p['step_cost']:.2f} -> x{p['speedup']:.2f}"
               + (" (step cost extrapolated)" if p["extrapolated"] else ""))
 

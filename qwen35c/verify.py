@@ -587,15 +587,8 @@ def _speculative(artifact, checks: list[dict], report: dict, seed: int = 0) -> N
     for k, err in ((1, 0.0), (2, 0.3), (3, 1.0)):
         got = artifact.generate(prompts, 12, speculative=k,
                                 drafter=Replay(prompts, plain.tokens, err, vocab, seed + k)).tokens
-        for b, (x_row, y_row) in enumerate(zip(got, plain.tokens)):
-            j = next((j for j, (x, y) in enumerate(zip(x_row, y_row)) if x != y), None)
-            if j is None:
-                continue
-            logits = plain.logits[b][len(prompts[b]) - 1 + j].double()
-            if float(logits.max() - logits[x_row[j]]) <= 2 * tolerance:
-                ties += 1
-            else:
-                mismatched += 1
+        parted = _parted(prompts, plain, got, 2 * tolerance)
+        mismatched, ties = mismatched + parted[0], ties + parted[1]
     ok = traces <= tolerance and state_delta <= tolerance and not mismatched
     report["speculative"] = {"draft_traces": traces, "state_delta": state_delta, "path_noise": noise,
                              "tolerance": tolerance, "rows": 3 * rows, "mismatched": mismatched, "ties": ties}
@@ -608,41 +601,78 @@ def _speculative(artifact, checks: list[dict], report: dict, seed: int = 0) -> N
                              + f"; speculative greedy == plain greedy on {3 * rows - mismatched}/{3 * rows} rows (K = 1..3, drafts perfect, noisy, always wrong; {ties} ties)"})
 
 
+def _parted(prompts, plain, got: list[list[int]], tie: float) -> tuple[int, int]:
+    """(rows of `got` that part from plain greedy decoding, rows that part at a logit tie within
+    `tie` of plain's argmax); `plain` was generated with keep_logits."""
+    mismatched = ties = 0
+    for b, (x_row, y_row) in enumerate(zip(got, plain.tokens)):
+        j = next((j for j, (x, y) in enumerate(zip(x_row, y_row)) if x != y), None)
+        if j is None:
+            continue
+        logits = plain.logits[b][len(prompts[b]) - 1 + j].double()
+        if float(logits.max() - logits[x_row[j]]) <= tie:
+            ties += 1
+        else:
+            mismatched += 1
+    return mismatched, ties
+
+
 def _mtp_head(artifact, reference, checks: list[dict], report: dict, quantized_activations: bool) -> None:
     """The `mtp` check (module docstring), at the fp32 gate's max |Δlogit| (the ONNX CPU targets
     compute in fp32; measured ~5e-6 on the bundled models): the head's own linears stay fp32 in
     every recipe. Its LM head is the model's, so with activations quantized at run time its logits
-    get the parity check's measured max |Δ| as their limit, like `_speculative`'s."""
+    get the parity check's measured max |Δ| as their limit, like `_speculative`'s. `artifact` is the
+    model joined with its head (`drafting`), which speculative decoding with the head runs: its
+    head states and draft are checked too, and MTP-drafted greedy decoding against plain."""
     from qwen35c.targets import GATES
 
     head = artifact.draft_head()
     mtp = reference.load_mtp()
     gen = torch.Generator().manual_seed(1)
     vocab, worst_logits, worst_hidden, worst_split = artifact.config.vocab_size, 0.0, 0.0, 0.0
+    worst_joined, wrong_drafts = 0.0, 0
+    lowering = float(report.get("parity", {}).get("total", {}).get("max_abs", 0.0))
+    gate = GATES["fp32"]["max_abs_logit"]
+    limit = max(gate, lowering) if quantized_activations else gate
     for n in BATCH_LENGTHS:
         ids = torch.randint(0, vocab, (1, n + 1), generator=gen)
-        _, hidden = artifact.prefill(ids[:, :n], artifact.new_state(1, n), hidden=True)
+        main, out = artifact.prefill(ids[:, :n], artifact.new_state(1, n), extras=True)
+        hidden = out["hidden"]
         with torch.no_grad():
             want_hidden = mtp(hidden, reference.embed(ids[:, 1:]), torch.arange(1, n + 1)[None])
             want = reference.edges()[2](want_hidden[:, -1]).float()[0]
+            # the joined graph's last pair reads the model's argmax as its token: its draft
+            after = torch.cat([ids[:, 1:n], main[:, -1].argmax(-1, keepdim=True)], 1)
+            draft = reference.edges()[2](mtp(hidden, reference.embed(after), torch.arange(1, n + 1)[None])[:, -1])[0]
         logits, got_hidden = head.draft_step(ids[:, 1:], hidden, head.new_state(1, n), [0], [n])
         worst_logits = max(worst_logits, float((torch.from_numpy(logits[0]) - want).abs().max()))
         worst_hidden = max(worst_hidden, float((torch.from_numpy(got_hidden) - want_hidden).abs().max()))
+        worst_joined = max(worst_joined, float((out["mtp_hidden"][:, :n - 1] - want_hidden[:, :n - 1]).abs().max())
+                           if n > 1 else 0.0)
+        wrong_drafts += float(draft.max() - draft[int(out["draft"][0, -1])]) > 2 * limit
         state, cut = head.new_state(1, n), n // 2     # the same pairs over two steps: the head's KV cache
         if cut:
             head.draft_step(ids[:, 1:cut + 1], hidden[:, :cut], state, [0], [cut])
         split, _ = head.draft_step(ids[:, cut + 1:], hidden[:, cut:], state, [cut], [n - cut])
         worst_split = max(worst_split, float(np.abs(split - logits).max()))
-    lowering = float(report.get("parity", {}).get("total", {}).get("max_abs", 0.0))
-    gate = GATES["fp32"]["max_abs_logit"]
-    limit = max(gate, lowering) if quantized_activations else gate
-    ok = worst_hidden <= gate and worst_logits <= limit and worst_split <= limit
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in BATCH_LENGTHS]
+    plain = artifact.generate(prompts, 12, keep_logits=True)
+    mismatched = ties = 0
+    for k in (1, 2):
+        parted = _parted(prompts, plain, artifact.generate(prompts, 12, speculative=k, drafter="mtp").tokens,
+                         2 * max(SPECULATIVE_TOLERANCE, limit if quantized_activations else 0.0))
+        mismatched, ties = mismatched + parted[0], ties + parted[1]
+    ok = max(worst_hidden, worst_joined) <= gate and worst_logits <= limit and worst_split <= limit
+    ok = ok and not wrong_drafts and not mismatched
     report["mtp"] = {"max_abs_logits": worst_logits, "max_abs_hidden": worst_hidden, "max_abs_split": worst_split,
-                     "limit": limit}
+                     "max_abs_joined_hidden": worst_joined, "wrong_drafts": wrong_drafts,
+                     "greedy_mismatched": mismatched, "greedy_ties": ties, "limit": limit}
     checks.append({"name": "mtp", "status": "pass" if ok else "fail",
                    "detail": f"MTP head vs the reference MTP on {len(BATCH_LENGTHS)} prompts: hidden states max |Δ| "
-                             f"{worst_hidden:.1e} (limit {gate:.0e}), last logits {worst_logits:.1e}, "
-                             f"fed in two steps vs one {worst_split:.1e} (limit {limit:.1e})"})
+                             f"{worst_hidden:.1e} (joined with the model {worst_joined:.1e}; limit {gate:.0e}), last "
+                             f"logits {worst_logits:.1e}, fed in two steps vs one {worst_split:.1e} (limit {limit:.1e}); "
+                             f"joined drafts off the reference's argmax: {wrong_drafts}; MTP-drafted greedy == plain "
+                             f"greedy on {2 * len(prompts) - mismatched}/{2 * len(prompts)} rows (K = 1, 2; {ties} ties)"})
 
 
 def source_checkpoint(directory: Path, manifest: dict, reference: str | Path | None = None, say=print) -> Path:
@@ -726,13 +756,12 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     if manifest["engine"]["status"] == "not built":     # a stage-1 TensorRT bundle: the check above is its CPU check
         checks.append({"name": "engine", "status": "skipped",
                        "detail": f"not built, so not verified: {manifest['engine'].get('detail', '')}"})
-    wanted = (speculative and "speculative" not in skip) or (drafts and "mtp" not in skip)
-    artifact = backend.load(directory, manifest, threads=threads, lean=True) if wanted else None
     if "speculative" in skip:
         checks.append({"name": "speculative", "status": "skipped", "detail": "--skip speculative"})
     elif speculative:
         say("speculative decoding: commit step and greedy equality")
-        _speculative(artifact, checks, report)
+        _speculative(backend.load(directory, manifest, threads=threads, lean=True), checks, report)
+        return_freed_memory()
     if "mtp" in skip:
         checks.append({"name": "mtp", "status": "skipped", "detail": "--skip mtp"})
     elif drafts and quantized and prepared is None:
@@ -743,7 +772,8 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
 
         say("MTP head against the reference MTP module")
         reference = prepared.emulated() if prepared is not None else StreamedModel(ref_path, torch.float32)
-        _mtp_head(artifact, reference, checks, report, _quantizes_activations(manifest))
+        _mtp_head(backend.load(directory, manifest, threads=threads, lean=True, drafting=True), reference, checks,
+                  report, _quantizes_activations(manifest))
     if bisect and "bisect" in skip:
         raise QwenError("--bisect and --skip bisect contradict each other")
     if bisect and quantized:

@@ -116,10 +116,10 @@ def test_speculative_greedy_equals_plain(session, monkeypatch):
         plain = session.generate(batch, 20, stop_ids=stop).tokens
         drafters = [Replay(batch, plain, 0.0, vocab), Replay(batch, plain, 0.35, vocab, start),
                     Replay(batch, plain, 1.0, vocab, start), PromptLookup()]
-        drafters += [MtpDrafter(session.draft_head())] if session.drafts else []
+        drafters += ["mtp"] if session.drafts else []     # the model joined with its head
         for k, drafter in zip((1 + start % 3, 2, 3, 2, 3 - start % 3), drafters):
             result = session.generate(batch, 20, stop_ids=stop, speculative=k, drafter=drafter)
-            assert result.tokens == plain, (start, k, type(drafter).__name__)
+            assert result.tokens == plain, (start, k, drafter)
             checked += len(batch)
     assert checked == (5 if session.drafts else 4) * len(prompts) and len(prompts) >= 50
     perfect = session.generate(prompts[:9], 20, speculative=3,
@@ -143,7 +143,8 @@ def test_mtp_head_matches_the_reference_mtp(session):
     gen = np.random.default_rng(2)
     sizes = [1, 40, 65]
     ids = [gen.integers(0, session.config.vocab_size, n + 1).tolist() for n in sizes]
-    hidden = [session.prefill(torch.tensor([p[:-1]]), session.new_state(1, len(p)), hidden=True)[1] for p in ids]
+    hidden = [session.prefill(torch.tensor([p[:-1]]), session.new_state(1, len(p)), extras=True)[1]["hidden"]
+              for p in ids]
     width = max(sizes)
     pairs, states = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, session.config.hidden_size)
     for b, (p, h) in enumerate(zip(ids, hidden)):
@@ -170,8 +171,49 @@ def test_mtp_head_matches_the_reference_mtp(session):
             torch.testing.assert_close(torch.from_numpy(got[0]), model.lm_head(chained[0, -1]), rtol=0, atol=SAME)
 
 
-def _fed(head, pairs, hidden):
-    state = head.new_state(1, pairs.shape[1] + 1)
+def test_joined_head_drafts_what_the_head_alone_drafts(session, monkeypatch):
+    """The model joined with its head (`drafting()`, the graph speculative decoding with the head
+    runs) against the two graphs run apart, on a batch of different lengths around the 32-token
+    prefill chunk and the 64-token GDN chunk: the same logits and hidden states; the head's states
+    at every pair whose next token is the prompt's; and each row's draft, the head's argmax on the
+    pair (last hidden state, the model's argmax). Then a speculative step (commit 2 of 4 tokens):
+    the head's states on the committed pairs and a draft at every judged position."""
+    if not session.drafts:
+        return
+    monkeypatch.setenv("QWEN35C_PREFILL_CHUNK", "32")
+    joined, head = session.drafting(), session.draft_head()
+    assert session.drafting() is joined and joined.drafting() is joined
+    gen = np.random.default_rng(3)
+    sizes = [1, 31, 33, 64, 65, 70]
+    ids = torch.zeros(len(sizes), max(sizes), dtype=torch.long)
+    for b, n in enumerate(sizes):
+        ids[b, :n] = torch.from_numpy(gen.integers(0, session.config.vocab_size, n))
+    state = joined.new_state(len(sizes), max(sizes) + 8)
+    logits, out = joined.prefill(ids, state, torch.tensor(sizes), extras=True)
+    alone, plain = session.prefill(ids, session.new_state(len(sizes), max(sizes)), torch.tensor(sizes), extras=True)
+    for b, n in enumerate(sizes):
+        torch.testing.assert_close(logits[b, :n], alone[b, :n], rtol=0, atol=SAME)
+        hidden = plain["hidden"][b:b + 1, :n]
+        pairs = torch.cat([ids[b:b + 1, 1:n], logits[b:b + 1, n - 1].argmax(-1, keepdim=True)], 1)
+        want_logits, want_hidden = head.draft_step(pairs, hidden, head.new_state(1, n), [0], [n])
+        np.testing.assert_allclose(out["mtp_hidden"][b, :n].numpy(), want_hidden[0], rtol=0, atol=SAME)
+        assert int(out["draft"][b, n - 1]) == int(want_logits[0].argmax())
+    # a verify step on row 0 (prompt: 1 token) alone: 4 tokens, 2 committed. The head reads, as the
+    # token after each position, the step's next token at position 0 of the step and the model's
+    # argmax from the last pending one on; the prefill left the pair (h_0, the model's argmax) behind
+    first = int(logits[0, 0].argmax())
+    step = torch.from_numpy(gen.integers(0, session.config.vocab_size, (1, 4)))
+    got, out = joined.extend(step, state.row(0), [4], [2], extras=True)
+    _, main = session.prefill(torch.cat([ids[:1, :1], step], 1), session.new_state(1, 5), extras=True)
+    pairs = torch.cat([step[:, 1:2], got[:, 1:].argmax(-1)], 1)
+    cache = _fed(head, torch.tensor([[first]]), main["hidden"][:, :1], capacity=6)
+    want_logits, want_hidden = head.draft_step(pairs, main["hidden"][:, 1:], cache, [1], [4])
+    np.testing.assert_allclose(out["mtp_hidden"][0].numpy(), want_hidden[0], rtol=0, atol=SAME)
+    assert int(out["draft"][0, 3]) == int(want_logits[0].argmax())
+
+
+def _fed(head, pairs, hidden, capacity=None):
+    state = head.new_state(1, capacity or pairs.shape[1] + 1)
     head.draft_step(pairs, hidden, state, [0], [pairs.shape[1]])
     return state
 
@@ -319,8 +361,8 @@ def test_verify_checks_speculative_decoding_and_catches_a_leaking_draft(session,
     assert status(verify_artifact(session.directory, prompts="short", skip=("speculative",))) == "skipped"
     extend = OnnxSession.extend
 
-    def leaking(self, ids, state, lengths, commit):   # the states keep every token, positions stay right
-        logits = extend(self, ids, state, lengths, lengths)
+    def leaking(self, ids, state, lengths, commit, **kwargs):   # the states keep every token, positions stay right
+        logits = extend(self, ids, state, lengths, lengths, **kwargs)
         state.q_start = state.q_start - (np.asarray(lengths) - np.asarray(commit))
         return logits
 
@@ -350,8 +392,8 @@ def test_run_speculative_cli(session):
 
 def test_verify_checks_the_mtp_head_and_catches_a_misaligned_one(session, monkeypatch):
     """verify's mtp check passes on the compiled head, fails when the head is fed hidden states one
-    position off (the off-by-one a drafter can make: h_i paired with x_i instead of x_{i+1}), and
-    `--skip mtp` reports it skipped."""
+    position off (the off-by-one a drafter can make: h_i paired with x_i instead of x_{i+1}), or
+    when the joined graph is fed the same off-by-one, and `--skip mtp` reports it skipped."""
     from qwen35c.backends.onnx.session import OnnxSession
     from qwen35c.verify import verify_artifact
 
@@ -380,3 +422,14 @@ def test_verify_checks_the_mtp_head_and_catches_a_misaligned_one(session, monkey
     monkeypatch.setattr(OnnxSession, "draft_step", misaligned)
     report = verify_artifact(session.directory, prompts="short", skip=skip)
     assert status(report) == "fail" and report["status"] == "fail"
+    monkeypatch.undo()
+    from qwen35c.backends.onnx import session as onnx_session
+
+    following = onnx_session._following
+
+    def current(ids, lengths, judged):   # the joined head reads each position's own token, not the next
+        return following(np.concatenate([ids[:, :1], ids[:, :-1]], axis=1), lengths, judged)
+
+    monkeypatch.setattr(onnx_session, "_following", current)
+    report = verify_artifact(session.directory, prompts="short", skip=skip)
+    assert status(report) == "fail" and report["mtp"]["max_abs_joined_hidden"] > 1e-3

@@ -43,9 +43,12 @@ class Backend(Protocol):
         """Raise (through `check`, an `artifact.ManifestChecker`) on a mistyped key of `section` or a path
         the runtime would open that is not in `files`."""
 
-    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False) -> Session:
+    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False,
+             drafting: bool = False) -> Session:
         """A session over a checked artifact; `lean` for a parity check (build, verify): memory
-        before speed where the runtime offers the choice (the numbers are the same)."""
+        before speed where the runtime offers the choice (the numbers are the same). `drafting`:
+        the model joined with its MTP head (speculative decoding with `drafter="mtp"`), where the
+        backend compiles one."""
 
     def engine_status(self, section: dict) -> dict:
         """The manifest's `engine` section for a freshly emitted payload."""

@@ -40,7 +40,7 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
     if (prompt is None) == (prompt_ids is None):
         raise QwenError("give exactly one of --prompt or --prompt-ids")
     path = resolve_model(model)
-    session = load(path, dtype)
+    session = load(path, dtype, drafting=bool(speculative) and drafter == "mtp")
     for note in getattr(getattr(session, "model", None), "load_notes", []):
         info(f"note: {note}")
     tokenizer = session.tokenizer

@@ -39,15 +39,18 @@ def open_checked(path: str | Path, check: bool = True):
     return manifest, backend
 
 
-def load(path: str | Path, dtype: str = "float32", *, check: bool = True, threads: int | None = None) -> Session:
+def load(path: str | Path, dtype: str = "float32", *, check: bool = True, threads: int | None = None,
+         drafting: bool = False) -> Session:
     """Open a checkpoint directory or a compiled artifact (a directory with manifest.json).
 
     Artifacts are validated and checked against their manifest first (every file's size and sha256;
     `check=False` skips the hashing, for a caller that just did it); `dtype` applies to checkpoints
-    only (an artifact's precision is fixed by its target).
+    only (an artifact's precision is fixed by its target). `drafting=True` opens an artifact's model
+    joined with its MTP head, for `generate(..., speculative=K, drafter="mtp")` (the same session
+    `Session.drafting()` gives, without loading the plain model first).
     """
     path = Path(path)
     if is_artifact_dir(path):
         manifest, backend = open_checked(path, check=check)
-        return backend.load(path, manifest, threads=threads)
+        return backend.load(path, manifest, threads=threads, drafting=drafting)
     return ReferenceSession.from_checkpoint(path, dtype)

@@ -89,88 +89,56 @@ class Replay:
 
 
 class MtpDrafter:
-    """Drafts with the model's MTP head (Qwen3.5's multi-token prediction layer, as vLLM runs it).
+    """Drafts with the model's MTP head (Qwen3.5's multi-token prediction layer, as vLLM runs it),
+    joined with the model in one graph (`session.drafting()`; backends/onnx/fuse.py).
 
     The head predicts token i + 2 from the main model's hidden state at position i and token i + 1.
-    It keeps a KV cache of its own over these pairs: before drafting, every pair whose hidden
-    state the main model has computed since (`observe`) and whose next token is known is fed, in
-    one step; its last pair gives draft 1. Draft j + 1 chains on draft j: the pair (the head's own
-    hidden state, draft j) one position on, as the head was trained (tools/train_tiny.py). Chained
-    pairs sit past the fed ones in the head's cache and are written over by the next feed, so,
-    like the main model's drafts, they need no rollback. Drafts are the head's argmax (a point
-    mass for the sampling rule).
+    Every step of the joined graph feeds it the step's positions, so its KV cache over these pairs
+    keeps up with the model's, and returns its argmax at each position the model judges: the one
+    at the row's last accepted position is the next step's first draft. The head reads the model's
+    argmax as the token after a judged position, which is the token greedy decoding accepts there;
+    under sampling the drafts still follow the argmax (point masses that the acceptance rule
+    judges, so the output distribution is unchanged; only fewer are accepted). Draft j + 1 chains
+    on draft j: the pair (the head's own hidden state, draft j) one position on, as the head was
+    trained (tools/train_tiny.py), run by the head alone (`draft_head`) on the joined state's MTP
+    cache. The next step feeds the head from its first pending position on, over the chained
+    pairs, so they need no rollback."""
 
-    `head` is a backend's MTP session: `new_state(batch, max_len)` and `draft_step(ids, hidden,
-    state, q_start, lengths) -> (last logits [B, V], mtp_hidden [B, T, H])`."""
+    joined = True
 
-    needs_hidden = True
+    def __init__(self, session):
+        self.session, self.head = session, None
 
-    def __init__(self, head):
-        self.head = head
-        self.state = None
+    def start(self, state, extras: dict, lengths: list[int]) -> None:
+        """A new generation, after the prefill: its state and outputs."""
+        self.state = state
+        self.next = extras["draft"][:, 0].tolist()
+        self.carry = [extras["mtp_hidden"][b, n - 1].numpy() for b, n in enumerate(lengths)]
+        self.at = [n - 1 for n in lengths]   # each row's position of the pair that drafted `next`
 
-    def start(self, prompts: list[list[int]], hidden: list[torch.Tensor], max_len: int) -> None:
-        """A new generation: the prompts and the main model's hidden states over them ([n_b, H] per
-        row). The pairs the prompts already hold are fed now (part of the prefill)."""
-        self.state = self.head.new_state(len(prompts), max_len)
-        self.fed = [0] * len(prompts)                 # pairs in the head's cache, per row
-        self.hidden: list[list[np.ndarray]] = [[] for _ in prompts]   # main hidden states by position
-        for b, states in enumerate(hidden):
-            self.observe(b, 0, states)
-        rows = [b for b, p in enumerate(prompts) if len(p) > 1]
-        if rows:
-            self._feed(prompts, rows)
-
-    def observe(self, b: int, position: int, hidden: torch.Tensor) -> None:
-        """The main model's hidden states of row b at positions position.. (recomputed ones agree)."""
-        rows = self.hidden[b]
-        for i, h in enumerate(hidden.numpy()):
-            if position + i == len(rows):
-                rows.append(h)
-
-    def _feed(self, contexts: list[list[int]], rows: list[int]):
-        """Feed rows' pairs (h_i, x_{i+1}) not yet in the head's cache, i < len(context) - 1:
-        (logits [B, V] of each row's last pair, {row: its head hidden state})."""
-        batch, H = len(contexts), self.head.config.hidden_size
-        spans = {b: (self.fed[b], len(contexts[b]) - 1) for b in rows}
-        for b, (lo, hi) in spans.items():
-            if hi > len(self.hidden[b]) or hi <= lo:
-                raise QwenError(f"MTP drafter: row {b} has hidden states for {len(self.hidden[b])} positions, "
-                                f"needs {hi} (and a pair to feed)")
-        width = max(hi - lo for lo, hi in spans.values())
-        ids, hidden = np.zeros((batch, width), np.int64), np.zeros((batch, width, H), np.float32)
-        lengths, q_start = np.zeros(batch, np.int64), np.asarray(self.fed, np.int64)
-        for b, (lo, hi) in spans.items():
-            ids[b, :hi - lo] = contexts[b][lo + 1:hi + 1]
-            hidden[b, :hi - lo] = np.stack(self.hidden[b][lo:hi])
-            lengths[b] = hi - lo
-            self.fed[b] = hi
-        logits, states = self.head.draft_step(ids, hidden, self.state, q_start, lengths)
-        return logits, {b: states[b, lengths[b] - 1] for b in rows}
+    def observe(self, b: int, extras: dict, i: int, position: int) -> None:
+        """Row b's last accepted pair is the step's position i (`position` in the sequence)."""
+        self.next[b], self.carry[b], self.at[b] = int(extras["draft"][b, i]), extras["mtp_hidden"][b, i].numpy(), position
 
     def propose(self, contexts: list[list[int]], budgets: list[int]) -> list[Draft]:
-        batch = len(contexts)
-        drafts: list[list[int]] = [[] for _ in range(batch)]
-        live = [b for b in range(batch) if budgets[b] > 0]
-        if not live:
-            return [Draft([]) for _ in range(batch)]
-        logits, last = self._feed(contexts, live)
-        H = self.head.config.hidden_size
-        for j in range(max(budgets)):
-            for b in live:
-                if j < budgets[b]:
-                    drafts[b].append(int(logits[b].argmax()))
-            chain = [b for b in live if j + 1 < budgets[b]]
+        drafts = [[self.next[b]] if k > 0 else [] for b, k in enumerate(budgets)]
+        chain = [b for b, k in enumerate(budgets) if k > 1]
+        if chain and self.head is None:
+            self.head = self.session.draft_head()
+            self.cache = self.state.part([spec["name"] for spec in self.head.specs])
+        batch, H = len(budgets), self.session.config.hidden_size
+        for j in range(1, max(budgets, default=0)):
+            chain = [b for b in chain if j < budgets[b]]
             if not chain:
                 break
             ids, hidden = np.zeros((batch, 1), np.int64), np.zeros((batch, 1, H), np.float32)
-            lengths = np.zeros(batch, np.int64)
-            q_start = np.asarray(self.fed, np.int64) + j
+            lengths, q_start = np.zeros(batch, np.int64), np.asarray(self.at, np.int64) + j
             for b in chain:
-                ids[b, 0], hidden[b, 0], lengths[b] = drafts[b][-1], last[b], 1
-            logits, states = self.head.draft_step(ids, hidden, self.state, q_start, lengths)
-            last = {b: states[b, 0] for b in chain}
-            live = chain
+                ids[b, 0], hidden[b, 0], lengths[b] = drafts[b][-1], self.carry[b], 1
+            logits, states = self.head.draft_step(ids, hidden, self.cache, q_start, lengths)
+            for b in chain:
+                drafts[b].append(int(logits[b].argmax()))
+                self.carry[b] = states[b, 0]
         return [Draft(d) for d in drafts]
 
 
@@ -185,10 +153,13 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
     if drafter in (None, "lookup"):
         drafter = PromptLookup()
     elif drafter == "mtp":
-        drafter = MtpDrafter(session.draft_head())       # refuses an artifact without a head
+        session = session.drafting()       # refuses an artifact without a head
+        drafter = MtpDrafter(session)
     elif isinstance(drafter, str):
         raise QwenError(f"unknown drafter '{drafter}' (lookup, mtp)")
-    hidden = getattr(drafter, "needs_hidden", False)
+    joined = getattr(drafter, "joined", False)
+    if joined and not getattr(session, "joined", False):
+        raise QwenError("an MTP drafter runs on its joined session: generate on drafter.session")
     batch, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)
     ids = torch.zeros(batch, width, dtype=torch.long)
@@ -200,10 +171,10 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
     state = session.new_state(batch, capacity)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    last = session.prefill(ids, state, torch.tensor(lengths), last_only=True, **({"hidden": True} if hidden else {}))
-    if hidden:
-        last, states = last
-        drafter.start(prompts, [states[b, :n] for b, n in enumerate(lengths)], capacity)
+    last = session.prefill(ids, state, torch.tensor(lengths), last_only=True, **({"extras": True} if joined else {}))
+    if joined:
+        last, extras = last
+        drafter.start(state, extras, lengths)
     last = last.float()[:, 0]
     prefill_seconds = time.perf_counter() - start
     position = list(lengths)           # tokens each row's state holds
@@ -237,9 +208,9 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
         for b, row in enumerate(rows):
             step[b, :len(row)] = torch.tensor(row, dtype=torch.long)
         commit = [0 if done[b] else len(pending[b]) for b in range(batch)]
-        logits = session.extend(step, state, [len(r) for r in rows], commit, **({"hidden": True} if hidden else {}))
-        if hidden:
-            logits, states = logits
+        logits = session.extend(step, state, [len(r) for r in rows], commit, **({"extras": True} if joined else {}))
+        if joined:
+            logits, extras = logits
         logits = logits.float()
         steps += 1
         for b in range(batch):
@@ -249,8 +220,8 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
             new = _judge(logits[b, base:base + len(draft.tokens) + 1], draft, temperature, top_p, generator)
             drafted += len(draft.tokens)
             accepted += len(new) - 1
-            if hidden:   # pending tokens and accepted drafts: states of the committed context
-                drafter.observe(b, position[b], states[b, :base + len(new)])
+            if joined:
+                drafter.observe(b, extras, base + len(new) - 1, position[b] + base + len(new) - 1)
             position[b] += commit[b]
             pending[b] = new
             emit(b, new)

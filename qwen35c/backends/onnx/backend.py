@@ -99,11 +99,12 @@ class OnnxBackend:
             return reference, get_target(manifest["target"]["name"]).precision, "reference"
         return ReferenceSession(prepared.emulated()), lowering_gate(prepared.record), "quantization-emulating reference"
 
-    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False):
+    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False,
+             drafting: bool = False):
         from qwen35c.backends.onnx.session import OnnxSession
 
         _check_model(directory, manifest)
-        return OnnxSession(directory, manifest, threads=threads, arena=not lean)
+        return OnnxSession(directory, manifest, threads=threads, arena=not lean, graph="drafting" if drafting else None)
 
 
 def _check_model(directory: Path, manifest: dict) -> None:

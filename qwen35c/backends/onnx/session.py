@@ -31,6 +31,20 @@ from reference.stream import freed_blocks_unmapped
 _NP = {"f32": np.float32, "f16": np.float16, "i64": np.int64}
 
 
+_PER_LOGIT = ("logits", "draft")    # outputs at the logit positions [B, P, ...]; the others are per token
+
+
+def _following(ids: np.ndarray, lengths: np.ndarray, judged: np.ndarray) -> np.ndarray:
+    """The joined graph's `next_ids` (fuse.py): at positions before judged[b] the next input token,
+    from judged[b] on -1 (the model's own argmax), past lengths[b] 0 (padding)."""
+    following = np.zeros_like(ids)
+    following[:, :-1] = ids[:, 1:]
+    at = np.arange(ids.shape[1])
+    following[at >= judged[:, None]] = -1
+    following[at >= lengths[:, None]] = 0
+    return following
+
+
 def in_place(spec: dict) -> bool:
     """KV caches are updated in place: the graph's ScatterElements writes only the new positions
     when its output buffer is its input buffer (ORT skips the copy when they alias), and nothing
@@ -100,6 +114,15 @@ class OnnxState:
     def swap(self):
         self.current = 1 - self.current
 
+    def part(self, names: list[str]) -> "OnnxState":
+        """The tensors `names` as a state of their own over the same memory (the joined graph's MTP
+        cache, which the head run alone extends with chained drafts)."""
+        view = object.__new__(OnnxState)
+        view.batch, view.capacity, view.q_start = self.batch, self.capacity, self.q_start.copy()
+        view.shared = self.shared
+        view._bind([{name: arrays[name] for name in names} for arrays in self.arrays], self.current)
+        return view
+
     def numpy(self, name: str) -> np.ndarray:
         """A copy of one state tensor in its artifact layout (for tests and debugging)."""
         return self.read()[name].numpy().copy()
@@ -113,7 +136,8 @@ class OnnxSession(Session):
         """`arena=False` turns off ORT's CPU memory arena (which keeps its largest working set, grown
         in doubling steps, for the session's life) and its memory patterns: slower allocation, a
         lower peak for the checks.
-        `graph="mtp"` opens the artifact's MTP head (`mtp.onnx`) instead of the model; `custom_ops` is a
+        `graph="mtp"` opens the artifact's MTP head (`mtp.onnx`) instead of the model, `graph="drafting"`
+        the model and its head joined (`fuse.py`: each step also drafts the next token); `custom_ops` is a
         custom-op library to register (the TensorRT bundle's plugin nodes); `rewrite(ModelProto)` edits
         the graph in memory before loading (the bundle's bf16 widened to fp32; external data is read
         from the artifact as it is)."""
@@ -123,18 +147,21 @@ class OnnxSession(Session):
 
         self.directory, self.manifest = Path(directory), manifest
         self.mode = "onnxruntime CPUExecutionProvider, fp32"
-        backend = manifest["backend"] if graph is None else manifest["backend"][graph]
-        self.threads, self.arena = threads, arena
+        if graph in ("mtp", "drafting") and "mtp" not in manifest["backend"]:
+            raise QwenError(f"{self.directory}: this artifact has no MTP head (its checkpoint had none, or it was "
+                            f"built with --no-mtp)")
+        backend = manifest["backend"]["mtp"] if graph == "mtp" else manifest["backend"]
+        self.graph, self.threads, self.arena = graph, threads, arena
         self.config = load_config(self.directory)
         self.tokenizer = load_tokenizer(self.directory)
-        self.specs = backend["states"]
+        self.specs = backend["states"] + (backend["mtp"]["states"] if graph == "drafting" else [])
         knobs = settings()
         options = ort.SessionOptions()
         threads = threads or knobs.threads
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        spin = knobs.ort_spin if graph is None else False   # see draft_head
+        spin = knobs.ort_spin if graph != "mtp" else False   # see draft_head
         if spin is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin)))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -151,6 +178,15 @@ class OnnxSession(Session):
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         model = artifact_file(self.directory, manifest, backend["model"])
         source = str(model)
+        if graph == "drafting":
+            import onnx
+
+            from qwen35c.backends.onnx.fuse import join_draft_head
+
+            head = artifact_file(self.directory, manifest, backend["mtp"]["model"])
+            source = join_draft_head(onnx.load(source, load_external_data=False), onnx.load(str(head), load_external_data=False),
+                                     {spec["name"] for spec in backend["mtp"]["states"]}).SerializeToString()
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
         if rewrite is not None:
             import onnx
 
@@ -167,18 +203,20 @@ class OnnxSession(Session):
         self.vocab = self.config.vocab_size
         self.gqa = "com.microsoft::GroupQueryAttention" in backend.get("ops", {})
         self.extends = any(i.name == "commit" for i in self.ort.get_overridable_initializers())
-        self.extra_outputs = [o.name for o in self.ort.get_outputs()
-                              if o.name != "logits" and not o.name.endswith(".out")]   # hidden / mtp_hidden
+        self.extra_outputs = [o.name for o in self.ort.get_outputs()   # hidden, mtp_hidden, draft
+                              if o.name != "logits" and not o.name.endswith(".out")]
         self.drafts = "mtp" in backend
+        self.joined = graph == "drafting"
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
 
     def new_state(self, batch: int, max_len: int) -> OnnxState:
         return OnnxState(self.specs, batch, max_len)
 
     def _run(self, ids: np.ndarray, state: OnnxState, lengths: np.ndarray, positions: np.ndarray,
-             commit: np.ndarray | None = None, hidden: np.ndarray | None = None) -> dict[str, np.ndarray]:
+             commit: np.ndarray | None = None, hidden: np.ndarray | None = None,
+             following: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """One step: {"logits": [B, P, V], and each extra output ("hidden" [B, T, H]...)}; `hidden`
-        feeds the MTP graph's input of that name."""
+        feeds the MTP graph's input of that name, `following` the joined graph's `next_ids`."""
         batch, length = ids.shape
         if batch != state.batch:
             raise QwenError(f"batch {batch} does not match the state's batch {state.batch}")
@@ -204,6 +242,8 @@ class OnnxSession(Session):
                 np.ascontiguousarray(lengths if commit is None else commit, dtype=np.int64)))
         if hidden is not None:
             binding.bind_cpu_input("hidden", np.ascontiguousarray(hidden, dtype=np.float32))
+        if self.joined:
+            binding.bind_cpu_input("next_ids", np.ascontiguousarray(following, dtype=np.int64))
         binding.bind_output("logits", "cpu")
         for name in self.extra_outputs:
             binding.bind_output(name, "cpu")
@@ -215,13 +255,19 @@ class OnnxSession(Session):
         state.q_start = state.q_start + (lengths if commit is None else commit).astype(np.int64)
         return result
 
-    def prefill(self, ids, state, lengths=None, last_only=False, hidden=False):
+    def _returned(self, out: dict[str, np.ndarray], extras: bool):
+        logits = torch.from_numpy(out.pop("logits"))
+        return (logits, {name: torch.from_numpy(a) for name, a in out.items()}) if extras else logits
+
+    def prefill(self, ids, state, lengths=None, last_only=False, extras=False):
         """Prompts longer than `settings().prefill_chunk` (default 256) tokens run as consecutive chunks
         (the graph continues from q_start), which bounds the activations ORT holds at once, and so the
         arena it keeps for the session's life, at no cost in speed (0.8b cpu-int4, 4096-token prompt,
         2 threads: chunks of 1024 -> 256 took peak RSS 2644 -> 1371 MiB at 220 -> 230 tok/s). A row whose
         prompt ended in an earlier chunk gets length 0 in the later ones: its state is left as it is.
-        `hidden=True` (an artifact with an MTP head) returns (logits, hidden states [B, T, H])."""
+        `extras=True` returns (logits, {name: the graph's other outputs}): "hidden" [B, T, H] on an
+        artifact with an MTP head; the joined graph (`drafting()`) adds "mtp_hidden" [B, T, H] and
+        "draft" [B, P]."""
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
         batch, length = ids.shape
         lengths = np.full(batch, length, np.int64) if lengths is None else \
@@ -229,25 +275,23 @@ class OnnxSession(Session):
         if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > length).any():
             raise QwenError(f"lengths {lengths.tolist()} must give each of the {batch} rows 0..{length} tokens")
         chunk = settings().prefill_chunk
-        if hidden and "hidden" not in self.extra_outputs:
-            raise QwenError(f"{self.directory}: this artifact's graph returns no hidden states (built without an MTP head)")
+        following = _following(ids, lengths, lengths - 1) if self.joined else None
         if self.gqa and batch > 1 and length > 1 and (length > chunk or state.q_start.any()):
-            logits, states = self._prefill_rows(ids, state, lengths, last_only)
+            out = self._rows(ids, state, lengths, last_only=last_only)
         elif length > chunk:
-            logits, states = self._prefill_chunked(ids, state, lengths, last_only, chunk)
+            out = self._prefill_chunked(ids, state, lengths, last_only, chunk, following)
         else:
             if last_only:
                 positions = (lengths - 1).reshape(batch, 1)
             else:
                 positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
-            out = self._run(ids, state, lengths, positions)
-            logits, states = out["logits"], out.get("hidden")
-        return (torch.from_numpy(logits), torch.from_numpy(states)) if hidden else torch.from_numpy(logits)
+            out = self._run(ids, state, lengths, positions, following=following)
+        return self._returned(out, extras)
 
-    def _prefill_chunked(self, ids, state, lengths, last_only, chunk):
+    def _prefill_chunked(self, ids, state, lengths, last_only, chunk, following):
         batch, length = ids.shape
         last = lengths - 1
-        parts, hidden, result = [], [], None
+        parts: dict[str, list] = {}
         for c0 in range(0, length, chunk):
             n = min(length, c0 + chunk) - c0
             lens = np.clip(lengths - c0, 0, n).astype(np.int64)
@@ -255,46 +299,51 @@ class OnnxSession(Session):
                 positions = np.clip(last - c0, 0, n - 1).reshape(batch, 1)
             else:
                 positions = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n))
-            out = self._run(np.ascontiguousarray(ids[:, c0:c0 + n]), state, lens, positions)
-            logits = out["logits"]
-            if "hidden" in out:
-                hidden.append(out["hidden"])
-            if last_only:
-                result = np.zeros_like(logits) if result is None else result
-                here = (last >= c0) & (last < c0 + n)
-                result[here] = logits[here]
-            else:
-                parts.append(logits)
-        return result if last_only else np.concatenate(parts, axis=1), \
-            np.concatenate(hidden, axis=1) if hidden else None
+            out = self._run(np.ascontiguousarray(ids[:, c0:c0 + n]), state, lens, positions,
+                            following=None if following is None else following[:, c0:c0 + n])
+            here = (last >= c0) & (last < c0 + n)
+            for name, part in out.items():
+                if last_only and name in _PER_LOGIT:   # each row's last position, from the chunk holding it
+                    kept = parts.setdefault(name, [np.zeros_like(part)])[0]
+                    kept[here] = part[here]
+                else:
+                    parts.setdefault(name, []).append(part)
+        return {name: p[0] if last_only and name in _PER_LOGIT else np.concatenate(p, axis=1)
+                for name, p in parts.items()}
 
-    def _prefill_rows(self, ids, state, lengths, last_only):
+    def _rows(self, ids, state, lengths, commit=None, last_only=False):
         """ORT's CPU GroupQueryAttention takes T > 1 on top of a non-empty cache only for batch 1
         ("batch_size must be 1 when sequence_length > 1 and past context is given"), so a batched
-        continuation, or a batched prompt longer than the prefill chunk, runs row by row: each row
-        as a batch-1 state over the same buffers, chunked as a single prompt would be. Logits past
-        a row's length are zero."""
+        continuation (a prompt on a non-empty state, a speculative step) or a batched prompt longer
+        than the prefill chunk runs row by row: each row as a batch-1 state over the same buffers, a
+        prompt (`commit` None) chunked as a single prompt would be. Outputs past a row's length are zero."""
         batch, length = ids.shape
-        result = np.zeros((batch, 1 if last_only else length, self.vocab), np.float32)
-        hidden = np.zeros((batch, length, self.config.hidden_size), np.float32) if "hidden" in self.extra_outputs else None
+        merged: dict[str, np.ndarray] = {}
         for b, n in enumerate(lengths.tolist()):
             row = state.row(b)
             if n:
-                out = self.prefill(np.ascontiguousarray(ids[b:b + 1, :n]), row, None, last_only, hidden=hidden is not None)
-                logits = out[0] if hidden is not None else out
-                result[b, :logits.shape[1]] = logits[0].numpy()
-                if hidden is not None:
-                    hidden[b, :n] = out[1][0].numpy()
+                one = np.ascontiguousarray(ids[b:b + 1, :n])
+                if commit is None:   # a prompt
+                    logits, out = self.prefill(one, row, None, last_only, extras=True)
+                    out = {"logits": logits.numpy(), **{k: v.numpy() for k, v in out.items()}}
+                else:
+                    out = self._run(one, row, lengths[b:b + 1], np.arange(n, dtype=np.int64)[None], commit[b:b + 1],
+                                    following=_following(one, lengths[b:b + 1], commit[b:b + 1] - 1)
+                                    if self.joined else None)
+                for name, part in out.items():
+                    if name not in merged:
+                        width = 1 if last_only and name in _PER_LOGIT else length
+                        merged[name] = np.zeros((batch, width, *part.shape[2:]), part.dtype)
+                    merged[name][b, :part.shape[1]] = part[0]
             row.settle(1 - state.current)
         state.swap()
-        state.q_start = state.q_start + lengths
-        return result, hidden
+        state.q_start = state.q_start + (lengths if commit is None else commit)
+        return merged
 
-    def extend(self, ids, state, lengths, commit, hidden=False):
+    def extend(self, ids, state, lengths, commit, extras=False):
         """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V] of every step, keeping only the
         first commit[b] tokens of each row in the state (the rest, a speculative step's drafts, are
-        computed and forgotten: the next step starts at q_start + commit). `hidden=True` returns
-        (logits, hidden states [B, T, H]) on an artifact with an MTP head."""
+        computed and forgotten: the next step starts at q_start + commit). `extras=True`: as prefill."""
         if not self.extends:
             raise QwenError(f"{self.directory}: this artifact's graph has no commit input (built before "
                             f"speculative decoding, or with unfused GDN layers); rebuild it")
@@ -303,27 +352,23 @@ class OnnxSession(Session):
         lengths, commit = np.asarray(lengths, np.int64), np.asarray(commit, np.int64)
         if (commit < 0).any() or (commit > lengths).any() or (lengths > length).any():
             raise QwenError(f"commit {commit.tolist()} must lie within lengths {lengths.tolist()} <= {length}")
-        positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
-        if hidden and "hidden" not in self.extra_outputs:
-            raise QwenError(f"{self.directory}: this artifact's graph returns no hidden states (built without an MTP head)")
-        if not (self.gqa and batch > 1 and length > 1):
-            out = self._run(ids, state, lengths, positions, commit)
-            logits, states = out["logits"], out.get("hidden")
-        else:   # row by row: see _prefill_rows
-            logits = np.zeros((batch, length, self.vocab), np.float32)
-            states = np.zeros((batch, length, self.config.hidden_size), np.float32)
-            for b, n in enumerate(lengths.tolist()):
-                row = state.row(b)
-                if n:
-                    out = self._run(np.ascontiguousarray(ids[b:b + 1, :n]), row, lengths[b:b + 1], positions[:1, :n],
-                                    commit[b:b + 1])
-                    logits[b, :n] = out["logits"][0]
-                    if "hidden" in out:
-                        states[b, :n] = out["hidden"][0]
-                row.settle(1 - state.current)
-            state.swap()
-            state.q_start = state.q_start + commit
-        return (torch.from_numpy(logits), torch.from_numpy(states)) if hidden else torch.from_numpy(logits)
+        if self.gqa and batch > 1 and length > 1:
+            out = self._rows(ids, state, lengths, commit)
+        else:
+            positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
+            out = self._run(ids, state, lengths, positions, commit,
+                            following=_following(ids, lengths, commit - 1) if self.joined else None)
+        return self._returned(out, extras)
+
+    def drafting(self) -> "OnnxSession":
+        """This artifact's model joined with its MTP head (`fuse.py`), for speculative decoding with
+        `drafter="mtp"`: a second session over the same files (the model's weights loaded again), so a
+        caller that only drafts should load it directly (`load(..., drafting=True)`)."""
+        if self.joined:
+            return self
+        if getattr(self, "_drafting", None) is None:
+            self._drafting = OnnxSession(self.directory, self.manifest, self.threads, self.arena, graph="drafting")
+        return self._drafting
 
     def draft_head(self) -> "OnnxSession":
         """The artifact's MTP head (`mtp.onnx`) as a session of its own, run by `draft_step`. Its
@@ -346,7 +391,7 @@ class OnnxSession(Session):
         if not (self.gqa and batch > 1 and length > 1):
             out = self._run(ids, state, lengths, np.maximum(lengths - 1, 0).reshape(batch, 1), hidden=hidden)
             return out["logits"][:, 0], out["mtp_hidden"]
-        logits = np.zeros((batch, self.vocab), np.float32)    # row by row: see _prefill_rows
+        logits = np.zeros((batch, self.vocab), np.float32)    # row by row: see _rows
         states = np.zeros_like(hidden)
         for b, n in enumerate(lengths.tolist()):
             if n:
@@ -359,7 +404,8 @@ class OnnxSession(Session):
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
         batch = ids.shape[0]
         return torch.from_numpy(self._run(ids.reshape(batch, 1), state, np.ones(batch, np.int64),
-                                          np.zeros((batch, 1), np.int64))["logits"])
+                                          np.zeros((batch, 1), np.int64),
+                                          following=np.full((batch, 1), -1) if self.joined else None)["logits"])
 
     def logits(self, ids):
         return self.prefill(ids, self.new_state(ids.shape[0], ids.shape[1]))

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from qwen35c.backends.base import EmitContext
+from qwen35c.errors import QwenError
 from qwen35c.backends.onnx.backend import _annotate, _check_model, _graph_section, _validate_graph
 
 
@@ -99,7 +100,10 @@ class TensorRTBackend:
         what = "bf16-rounded weights" + (f", {record['label']}" if record else "")
         return emulating_reference(model_dir, record), lowering_gate(record), f"emulating reference ({what})"
 
-    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False):
+    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False,
+             drafting: bool = False):
+        if drafting:
+            raise QwenError(f"{directory}: {self.name} artifacts hold no MTP head (the onnx backend compiles one)")
         from qwen35c.backends.onnx.session import OnnxSession
         from qwen35c.backends.tensorrt.bundle import widen_bf16
         from qwen35c.backends.tensorrt.plugins import register_onnxruntime

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from qwen35c.artifact import ArtifactError, artifact_file
 from qwen35c.backends.base import EmitContext
+from qwen35c.errors import QwenError
 
 
 class TritonBackend:
@@ -68,7 +69,10 @@ class TritonBackend:
             return reference, get_target(manifest["target"]["name"]).precision, f"emulating reference ({what})"
         return reference, lowering_gate(record), f"emulating reference ({what}, fp32 activations)"
 
-    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False):
+    def load(self, directory: Path, manifest: dict, threads: int | None = None, lean: bool = False,
+             drafting: bool = False):
+        if drafting:
+            raise QwenError(f"{directory}: {self.name} artifacts hold no MTP head (the onnx backend compiles one)")
         self.setup()
         from qwen35c.backends.triton.session import TritonSession
 
