@@ -772,8 +772,11 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
 
         say("MTP head against the reference MTP module")
         reference = prepared.emulated() if prepared is not None else StreamedModel(ref_path, torch.float32)
-        _mtp_head(backend.load(directory, manifest, threads=threads, lean=True, drafting=True), reference, checks,
-                  report, _quantizes_activations(manifest))
+        try:
+            _mtp_head(backend.load(directory, manifest, threads=threads, lean=True, drafting=True), reference, checks,
+                      report, _quantizes_activations(manifest))
+        except QwenError as err:   # a graph that does not run is a failed check, reported as such
+            checks.append({"name": "mtp", "status": "fail", "detail": f"the head could not run: {err}"})
     if bisect and "bisect" in skip:
         raise QwenError("--bisect and --skip bisect contradict each other")
     if bisect and quantized:

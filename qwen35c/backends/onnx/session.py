@@ -248,7 +248,11 @@ class OnnxSession(Session):
         for name in self.extra_outputs:
             binding.bind_output(name, "cpu")
         with contextlib.nullcontext() if self.arena else freed_blocks_unmapped():   # lean: nor glibc's heap
-            self.ort.run_with_iobinding(binding)
+            try:
+                self.ort.run_with_iobinding(binding)
+            except Exception as err:  # ORT raises its own exception types
+                raise QwenError(f"{self.directory}: onnxruntime failed running the {self.graph or 'model'} graph "
+                                f"({str(err).splitlines()[0][:300]})") from None
         outputs = binding.get_outputs()
         result = {name: outputs[i].numpy() for i, name in enumerate(["logits", *self.extra_outputs])}
         state.swap()
