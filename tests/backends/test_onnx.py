@@ -60,7 +60,7 @@ def test_batch_prefill_then_decode(built):
 def count_runs(session, monkeypatch) -> list:
     """Record the [B, T] of each graph run the session makes for the rest of the test."""
     runs, run = [], session._run
-    monkeypatch.setattr(session, "_run", lambda ids, *rest: runs.append(ids.shape) or run(ids, *rest))
+    monkeypatch.setattr(session, "_run", lambda ids, *rest, **named: runs.append(ids.shape) or run(ids, *rest, **named))
     return runs
 
 
