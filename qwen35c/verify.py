@@ -19,7 +19,9 @@ agreement; gated by the target's precision (`qwen35c.targets.GATES`).
   mtp        (artifacts with an MTP head) the head's graph against the reference MTP module
              (`reference.stream.StreamedModel.load_mtp`, the same LM head as the parity check's
              reference) on the main graph's hidden states of the batch prompts: its hidden states at
-             every pair and the logits of the last, fed in one step and in two (its KV cache)
+             every pair and the logits of the last, fed in one step and in two (its KV cache); the
+             model joined with its head (what MTP drafting runs): its head states and drafts, and
+             MTP-drafted greedy decoding == plain greedy decoding
 
 Exit codes: 0 only when the artifact was executed and every check that ran passed; 1 when a check
 failed; 2 when the input is bad or a check could not run (the report says why). Asking for less is

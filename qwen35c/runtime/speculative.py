@@ -24,9 +24,11 @@ with p(d); on rejection draw from p without d). p is exactly what plain `generat
 (temperature, then top-p), so the output distribution is plain sampling's.
 
 Drafters: prompt lookup (`PromptLookup`, "lookup", the default), the model's own MTP head
-(`MtpDrafter`, "mtp", on an artifact that compiled one) and `Replay` (tests and `verify`). Prompt
-lookup is the default because it is the faster of the two on a CPU (README, "Speculative decoding"):
-its drafts cost nothing, while an MTP draft step reads the LM head again (0.8b: 0.39 of a step).
+(`MtpDrafter`, "mtp", on an artifact that compiled one: generation then runs on the model joined
+with its head, `session.drafting()`, whose every step also drafts the next one) and `Replay` (tests
+and `verify`). Prompt lookup stays the default: its drafts cost nothing, while the joined head costs
+x1.3 of a step on the bundled models and x1.2 on the 0.8b preset (it reads the LM head again), so on
+this CPU MTP drafting only breaks even (README, "Speculative decoding").
 """
 
 from __future__ import annotations
@@ -179,11 +181,13 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
     prefill_seconds = time.perf_counter() - start
     position = list(lengths)           # tokens each row's state holds
     tokens: list[list[int]] = [[] for _ in range(batch)]
+    contexts = [list(p) for p in prompts]     # prompt + tokens, what a drafter reads
     done = [max_new_tokens <= 0] * batch
 
     def emit(b: int, new: list[int]) -> None:
         for token in new:
             tokens[b].append(token)
+            contexts[b].append(token)
             if on_token:
                 on_token(b, token)
             if token in stop_ids or len(tokens[b]) >= max_new_tokens:
@@ -200,13 +204,13 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
     while not all(done):   # a step's time includes drafting and judging
         start = time.perf_counter()
         budgets = [0 if done[b] else min(k, max_new_tokens - len(tokens[b]) - 1) for b in range(batch)]
-        drafts = drafter.propose([prompts[b] + tokens[b] for b in range(batch)], budgets)
+        drafts = drafter.propose(contexts, budgets)
         drafts = [Draft(d.tokens[:budgets[b]], None if d.probs is None else d.probs[:budgets[b]])
                   for b, d in enumerate(drafts)]
         rows = [[] if done[b] else pending[b] + drafts[b].tokens for b in range(batch)]
-        step = torch.zeros(batch, max(len(r) for r in rows), dtype=torch.long)
+        step = np.zeros((batch, max(len(r) for r in rows)), np.int64)
         for b, row in enumerate(rows):
-            step[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+            step[b, :len(row)] = row
         commit = [0 if done[b] else len(pending[b]) for b in range(batch)]
         logits = session.extend(step, state, [len(r) for r in rows], commit, **({"extras": True} if joined else {}))
         if joined:
