@@ -17,7 +17,7 @@ from qwen35c.build import build_artifact
 from qwen35c.errors import QwenError
 from qwen35c.passes.fuse_deltanet import gated_deltanet_naive, gated_deltanet_ref
 from qwen35c.runtime import load
-from qwen35c.runtime.speculative import Draft, MtpDrafter, PromptLookup, Replay
+from qwen35c.runtime.speculative import Draft, PromptLookup, Replay
 
 NK, NV, DK, DV, K = 2, 4, 16, 12, 4    # grouped value heads, a head dim that is not a power of 2
 SAME = 2e-5      # a K+1-token pass against 1-token passes of the same artifact (fp32 rounding)

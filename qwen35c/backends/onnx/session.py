@@ -322,7 +322,7 @@ class OnnxSession(Session):
         than the prefill chunk runs row by row: each row as a batch-1 state over the same buffers, a
         prompt (`commit` None) chunked as a single prompt would be. Outputs past a row's length are zero."""
         batch, length = ids.shape
-        merged: dict[str, np.ndarray] = {}
+        merged = {"logits": np.zeros((batch, 1 if last_only else length, self.vocab), np.float32)}
         for b, n in enumerate(lengths.tolist()):
             row = state.row(b)
             if n:
@@ -375,13 +375,16 @@ class OnnxSession(Session):
         return self._drafting
 
     def draft_head(self) -> "OnnxSession":
-        """The artifact's MTP head (`mtp.onnx`) as a session of its own, run by `draft_step`. Its
-        threads never spin-wait: with both pools spinning in turn on the same two cores, the bundled
-        tiny model's verify steps between draft steps took ~7 ms instead of ~2.7 ms."""
+        """The artifact's MTP head (`mtp.onnx`) as a session of its own, run by `draft_step` (one per
+        session, made on first use). Its threads never spin-wait: with both pools spinning in turn on
+        the same two cores, the bundled tiny model's verify steps between draft steps took ~7 ms
+        instead of ~2.7 ms."""
         if not self.drafts:
             raise QwenError(f"{self.directory}: this artifact has no MTP head (its checkpoint had none, or it was "
                             f"built with --no-mtp)")
-        return OnnxSession(self.directory, self.manifest, self.threads, self.arena, graph="mtp")
+        if getattr(self, "_head", None) is None:
+            self._head = OnnxSession(self.directory, self.manifest, self.threads, self.arena, graph="mtp")
+        return self._head
 
     def draft_step(self, ids, hidden, state, q_start, lengths) -> tuple[np.ndarray, np.ndarray]:
         """The MTP graph over pairs (hidden [B, T, H] of positions q_start.., ids [B, T] the tokens
