@@ -7,6 +7,9 @@
                            ORT's default.
     QWEN35C_PREFILL_CHUNK  longest prompt piece one ONNX prefill step takes (default 256 tokens;
                            longer prompts run as consecutive chunks, bounding activation memory).
+    QWEN35C_DRAFT_VOCAB    the MTP head drafts among the first N token ids only (default 0: the
+                           whole vocabulary): its LM head then reads N/V of its bytes, and a token
+                           past N is never drafted (backends/onnx/fuse.py).
 
 A malformed value is an error naming the variable, never silently replaced by the default.
 """
@@ -49,10 +52,12 @@ class Settings:
     threads: int
     ort_spin: bool | None
     prefill_chunk: int
+    draft_vocab: int
 
 
 def settings() -> Settings:
     """The settings as the environment has them now (read at each call, so tests can set them)."""
     return Settings(threads=_int("QWEN35C_THREADS", 0, 0, MAX_THREADS),
                     ort_spin=_switch("QWEN35C_ORT_SPIN"),
-                    prefill_chunk=_int("QWEN35C_PREFILL_CHUNK", 256, 1))
+                    prefill_chunk=_int("QWEN35C_PREFILL_CHUNK", 256, 1),
+                    draft_vocab=_int("QWEN35C_DRAFT_VOCAB", 0, 0))

@@ -212,6 +212,27 @@ def test_joined_head_drafts_what_the_head_alone_drafts(session, monkeypatch):
     assert int(out["draft"][0, 3]) == int(want_logits[0].argmax())
 
 
+def test_draft_vocabulary_limits_drafts_not_tokens(session, monkeypatch):
+    """QWEN35C_DRAFT_VOCAB=N: the joined head drafts among the first N ids only (its argmax over the
+    head alone's first N logits), and greedy decoding is unchanged."""
+    from qwen35c.backends.onnx.session import OnnxSession
+
+    if not session.drafts:
+        return
+    monkeypatch.setenv("QWEN35C_DRAFT_VOCAB", "64")
+    cut = OnnxSession(session.directory, session.manifest, graph="drafting")
+    ids = torch.from_numpy(np.random.default_rng(4).integers(0, session.config.vocab_size, (1, 40)))
+    logits, out = cut.prefill(ids, cut.new_state(1, 40), extras=True)
+    assert int(out["draft"].max()) < 64
+    _, plain = session.prefill(ids, session.new_state(1, 40), extras=True)
+    pairs = torch.cat([ids[:, 1:], logits[:, -1:].argmax(-1)], 1)
+    head = session.draft_head()
+    want, _ = head.draft_step(pairs, plain["hidden"], head.new_state(1, 40), [0], [40])
+    assert int(out["draft"][0, -1]) == int(want[0, :64].argmax())
+    prompts = [ids[0, :n].tolist() for n in (3, 40, 17)]
+    assert cut.generate(prompts, 16, speculative=1, drafter="mtp").tokens == session.generate(prompts, 16).tokens
+
+
 def _fed(head, pairs, hidden, capacity=None):
     state = head.new_state(1, capacity or pairs.shape[1] + 1)
     head.draft_step(pairs, hidden, state, [0], [pairs.shape[1]])

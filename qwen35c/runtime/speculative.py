@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from qwen35c.errors import QwenError
-from qwen35c.runtime.generation import GenerationResult, choose, sampling_probs
+from qwen35c.runtime.generation import GenerationResult, choose, greedy, sampling_probs
 
 
 @dataclass
@@ -239,7 +239,7 @@ def _judge(logits: torch.Tensor, draft: Draft, temperature: float, top_p: float,
     """The accepted drafts and the model's own next token, from the logits after the last pending
     token and after each draft ([len(draft) + 1, V])."""
     if temperature <= 0:
-        best = logits.argmax(-1).tolist()
+        best = greedy(logits).tolist()
         new = []
         for i, d in enumerate(draft.tokens):
             if best[i] != d:

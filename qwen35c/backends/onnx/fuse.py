@@ -20,12 +20,21 @@ holds no third graph: the head's nodes and intermediate tensors are renamed unde
 tensors keep their own names (they already differ from the model's: the head's layer index is
 num_hidden_layers), and an initializer that holds what one of the model's holds (the same place in
 the model's data file, or the same bytes) is the model's own, not a second copy.
+
+A draft vocabulary (`vocab`: the first N token ids, QWEN35C_DRAFT_VOCAB) cuts the head's LM head to
+its first N rows, which are a prefix of the same bytes in the data file (the tied embedding [V, H] of
+a Gemm, a MatMulNBits' packed rows and scales): the head's draft reads N/V of the 0.8b's 135 MB int4
+head, and a token past N is never drafted. FR-Spec (Zhao et al., 2025) drafts over the most frequent
+tokens; a BPE vocabulary numbers its tokens by merge order, frequent first, so its first ids stand in
+for the most frequent ones (the bundled tokenizer: the first 2048 of 4096 ids are 92% of the
+held-out text's tokens).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qwen35c.errors import QwenError
 
@@ -47,13 +56,91 @@ def _identity(tensor: TensorProto):
     return copy.SerializeToString(deterministic=True)
 
 
-def join_draft_head(model: onnx.ModelProto, head: onnx.ModelProto, states: set[str]) -> onnx.ModelProto:
+def _first_rows(tensor: TensorProto, rows: int, name: str) -> TensorProto:
+    """`tensor`'s first `rows` rows (along dim 0) as a new initializer: external data keeps its file
+    and offset with a shorter length; inline data is sliced."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        cut = numpy_helper.from_array(numpy_helper.to_array(tensor)[:rows], name)
+        return cut
+    cut = TensorProto()
+    cut.CopyFrom(tensor)
+    cut.name = name
+    cut.dims[0] = rows
+    row = int(np.prod(tensor.dims[1:], dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    for entry in cut.external_data:
+        if entry.key == "length":
+            entry.value = str(rows * row)
+    return cut
+
+
+def _draft_vocabulary(head: onnx.GraphProto, vocab: int, size: int) -> None:
+    """Cut `head`'s LM head (in place) to its first `size` of `vocab` rows (module docstring)."""
+    producers = {out: node for node in head.node for out in node.output}
+    initializers = {t.name: t for t in head.initializer}
+    node, reshape = producers["logits"], None
+    if node.op_type == "Reshape":            # Gemm's [B * P, V] back to [B, P, V]
+        reshape, node = node, producers.get(node.input[0])
+    weight = initializers.get(node.input[1]) if node is not None and len(node.input) > 1 else None
+    if node is not None and node.op_type == "MatMul" and weight is not None and list(weight.dims)[-1:] == [vocab]:
+        # an untied head stored [H, V]: its first columns are no prefix, so ORT folds a Slice of them
+        # into an [H, N] initializer of its own at load time (N/V of the head's memory)
+        head.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "draft_vocab/start"),
+                                 numpy_helper.from_array(np.array([size], np.int64), "draft_vocab/size"),
+                                 numpy_helper.from_array(np.array([1], np.int64), "draft_vocab/axis")])
+        at = list(head.node).index(node)
+        head.node.insert(at, helper.make_node("Slice", [weight.name, "draft_vocab/start", "draft_vocab/size",
+                                                        "draft_vocab/axis"], ["draft_vocab/weight"]))
+        node.input[1] = "draft_vocab/weight"
+        _resize(head, reshape, producers, initializers, vocab, size)
+        return
+    supported = node is not None and (node.op_type == "MatMulNBits" or (
+        node.op_type == "Gemm" and len(node.input) == 2 and
+        any(a.name == "transB" and a.i == 1 for a in node.attribute)))
+    if not supported:
+        raise QwenError(f"mtp.onnx: a draft vocabulary needs the head's LM head as a Gemm(transB=1) over [V, H], "
+                        f"a MatMul over [H, V] or a MatMulNBits; it is a {getattr(node, 'op_type', 'graph input')}")
+    for i, name in enumerate(node.input[1:], 1):
+        tensor = initializers.get(name)
+        if tensor is not None and tensor.dims and tensor.dims[0] == vocab:
+            cut = _first_rows(tensor, size, f"draft_vocab/{name}")
+            head.initializer.append(cut)
+            node.input[i] = cut.name
+        elif tensor is not None and tensor.dims:
+            raise QwenError(f"mtp.onnx: LM head input '{name}' {list(tensor.dims)} is not row-major over the vocabulary")
+    for attribute in node.attribute:
+        if attribute.name == "N":
+            attribute.i = size
+    head.initializer.append(numpy_helper.from_array(np.array([size], np.int64), "draft_vocab/size"))
+    _resize(head, reshape, producers, initializers, vocab, size)
+
+
+def _resize(head: onnx.GraphProto, reshape, producers: dict, initializers: dict, vocab: int, size: int) -> None:
+    """The Reshape after the LM head (if any) gets `size` for its constant vocabulary dimension."""
+    if reshape is None:
+        return
+    shape = producers.get(reshape.input[1])
+    sizes = [j for j, x in enumerate(shape.input) if x in initializers and
+             numpy_helper.to_array(initializers[x]).tolist() == [vocab]] if shape is not None else []
+    if shape is None or shape.op_type != "Concat" or len(sizes) != 1:
+        raise QwenError("mtp.onnx: cannot find the vocabulary dimension of the LM head's output shape")
+    shape.input[sizes[0]] = "draft_vocab/size"
+
+
+def join_draft_head(model: onnx.ModelProto, head: onnx.ModelProto, states: set[str],
+                    vocab: int = 0) -> onnx.ModelProto:
     """`model` (with its `hidden` output) and `head` (the MTP graph) as one graph (module docstring).
-    `states` are the head's state tensors, whose names and `.out` outputs are kept."""
+    `states` are the head's state tensors, whose names and `.out` outputs are kept; `vocab` > 0 (and
+    below the vocabulary) drafts among the first `vocab` token ids only."""
     if {(o.domain, o.version) for o in model.opset_import} != {(o.domain, o.version) for o in head.opset_import}:
         raise QwenError("mtp.onnx and model.onnx import different opsets; they cannot run as one graph")
     if "hidden" not in {o.name for o in model.graph.output}:
         raise QwenError("model.onnx has no `hidden` output (built without its MTP head)")
+    full = next(o for o in model.graph.output if o.name == "logits").type.tensor_type.shape.dim[-1].dim_value
+    if 0 < vocab < full:
+        trimmed = onnx.ModelProto()
+        trimmed.CopyFrom(head)
+        _draft_vocabulary(trimmed.graph, full, vocab)
+        head = trimmed
     joined = onnx.ModelProto()
     joined.CopyFrom(model)
     graph = joined.graph

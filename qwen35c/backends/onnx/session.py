@@ -185,7 +185,8 @@ class OnnxSession(Session):
 
             head = artifact_file(self.directory, manifest, backend["mtp"]["model"])
             source = join_draft_head(onnx.load(source, load_external_data=False), onnx.load(str(head), load_external_data=False),
-                                     {spec["name"] for spec in backend["mtp"]["states"]}).SerializeToString()
+                                     {spec["name"] for spec in backend["mtp"]["states"]},
+                                     knobs.draft_vocab).SerializeToString()
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
         if rewrite is not None:
             import onnx
