@@ -3,6 +3,8 @@
     python bench/bench_speculative.py ART [ART ...] [--threads 2] [--context 512] [--new 128]
         [--k 1,2,3] [--drafters mtp,lookup] [--repeats 3] [--alpha 0.9] [--json OUT]
 
+QWEN35C_DRAFT_VOCAB=N in the environment gives the joined head a draft vocabulary (README).
+
 For each artifact, in one process, measurements interleaved across repeats (medians):
   step cost   a 1-token decode step against a T-token verify step (commit 1, the rest drafts) for
               T = 2 .. 2K+1 at a CONTEXT-token state: the ratio c(T) decides every speedup below;
