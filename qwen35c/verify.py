@@ -646,6 +646,7 @@ def _mtp_head(artifact, reference, checks: list[dict], report: dict, quantized_a
             # the joined graph's last pair reads the model's argmax as its token: its draft
             after = torch.cat([ids[:, 1:n], main[:, -1].argmax(-1, keepdim=True)], 1)
             draft = reference.edges()[2](mtp(hidden, reference.embed(after), torch.arange(1, n + 1)[None])[:, -1])[0]
+            draft = draft[:artifact.draft_vocab or None]      # QWEN35C_DRAFT_VOCAB: the first ids only
         logits, got_hidden = head.draft_step(ids[:, 1:], hidden, head.new_state(1, n), [0], [n])
         worst_logits = max(worst_logits, float((torch.from_numpy(logits[0]) - want).abs().max()))
         worst_hidden = max(worst_hidden, float((torch.from_numpy(got_hidden) - want_hidden).abs().max()))
@@ -673,7 +674,9 @@ def _mtp_head(artifact, reference, checks: list[dict], report: dict, quantized_a
                    "detail": f"MTP head vs the reference MTP on {len(BATCH_LENGTHS)} prompts: hidden states max |Δ| "
                              f"{worst_hidden:.1e} (joined with the model {worst_joined:.1e}; limit {gate:.0e}), last "
                              f"logits {worst_logits:.1e}, fed in two steps vs one {worst_split:.1e} (limit {limit:.1e}); "
-                             f"joined drafts off the reference's argmax: {wrong_drafts}; MTP-drafted greedy == plain "
+                             f"joined drafts off the reference's argmax: {wrong_drafts}"
+                             + (f" (draft vocabulary: the first {artifact.draft_vocab} ids)" if artifact.draft_vocab else "")
+                             + "; MTP-drafted greedy == plain "
                              f"greedy on {2 * len(prompts) - mismatched}/{2 * len(prompts)} rows (K = 1, 2; {ties} ties)"})
 
 

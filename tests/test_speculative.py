@@ -214,7 +214,8 @@ def test_joined_head_drafts_what_the_head_alone_drafts(session, monkeypatch):
 
 def test_draft_vocabulary_limits_drafts_not_tokens(session, monkeypatch):
     """QWEN35C_DRAFT_VOCAB=N: the joined head drafts among the first N ids only (its argmax over the
-    head alone's first N logits), and greedy decoding is unchanged."""
+    head alone's first N logits), greedy decoding is unchanged, and verify's mtp check judges the
+    drafts against the reference's argmax over the same N ids."""
     from qwen35c.backends.onnx.session import OnnxSession
 
     if not session.drafts:
@@ -231,6 +232,10 @@ def test_draft_vocabulary_limits_drafts_not_tokens(session, monkeypatch):
     assert int(out["draft"][0, -1]) == int(want[0, :64].argmax())
     prompts = [ids[0, :n].tolist() for n in (3, 40, 17)]
     assert cut.generate(prompts, 16, speculative=1, drafter="mtp").tokens == session.generate(prompts, 16).tokens
+    from qwen35c.verify import verify_artifact
+
+    report = verify_artifact(session.directory, prompts="short", skip=("speculative", "quantization"))
+    assert {c["name"]: c["status"] for c in report["checks"]}["mtp"] == "pass" and "first 64 ids" in str(report)
 
 
 def _fed(head, pairs, hidden, capacity=None):

@@ -60,8 +60,7 @@ def _first_rows(tensor: TensorProto, rows: int, name: str) -> TensorProto:
     """`tensor`'s first `rows` rows (along dim 0) as a new initializer: external data keeps its file
     and offset with a shorter length; inline data is sliced."""
     if tensor.data_location != TensorProto.EXTERNAL:
-        cut = numpy_helper.from_array(numpy_helper.to_array(tensor)[:rows], name)
-        return cut
+        return numpy_helper.from_array(numpy_helper.to_array(tensor)[:rows], name)
     cut = TensorProto()
     cut.CopyFrom(tensor)
     cut.name = name

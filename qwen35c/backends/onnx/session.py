@@ -208,6 +208,8 @@ class OnnxSession(Session):
                               if o.name != "logits" and not o.name.endswith(".out")]
         self.drafts = "mtp" in backend
         self.joined = graph == "drafting"
+        # the joined head drafts among the first `draft_vocab` ids (0: all of them)
+        self.draft_vocab = knobs.draft_vocab if self.joined and 0 < knobs.draft_vocab < self.vocab else 0
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
 
     def new_state(self, batch: int, max_len: int) -> OnnxState:
