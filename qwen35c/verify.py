@@ -648,6 +648,7 @@ def _mtp_head(artifact, reference, checks: list[dict], report: dict, quantized_a
             draft = reference.edges()[2](mtp(hidden, reference.embed(after), torch.arange(1, n + 1)[None])[:, -1])[0]
             draft = draft[:artifact.draft_vocab or None]      # QWEN35C_DRAFT_VOCAB: the first ids only
         logits, got_hidden = head.draft_step(ids[:, 1:], hidden, head.new_state(1, n), [0], [n])
+        want = want[:logits.shape[-1]]       # a draft vocabulary cuts the head's logits to the first ids
         worst_logits = max(worst_logits, float((torch.from_numpy(logits[0]) - want).abs().max()))
         worst_hidden = max(worst_hidden, float((torch.from_numpy(got_hidden) - want_hidden).abs().max()))
         worst_joined = max(worst_joined, float((out["mtp_hidden"][:, :n - 1] - want_hidden[:, :n - 1]).abs().max())

@@ -125,6 +125,18 @@ def _resize(head: onnx.GraphProto, reshape, producers: dict, initializers: dict,
     shape.input[sizes[0]] = "draft_vocab/size"
 
 
+def with_draft_vocabulary(head: onnx.ModelProto, size: int) -> onnx.ModelProto:
+    """`head` (mtp.onnx) drafting among its first `size` token ids (a copy; `head` itself when `size`
+    is 0 or not below the vocabulary)."""
+    vocab = next(o for o in head.graph.output if o.name == "logits").type.tensor_type.shape.dim[-1].dim_value
+    if not 0 < size < vocab:
+        return head
+    trimmed = onnx.ModelProto()
+    trimmed.CopyFrom(head)
+    _draft_vocabulary(trimmed.graph, vocab, size)
+    return trimmed
+
+
 def join_draft_head(model: onnx.ModelProto, head: onnx.ModelProto, states: set[str],
                     vocab: int = 0) -> onnx.ModelProto:
     """`model` (with its `hidden` output) and `head` (the MTP graph) as one graph (module docstring).
@@ -134,12 +146,7 @@ def join_draft_head(model: onnx.ModelProto, head: onnx.ModelProto, states: set[s
         raise QwenError("mtp.onnx and model.onnx import different opsets; they cannot run as one graph")
     if "hidden" not in {o.name for o in model.graph.output}:
         raise QwenError("model.onnx has no `hidden` output (built without its MTP head)")
-    full = next(o for o in model.graph.output if o.name == "logits").type.tensor_type.shape.dim[-1].dim_value
-    if 0 < vocab < full:
-        trimmed = onnx.ModelProto()
-        trimmed.CopyFrom(head)
-        _draft_vocabulary(trimmed.graph, full, vocab)
-        head = trimmed
+    head = with_draft_vocabulary(head, vocab)
     joined = onnx.ModelProto()
     joined.CopyFrom(model)
     graph = joined.graph
@@ -191,4 +198,4 @@ def join_draft_head(model: onnx.ModelProto, head: onnx.ModelProto, states: set[s
     return joined
 
 
-__all__ = ["join_draft_head"]
+__all__ = ["join_draft_head", "with_draft_vocabulary"]

@@ -188,6 +188,13 @@ class OnnxSession(Session):
                                      {spec["name"] for spec in backend["mtp"]["states"]},
                                      knobs.draft_vocab).SerializeToString()
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
+        elif graph == "mtp" and knobs.draft_vocab:   # chained drafts: the same draft vocabulary
+            import onnx
+
+            from qwen35c.backends.onnx.fuse import with_draft_vocabulary
+
+            source = with_draft_vocabulary(onnx.load(source, load_external_data=False), knobs.draft_vocab).SerializeToString()
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
         if rewrite is not None:
             import onnx
 
