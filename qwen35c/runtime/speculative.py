@@ -156,6 +156,8 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
     if drafter in (None, "lookup"):
         drafter = PromptLookup()
     elif drafter == "mtp":
+        if not hasattr(session, "drafting"):
+            raise QwenError(f"{type(session).__name__} has no MTP head to draft with (onnx artifacts compile one)")
         session = session.drafting()       # refuses an artifact without a head
         drafter = MtpDrafter(session)
     elif isinstance(drafter, str):
