@@ -177,7 +177,7 @@ def test_joined_head_drafts_what_the_head_alone_drafts(session, monkeypatch):
     prefill chunk and the 64-token GDN chunk: the same logits and hidden states; the head's states
     at every pair whose next token is the prompt's; and each row's draft, the head's argmax on the
     pair (last hidden state, the model's argmax). Then a speculative step (commit 2 of 4 tokens):
-    the head's states on the committed pairs and a draft at every judged position."""
+    the head's states at every position of the step, and its last draft."""
     if not session.drafts:
         return
     monkeypatch.setenv("QWEN35C_PREFILL_CHUNK", "32")
