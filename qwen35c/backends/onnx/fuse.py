@@ -80,41 +80,38 @@ def _draft_vocabulary(head: onnx.GraphProto, vocab: int, size: int) -> None:
     if node.op_type == "Reshape":            # Gemm's [B * P, V] back to [B, P, V]
         reshape, node = node, producers.get(node.input[0])
     weight = initializers.get(node.input[1]) if node is not None and len(node.input) > 1 else None
+    head.initializer.append(numpy_helper.from_array(np.array([size], np.int64), "draft_vocab/size"))
     if node is not None and node.op_type == "MatMul" and weight is not None and list(weight.dims)[-1:] == [vocab]:
         # an untied head stored [H, V]: its first columns are no prefix, so ORT folds a Slice of them
         # into an [H, N] initializer of its own at load time (N/V of the head's memory)
         head.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "draft_vocab/start"),
-                                 numpy_helper.from_array(np.array([size], np.int64), "draft_vocab/size"),
                                  numpy_helper.from_array(np.array([1], np.int64), "draft_vocab/axis")])
-        at = list(head.node).index(node)
-        head.node.insert(at, helper.make_node("Slice", [weight.name, "draft_vocab/start", "draft_vocab/size",
-                                                        "draft_vocab/axis"], ["draft_vocab/weight"]))
+        head.node.insert(list(head.node).index(node), helper.make_node(
+            "Slice", [weight.name, "draft_vocab/start", "draft_vocab/size", "draft_vocab/axis"], ["draft_vocab/weight"]))
         node.input[1] = "draft_vocab/weight"
-        _resize(head, reshape, producers, initializers, vocab, size)
-        return
-    supported = node is not None and (node.op_type == "MatMulNBits" or (
-        node.op_type == "Gemm" and len(node.input) == 2 and
-        any(a.name == "transB" and a.i == 1 for a in node.attribute)))
-    if not supported:
+    elif node is not None and (node.op_type == "MatMulNBits" or (
+            node.op_type == "Gemm" and len(node.input) == 2 and
+            any(a.name == "transB" and a.i == 1 for a in node.attribute))):
+        for i, name in enumerate(node.input[1:], 1):      # row-major over the vocabulary: a prefix
+            tensor = initializers.get(name)
+            if tensor is not None and tensor.dims and tensor.dims[0] == vocab:
+                cut = _first_rows(tensor, size, f"draft_vocab/{name}")
+                head.initializer.append(cut)
+                node.input[i] = cut.name
+            elif tensor is not None and tensor.dims:
+                raise QwenError(f"mtp.onnx: LM head input '{name}' {list(tensor.dims)} is not row-major over the vocabulary")
+        for attribute in node.attribute:
+            if attribute.name == "N":
+                attribute.i = size
+    else:
         raise QwenError(f"mtp.onnx: a draft vocabulary needs the head's LM head as a Gemm(transB=1) over [V, H], "
                         f"a MatMul over [H, V] or a MatMulNBits; it is a {getattr(node, 'op_type', 'graph input')}")
-    for i, name in enumerate(node.input[1:], 1):
-        tensor = initializers.get(name)
-        if tensor is not None and tensor.dims and tensor.dims[0] == vocab:
-            cut = _first_rows(tensor, size, f"draft_vocab/{name}")
-            head.initializer.append(cut)
-            node.input[i] = cut.name
-        elif tensor is not None and tensor.dims:
-            raise QwenError(f"mtp.onnx: LM head input '{name}' {list(tensor.dims)} is not row-major over the vocabulary")
-    for attribute in node.attribute:
-        if attribute.name == "N":
-            attribute.i = size
-    head.initializer.append(numpy_helper.from_array(np.array([size], np.int64), "draft_vocab/size"))
-    _resize(head, reshape, producers, initializers, vocab, size)
+    _resize(reshape, producers, initializers, vocab)
 
 
-def _resize(head: onnx.GraphProto, reshape, producers: dict, initializers: dict, vocab: int, size: int) -> None:
-    """The Reshape after the LM head (if any) gets `size` for its constant vocabulary dimension."""
+def _resize(reshape, producers: dict, initializers: dict, vocab: int) -> None:
+    """The Reshape after the LM head (if any) gets the draft vocabulary's size for its constant
+    vocabulary dimension."""
     if reshape is None:
         return
     shape = producers.get(reshape.input[1])

@@ -178,22 +178,20 @@ class OnnxSession(Session):
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         model = artifact_file(self.directory, manifest, backend["model"])
         source = str(model)
-        if graph == "drafting":
+        if graph == "drafting" or (graph == "mtp" and knobs.draft_vocab):   # edited in memory (fuse.py)
             import onnx
 
-            from qwen35c.backends.onnx.fuse import join_draft_head
+            from qwen35c.backends.onnx.fuse import join_draft_head, with_draft_vocabulary
 
-            head = artifact_file(self.directory, manifest, backend["mtp"]["model"])
-            source = join_draft_head(onnx.load(source, load_external_data=False), onnx.load(str(head), load_external_data=False),
-                                     {spec["name"] for spec in backend["mtp"]["states"]},
-                                     knobs.draft_vocab).SerializeToString()
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
-        elif graph == "mtp" and knobs.draft_vocab:   # chained drafts: the same draft vocabulary
-            import onnx
-
-            from qwen35c.backends.onnx.fuse import with_draft_vocabulary
-
-            source = with_draft_vocabulary(onnx.load(source, load_external_data=False), knobs.draft_vocab).SerializeToString()
+            proto = onnx.load(source, load_external_data=False)
+            if graph == "drafting":
+                head = onnx.load(str(artifact_file(self.directory, manifest, backend["mtp"]["model"])),
+                                 load_external_data=False)
+                proto = join_draft_head(proto, head, {spec["name"] for spec in backend["mtp"]["states"]},
+                                        knobs.draft_vocab)
+            else:   # the head alone (chained drafts) with the joined graph's draft vocabulary
+                proto = with_draft_vocabulary(proto, knobs.draft_vocab)
+            source = proto.SerializeToString()
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.parent))
         if rewrite is not None:
             import onnx
@@ -325,7 +323,7 @@ class OnnxSession(Session):
         return {name: p[0] if last_only and name in _PER_LOGIT else np.concatenate(p, axis=1)
                 for name, p in parts.items()}
 
-    def _rows(self, ids, state, lengths, commit=None, last_only=False):
+    def _rows(self, ids, state, lengths, commit=None, last_only=False, following=None):
         """ORT's CPU GroupQueryAttention takes T > 1 on top of a non-empty cache only for batch 1
         ("batch_size must be 1 when sequence_length > 1 and past context is given"), so a batched
         continuation (a prompt on a non-empty state, a speculative step) or a batched prompt longer
@@ -342,8 +340,7 @@ class OnnxSession(Session):
                     out = {"logits": logits.numpy(), **{k: v.numpy() for k, v in out.items()}}
                 else:
                     out = self._run(one, row, lengths[b:b + 1], np.arange(n, dtype=np.int64)[None], commit[b:b + 1],
-                                    following=_following(one, lengths[b:b + 1], commit[b:b + 1] - 1)
-                                    if self.joined else None)
+                                    following=None if following is None else following[b:b + 1, :n])
                 for name, part in out.items():
                     if name not in merged:
                         width = 1 if last_only and name in _PER_LOGIT else length
@@ -366,12 +363,12 @@ class OnnxSession(Session):
         lengths, commit = np.asarray(lengths, np.int64), np.asarray(commit, np.int64)
         if (commit < 0).any() or (commit > lengths).any() or (lengths > length).any():
             raise QwenError(f"commit {commit.tolist()} must lie within lengths {lengths.tolist()} <= {length}")
+        following = _following(ids, lengths, commit - 1) if self.joined else None
         if self.gqa and batch > 1 and length > 1:
-            out = self._rows(ids, state, lengths, commit)
+            out = self._rows(ids, state, lengths, commit, following=following)
         else:
             positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
-            out = self._run(ids, state, lengths, positions, commit,
-                            following=_following(ids, lengths, commit - 1) if self.joined else None)
+            out = self._run(ids, state, lengths, positions, commit, following=following)
         return self._returned(out, extras)
 
     def drafting(self) -> "OnnxSession":
