@@ -253,6 +253,8 @@ def _unused(weights, prepared) -> list[str]:
     from qwen35c.quant.policy import canonical_name
 
     packed = set(prepared.record["quantized"]) | set(prepared.record["not_lowered"]) if prepared else set()
+    if prepared and prepared.record.get("embedding", "").startswith("shared"):
+        packed.add("model.embed_tokens.weight")       # the lookup gathers the tied head's codes
     # per-expert units of a fused checkpoint tensor (quantized_moe) stand for the stacked tensor
     packed |= {re.sub(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$",
                       lambda m: ".experts." + ("down_proj" if m[1] == "down" else "gate_up_proj"), n) for n in packed}

@@ -94,6 +94,11 @@ def recipe_of(fmt: str, quantize: str | None):
                         "use int4-gptq or int4-rtn")
     if fmt == "hf-awq" and recipe.act_order and not recipe.static_groups:
         raise QwenError("--format hf-awq has no g_idx: GPTQ act-order needs static-groups=true")
+    if fmt != "hf-fp8" and recipe.head_bits != 4:
+        raise QwenError(f"--format {fmt} holds 4-bit codes only; drop head-bits={recipe.head_bits}")
+    if fmt != "hf-fp8" and recipe.scales == "mse":
+        raise QwenError(f"--format {fmt} is written with amax scales (signed mse scales are unchecked against the "
+                        f"serving stacks' kernels); drop scales=mse")
     if fmt != "hf-fp8" and recipe.expert_groups != "fixed":
         raise QwenError(f"--format {fmt} has one group size for every linear; drop expert-groups={recipe.expert_groups}")
     return recipe

@@ -73,21 +73,25 @@ def _weight_bytes(config, precision: str) -> tuple[int, int]:
 
     model = _skeleton(config)
     quantized: set[str] = set()
-    group_size = 128
     if precision == "int4":     # the cpu-int4 target's own recipe (attention, GDN, the head included)
         from qwen35c.passes.manager import parse_pipeline
         from qwen35c.targets import TARGETS
 
         recipe = parse_pipeline(f"quantize{{{TARGETS['cpu-int4'].quantize}}}")[0].options.recipe()
-        group_size = recipe.group_size
         # a stacked expert tensor counts as INT4 through its per-expert units (quantized_moe)
         quantized = {d.name if d.expert is None else d.source for d in plan_model(model, recipe) if d.quantize}
     total = INT4_FIXED if quantized else 0
-    for name, p in model.named_parameters():
+
+    def packed(name: str, n: int) -> int:      # codes (4 or 8 bits) + one fp32 scale a group, as prepacked
+        return int(INT4_PACKED * (n * recipe.unit_bits(name) // 8 + 4 * n // recipe.group_size))
+
+    params = dict(model.named_parameters())
+    if quantized and config.tie_word_embeddings and "lm_head.weight" in quantized:
+        params["lm_head.weight"] = params["model.embed_tokens.weight"]     # the tied head's own codes
+    for name, p in params.items():
         if name.startswith("mtp.") or (quantized and name == "model.embed_tokens.weight"):
             continue    # an INT4 artifact's lookup table is mapped and only its gathered rows are read
-        n = p.numel()
-        total += int(INT4_PACKED * (n // 2 + 4 * n // group_size)) if name in quantized else 4 * n
+        total += packed(name, p.numel()) if name in quantized else 4 * p.numel()
     # a tied fp32 head: ORT prepacks its own copy of the table for the head's GEMM
     tied = 4 * config.vocab_size * config.hidden_size if config.tie_word_embeddings and "lm_head.weight" not in quantized else 0
     return total, tied

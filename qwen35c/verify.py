@@ -338,6 +338,25 @@ def noise_floor(reference, prompts: str = "full", seed: int = 0) -> dict:
     return against(reference, {"floor": _noisy(reference, plan, seed)})["floor"]["total"]
 
 
+def floor_seeds(config) -> int:
+    """Noisy recordings the floor is the worst of. A routed-expert model's floor is heavy-tailed: a
+    last-bit flip that changes a token's top-k experts jumps its logits, and a prompt where that
+    cascades dominates the mean. Measured on qwen35-tiny-moe, cpu-int4 with int8 activations and
+    the 8-bit shared head, full prompt set: the floor over seeds 0-5 is 1.23, 4.59, 1.86, 1.07, 1.16,
+    1.74e-4 KL (max |dlogit| 0.3-1.6), and the artifact 5.03e-4 (one such cascade, at T=127): one
+    draw against twice another is a coin toss there. Dense models' floors are tight (qwen35-tiny,
+    FP8 block-128: 2.8-3.2e-4 over 3 seeds): one recording each."""
+    return 3 if config.is_moe else 1
+
+
+def _worst(floors: list[dict]) -> dict:
+    """The floor of several noisy recordings: the one with the largest mean KL, with the lowest top-1
+    of all of them."""
+    worst = dict(max(floors, key=lambda f: f["kl_mean"]))
+    worst.update(top1=min(f["top1"] for f in floors), recordings=len(floors))
+    return worst
+
+
 def _noisy(reference, plan: PromptPlan, seed: int) -> Recording:
     from qwen35c.quant.formats import last_bit_noise
 
@@ -351,11 +370,12 @@ def judge(recorded: Recording, reference, precision: str) -> tuple[dict, bool, l
     pass (two passes over a streamed reference in all)."""
     sides = {"artifact": recorded}
     if precision == "quantized-activations":
-        sides["floor"] = _noisy(reference, recorded.plan, seed=0)
+        for seed in range(floor_seeds(reference.config)):
+            sides[f"floor {seed}"] = _noisy(reference, recorded.plan, seed)
     results = against(reference, sides)
-    result = results["artifact"]
-    if "floor" in results:
-        result["floor"] = results["floor"]["total"]
+    result = results.pop("artifact")
+    if results:
+        result["floor"] = _worst([side["total"] for side in results.values()])
     ok, failures = gate(result["total"], precision, result["greedy_match"], result.get("floor"))
     return result, ok, failures
 

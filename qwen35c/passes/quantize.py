@@ -46,7 +46,8 @@ def _from_parts(attrs: dict, tensors: list[torch.Tensor]) -> Fp8Weight | Int4Wei
     g_idx = next(it) if attrs["has_g_idx"] else None
     pre = next(it) if attrs["has_pre_scale"] else None
     return Int4Weight(qweight, scales.float(), zeros, attrs["group_size"], g_idx,
-                      None if pre is None else pre.float(), act_int8=attrs.get("activations") == "int8")
+                      None if pre is None else pre.float(), act_int8=attrs.get("activations") == "int8",
+                      bits=attrs.get("bits", 4))
 
 
 def _infer(types, attrs):
@@ -68,8 +69,8 @@ register_op("quantized_linear", _infer, _impl, (3, 7), ("format", "in_features",
 
 def _infer_embedding(types, attrs):
     ids, qweight, scales = types
-    n, k, g = attrs["out_features"], attrs["in_features"], attrs["group_size"]
-    if tuple(qweight.shape) != (n, k // 2) or tuple(scales.shape) != (n, k // g):
+    n, k, g, bits = attrs["out_features"], attrs["in_features"], attrs["group_size"], attrs.get("bits", 4)
+    if tuple(qweight.shape) != (n, k * bits // 8) or tuple(scales.shape) != (n, k // g):
         raise TypeRuleError(f"quantized_embedding: packed table {list(qweight.shape)} / scales {list(scales.shape)} "
                             f"do not hold [{n}, {k}] in groups of {g}")
     return [TensorType(attrs["dtype"], (*ids.shape, k))]
@@ -77,13 +78,15 @@ def _infer_embedding(types, attrs):
 
 def _impl_embedding(inputs, attrs, bindings):
     ids, qweight, scales = inputs
-    rows = Int4Weight(qweight[ids.reshape(-1)], scales[ids.reshape(-1)].float(), None, attrs["group_size"])
+    rows = Int4Weight(qweight[ids.reshape(-1)], scales[ids.reshape(-1)].float(), None, attrs["group_size"],
+                      bits=attrs.get("bits", 4))
     return [rows.dequantize().to(TensorType(attrs["dtype"], ()).torch_dtype).reshape(*ids.shape, -1)]
 
 
 register_op("quantized_embedding", _infer_embedding, _impl_embedding, 3,
             ("weight", "group_size", "in_features", "out_features", "dtype"),
-            doc="rows of a symmetric INT4 table (a tied LM head's codes, tied-embedding=shared), dequantized")
+            doc="rows of a symmetric INT4 (bits=8: 8-bit) table (a tied LM head's codes, tied-embedding=shared), "
+                "dequantized")
 
 
 def stacked_int4(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -131,6 +134,9 @@ class QuantizeOptions:
         field(default="fp8-block128", metadata={"help": "format family (int4-* names the algorithm)"})
     group_size: int = field(default=128, metadata={"help": "INT4 group along K"})
     symmetric: bool = field(default=True, metadata={"help": "INT4 zero point 8 (true) or per group"})
+    scales: Literal["amax", "mse"] = field(default="amax", metadata={
+        "help": "symmetric INT4 scales: amax/7 or the per-group least-squares search (mse)"})
+    head_bits: int = field(default=4, metadata={"help": "the LM head's (and a shared embedding's) code width: 4 or 8"})
     act_order: bool = field(default=False, metadata={"help": "GPTQ column order by Hessian diagonal"})
     static_groups: bool = field(default=True, metadata={"help": "GPTQ act-order groups in original order (no g_idx)"})
     activations: Literal["default", "dynamic", "static", "none", "int8"] = \
@@ -152,7 +158,7 @@ class QuantizeOptions:
                    "exclude": tuple(g for g in self.exclude.split(";") if g), "strict_globs": self.strict_globs}
         if self.scheme.startswith("int4"):
             options.update(group_size=self.group_size, symmetric=self.symmetric, act_order=self.act_order,
-                           static_groups=self.static_groups)
+                           static_groups=self.static_groups, scales=self.scales, head_bits=self.head_bits)
             if self.activations != "default":
                 options["activations"] = self.activations
             options["fp32_activations"] = tuple(g for g in self.fp32_activations.split(";") if g)
@@ -259,7 +265,7 @@ class QuantizePass(Pass):
             "not_lowered": sorted(set(not_lowered))}
         if recipe.tied_embedding == "shared":
             graph.metadata["quantization"]["embedding"] = (
-                "shared with lm_head.weight (INT4 codes)" if table is not None
+                f"shared with lm_head.weight ({'8-bit' if recipe.head_bits == 8 else 'INT4'} codes)" if table is not None
                 else "kept: the LM head is not a tied, quantized linear in this graph")
         if not_lowered:
             graph.metadata["quantization"]["not_lowered_reason"] = "; ".join(sorted(reasons))
@@ -335,7 +341,8 @@ class QuantizePass(Pass):
         new = graph.add_node("quantized_embedding", [embedding.inputs[1], head_q.inputs[1], head_q.inputs[2]],
                              [embedding.outputs[0].type],
                              {"weight": a["weight"], "group_size": a["group_size"], "in_features": a["in_features"],
-                              "out_features": a["out_features"], "dtype": embedding.outputs[0].type.dtype},
+                              "out_features": a["out_features"], "dtype": embedding.outputs[0].type.dtype,
+                              **({"bits": a["bits"]} if "bits" in a else {})},
                              before=embedding)
         graph.replace_all_uses(embedding.outputs[0], new.output)
         table = embedding.inputs[0].producer
@@ -357,8 +364,8 @@ class QuantizePass(Pass):
                 parts.append(("input_scale", TensorType("f32", ())))
             attrs.update(format="fp8", granularity=g, activations=recipe.activations)
         else:
-            gs = recipe.group_size
-            parts = [("qweight", TensorType("u8", (n, k // 2))), ("scales", TensorType("f32", (n, k // gs)))]
+            gs, bits = recipe.group_size, recipe.unit_bits(canonical_name(name))
+            parts = [("qweight", TensorType("u8", (n, k * bits // 8))), ("scales", TensorType("f32", (n, k // gs)))]
             if not recipe.symmetric:
                 parts.append(("zeros", TensorType("u8", (n, k // gs))))
             has_g_idx = recipe.algorithm == "gptq" and recipe.act_order and not recipe.static_groups
@@ -370,6 +377,8 @@ class QuantizePass(Pass):
             attrs.update(format="int4", group_size=gs, has_zeros=not recipe.symmetric, has_g_idx=has_g_idx,
                          has_pre_scale=has_pre,
                          activations="int8" if recipe.int8_activations(canonical_name(name)) else "none")
+            if bits != 4:
+                attrs["bits"] = bits              # absent = 4 (the IR of INT4 graphs predates the option)
         inputs = [x]
         for part, type_ in parts:
             w = graph.add_node("weight", [], [type_], {"name": f"{name}#{part}"}, before=anchor or node)
@@ -398,7 +407,7 @@ def quantized_weight_source(base: Callable[[str], torch.Tensor], recipe: Recipe,
         if q is None:
             if recipe.needs_calibration:
                 raise KeyError(f"{name}: {recipe.label} needs a calibrated QuantizedModel")
-            q = rtn(full(), recipe)
+            q = rtn(full(), recipe, bits=recipe.unit_bits(canonical_name(name)))
         return q
 
     def stacked(weight: str) -> dict[str, torch.Tensor]:

@@ -40,8 +40,9 @@ AWQ_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))   # 1.0 .. 0.5
 _AWQ_ROWS = 512          # calibration rows used by the AWQ searches (a seeded uniform subsample)
 
 
-def rtn(weight: Tensor, recipe: Recipe, input_amax: Tensor | None = None) -> Fp8Weight | Int4Weight:
-    """Round to nearest: FP8 at the recipe's granularity, or INT4 min/max (asym) / absmax (sym)."""
+def rtn(weight: Tensor, recipe: Recipe, input_amax: Tensor | None = None, bits: int = 4) -> Fp8Weight | Int4Weight:
+    """Round to nearest: FP8 at the recipe's granularity, or INT4 min/max (asym) / the recipe's scale
+    rule (sym); `bits` = 8 for an 8-bit unit (`Recipe.unit_bits`)."""
     if recipe.is_fp8:
         input_scale = None
         if recipe.activations == "static":
@@ -49,7 +50,12 @@ def rtn(weight: Tensor, recipe: Recipe, input_amax: Tensor | None = None) -> Fp8
                 raise ValueError("static FP8 activations need the calibrated input amax")
             input_scale = (input_amax.float().clamp_min(1e-10) / 448.0).reshape(())
         return fp8_quantize(weight, recipe.fp8_granularity, recipe.activations, input_scale)
-    return int4_quantize(weight, recipe.group_size, recipe.symmetric)
+    return int4_quantize(weight, recipe.group_size, recipe.symmetric, rule=_rule(recipe, bits), bits=bits)
+
+
+def _rule(recipe: Recipe, bits: int) -> str:
+    """The scale rule of a `bits`-wide unit: the recipe's for INT4; 8-bit codes use amax / 127."""
+    return recipe.scales if bits == 4 else "amax"
 
 
 def _subsample(x: Tensor, rows: int, seed: int = 0) -> Tensor:
@@ -59,11 +65,11 @@ def _subsample(x: Tensor, rows: int, seed: int = 0) -> Tensor:
     return x[index].float()
 
 
-def _int4_deq(weight: Tensor, recipe: Recipe, clip: Tensor | float = 1.0) -> Tensor:
-    return int4_quantize(weight, recipe.group_size, recipe.symmetric, clip).dequantize()
+def _int4_deq(weight: Tensor, recipe: Recipe, clip: Tensor | float = 1.0, bits: int = 4) -> Tensor:
+    return int4_quantize(weight, recipe.group_size, recipe.symmetric, clip, bits=bits).dequantize()
 
 
-def awq(weight: Tensor, inputs: Tensor, recipe: Recipe) -> Int4Weight:
+def awq(weight: Tensor, inputs: Tensor, recipe: Recipe, bits: int = 4) -> Int4Weight:
     """Activation-aware scale search (+ clipping search); returns INT4 with an explicit `pre_scale`."""
     w = weight.float()
     x = _subsample(inputs, _AWQ_ROWS)
@@ -75,7 +81,7 @@ def awq(weight: Tensor, inputs: Tensor, recipe: Recipe) -> Int4Weight:
         alpha = step / recipe.awq_grid
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        w_eff = _int4_deq(w * s, recipe) / s
+        w_eff = _int4_deq(w * s, recipe, bits=bits) / s
         err = float((x @ w_eff.t() - ref).pow(2).mean())
         if err < best[0]:
             best = (err, s)
@@ -83,13 +89,13 @@ def awq(weight: Tensor, inputs: Tensor, recipe: Recipe) -> Int4Weight:
     scaled = w * s                                                                    # the matrix packed
     clip: Tensor | float = 1.0
     if recipe.awq_clip:
-        clip = _awq_clip(scaled, x / s, recipe)
-    packed = int4_quantize(scaled, recipe.group_size, recipe.symmetric, clip)
+        clip = _awq_clip(scaled, x / s, recipe, bits)
+    packed = int4_quantize(scaled, recipe.group_size, recipe.symmetric, clip, bits=bits)
     packed.pre_scale = (1.0 / s).float().contiguous()
     return packed
 
 
-def _awq_clip(w: Tensor, x: Tensor, recipe: Recipe) -> Tensor:
+def _awq_clip(w: Tensor, x: Tensor, recipe: Recipe, bits: int = 4) -> Tensor:
     """Per (row, group) ratio in AWQ_CLIP_RATIOS minimising sum_t (x_g[t] . (w_g - wq_g))^2."""
     n, k = w.shape
     g = recipe.group_size
@@ -99,8 +105,8 @@ def _awq_clip(w: Tensor, x: Tensor, recipe: Recipe) -> Tensor:
     best_err = torch.full((n, groups), math.inf)
     best_ratio = torch.ones(n, groups)
     for ratio in AWQ_CLIP_RATIOS:
-        scale, zero = int4_group_params(wg, recipe.symmetric, ratio)
-        deq = (int4_codes(wg, scale, zero) - zero[..., None]) * scale[..., None]
+        scale, zero = int4_group_params(wg, recipe.symmetric, ratio, bits=bits)
+        deq = (int4_codes(wg, scale, zero, bits) - zero[..., None]) * scale[..., None]
         diff = wg - deq                                                               # [N, G, g]
         err = torch.einsum("tgk,ngk->tng", xg, diff).pow(2).sum(0)                   # [N, G]
         better = err < best_err
@@ -109,7 +115,8 @@ def _awq_clip(w: Tensor, x: Tensor, recipe: Recipe) -> Tensor:
     return best_ratio
 
 
-def gptq(weight: Tensor, inputs: Tensor | None, recipe: Recipe, hessian: Tensor | None = None) -> Int4Weight:
+def gptq(weight: Tensor, inputs: Tensor | None, recipe: Recipe, hessian: Tensor | None = None,
+         bits: int = 4) -> Int4Weight:
     """Hessian-based INT4 with block-wise error compensation (see the module docstring).
 
     Rows of W are independent given H (the compensation runs along K within a row), so they are
@@ -130,20 +137,20 @@ def gptq(weight: Tensor, inputs: Tensor | None, recipe: Recipe, hessian: Tensor 
     h_inv = _upper_cholesky_of_inverse(h, recipe.damp)
     del h
     rows = max(1, _GPTQ_CHUNK_BYTES // (4 * k))
-    parts = [_gptq_rows(weight[r:r + rows], dead, perm, h_inv, recipe) for r in range(0, n, rows)]
+    parts = [_gptq_rows(weight[r:r + rows], dead, perm, h_inv, recipe, bits) for r in range(0, n, rows)]
     g_idx = parts[0][3]
     codes = torch.cat([p[0] for p in parts])
     scales = torch.cat([p[1] for p in parts])
     trivial = bool((g_idx == torch.arange(k) // g).all())
     return Int4Weight(codes, scales.contiguous(),
                       None if recipe.symmetric else torch.cat([p[2] for p in parts]).to(torch.uint8).contiguous(), g,
-                      None if trivial else g_idx.to(torch.int32))
+                      None if trivial else g_idx.to(torch.int32), bits=bits)
 
 
 _GPTQ_CHUNK_BYTES = 256 << 20
 
 
-def _gptq_rows(weight: Tensor, dead: Tensor, perm: Tensor, h_inv: Tensor, recipe: Recipe):
+def _gptq_rows(weight: Tensor, dead: Tensor, perm: Tensor, h_inv: Tensor, recipe: Recipe, bits: int = 4):
     """GPTQ of the rows `weight` [n, K] (H's dead columns, column order and chol(H^-1) given):
     (packed codes [n, K/2], scales [n, K/g], zeros [n, K/g], g_idx [K])."""
     w = weight.float().clone()
@@ -152,12 +159,13 @@ def _gptq_rows(weight: Tensor, dead: Tensor, perm: Tensor, h_inv: Tensor, recipe
     w[:, dead] = 0.0
     inv_perm = torch.argsort(perm)
     static = recipe.act_order and recipe.static_groups
+    rule, top = _rule(recipe, bits), (1 << bits) - 1
     if static or not recipe.act_order:
         group_of_col = torch.arange(k) // g            # original column -> group
     scales = torch.zeros(n, k // g)
     zeros = torch.zeros(n, k // g)
     if static:
-        s0, z0 = int4_group_params(w.view(n, k // g, g), recipe.symmetric)
+        s0, z0 = int4_group_params(w.view(n, k // g, g), recipe.symmetric, rule=rule, bits=bits)
         scales.copy_(s0)
         zeros.copy_(z0)
     w = w[:, perm]
@@ -177,24 +185,24 @@ def _gptq_rows(weight: Tensor, dead: Tensor, perm: Tensor, h_inv: Tensor, recipe
                 group = int(group_of_col[col])
                 if not static and j % g == 0:           # plain GPTQ: group starts here, in order
                     cols = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
-                    s, z = int4_group_params(cols, recipe.symmetric)
+                    s, z = int4_group_params(cols, recipe.symmetric, rule=rule, bits=bits)
                     scales[:, group], zeros[:, group] = s, z
             else:                                        # act-order, dynamic groups: permuted order
                 group = j // g
                 if j % g == 0:
                     cols = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
-                    s, z = int4_group_params(cols, recipe.symmetric)
+                    s, z = int4_group_params(cols, recipe.symmetric, rule=rule, bits=bits)
                     scales[:, group], zeros[:, group] = s, z
             g_idx[col] = group
             s, z = scales[:, group], zeros[:, group]
-            q = ((w1[:, i] / s).round() + z).clamp(0, 15)
+            q = ((w1[:, i] / s).round() + z).clamp(0, top)
             codes[:, j] = q
             deq = (q - z) * s
             e = (w1[:, i] - deq) / h1[i, i]
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
-    return int4_pack_codes(codes[:, inv_perm]), scales, zeros, g_idx
+    return int4_pack_codes(codes[:, inv_perm], bits), scales, zeros, g_idx
 
 
 def _hessian(x: Tensor) -> Tensor:
@@ -226,13 +234,13 @@ def _upper_cholesky_of_inverse(h: Tensor, damp: float) -> Tensor:
 
 
 def quantize_weight(weight: Tensor, recipe: Recipe, inputs: Tensor | None = None,
-                    input_amax: Tensor | None = None) -> Fp8Weight | Int4Weight:
+                    input_amax: Tensor | None = None, bits: int = 4) -> Fp8Weight | Int4Weight:
     """Dispatch on the recipe. Calibrated algorithms fall back to RTN when `inputs` is empty
     (an expert no calibration token reached with moe_calibration='routed')."""
     if recipe.is_fp8 or recipe.algorithm == "rtn":
-        return rtn(weight, recipe, input_amax)
+        return rtn(weight, recipe, input_amax, bits)
     if inputs is None or inputs.shape[0] == 0:
-        return rtn(weight, recipe)
+        return rtn(weight, recipe, bits=bits)
     if recipe.algorithm == "awq":
-        return awq(weight, inputs, recipe)
-    return gptq(weight, inputs, recipe)
+        return awq(weight, inputs, recipe, bits)
+    return gptq(weight, inputs, recipe, bits=bits)

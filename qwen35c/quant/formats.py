@@ -18,6 +18,11 @@ FP8 (`Fp8Weight`), always float8_e4m3fn codes [N, K] and fp32 scales that are MU
 INT4 (`Int4Weight`), the Triton INT4 GEMM / ONNX Runtime MatMulNBits layout flattened per row:
   qweight uint8 [N, K/2]: byte (n, j) holds k = 2j in its low nibble, k = 2j+1 in its high nibble.
   scales  fp32 [N, K/g];  zeros uint8 [N, K/g] codes 0..15, or None = symmetric (zero point 8).
+          A symmetric scale may be negative (`scales="mse"`): the code range -8..7 is asymmetric, so a
+          group whose extreme is positive maps it to -8 with s < 0 (llama.cpp's Q4_0 trick).
+  bits    8 (the `head_bits=8` LM head and the embedding that shares its table): the same group-wise
+          format one code a byte, qweight uint8 [N, K], zero point 128 (MatMulNBits / GatherBlockQuantized
+          with bits=8). Symmetric only.
   g_idx   optional int32 [K]: the group of input column k (GPTQ act-order without static groups);
           None = k // g. W[n, k] = (code[n, k] - zero[n, g_idx[k]]) * scale[n, g_idx[k]].
   pre_scale optional fp32 [K]: AWQ's per-input-channel scale kept EXPLICIT: the layer computes
@@ -169,22 +174,28 @@ class Int4Weight:
     g_idx: Tensor | None = None          # int32 [K] or None (= k // g)
     pre_scale: Tensor | None = None      # fp32 [K] multiplied into x before the GEMM (AWQ, explicit)
     act_int8: bool = False               # the GEMM quantizes x to int8 per token per K group (int4_fake_quant_activations)
+    bits: int = 4                        # 8: one code a byte, zero point 128 (symmetric only)
     kind: str = field(default="int4", init=False)
+
+    def __post_init__(self):
+        if self.bits not in (4, 8) or (self.bits == 8 and self.zeros is not None):
+            raise ValueError(f"group-wise integer weights are 4-bit or symmetric 8-bit, not {self.bits}-bit"
+                             f"{' with zero points' if self.zeros is not None else ''}")
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.qweight.shape[0], 2 * self.qweight.shape[1])
+        return (self.qweight.shape[0], self.qweight.shape[1] * 8 // self.bits)
 
     @property
     def symmetric(self) -> bool:
         return self.zeros is None
 
     def codes(self) -> Tensor:
-        return int4_unpack_codes(self.qweight)
+        return int4_unpack_codes(self.qweight) if self.bits == 4 else self.qweight
 
     def dequantize(self) -> Tensor:
         """W_q [N, K] fp32 (what the packed GEMM multiplies; does not include `pre_scale`)."""
-        return int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.g_idx)
+        return int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.g_idx, self.bits)
 
     def effective_weight(self) -> Tensor:
         """The matrix the layer applies to x: W_q * pre_scale (column-wise) when AWQ kept a scale."""
@@ -205,30 +216,73 @@ class Int4Weight:
 QuantizedWeight = Fp8Weight | Int4Weight
 
 
-def int4_group_params(w: Tensor, symmetric: bool, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
-    """Scale and zero point of groups w [..., g] (fp32): symmetric s = amax/7, z = 8; asymmetric
-    s = (max-min)/15, z = round(-min/s) (the range always includes 0). `clip` shrinks the range
-    (AWQ's clipping search); it broadcasts against w[..., 0]."""
+def int4_group_params(w: Tensor, symmetric: bool, clip: Tensor | float = 1.0, rule: str = "amax",
+                      bits: int = 4) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of groups w [..., g] (fp32), codes 0..2^bits-1. Symmetric, zero point
+    2^(bits-1) (m = 2^(bits-1) - 1: 7 or 127):
+      rule "amax": s = amax / m (codes -m..m; INT4's code 0 unused);
+      rule "mse":  the signed scale minimising sum (w - s q)^2 over candidates s = w_x / t, w_x the
+                   group's value of largest magnitude, t in -8.6 .. -6.5 (step 0.1; INT4 only), each
+                   refitted by least squares on its codes (s = <w, q> / <q, q>); t = -8 maps w_x to
+                   the code range's extra level -8 (Q4_0's scale), so "mse" is never worse than it.
+    Asymmetric (INT4): s = (max-min)/15, z = round(-min/s) (the range always includes 0).
+    `clip` shrinks the range (AWQ's clipping search, amax rule); it broadcasts against w[..., 0]."""
     w = w.float()
-    if symmetric:
-        scale = (w.abs().amax(-1) * clip / 7.0).clamp_min(1e-8)
-        zero = torch.full_like(scale, 8.0)
-    else:
+    mid = float(1 << (bits - 1))
+    if not symmetric:
+        if bits != 4:
+            raise ValueError("asymmetric group quantization is 4-bit only")
         lo = (w.amin(-1) * clip).clamp_max(0.0)
         hi = (w.amax(-1) * clip).clamp_min(0.0)
         scale = ((hi - lo) / 15.0).clamp_min(1e-8)
-        zero = (-lo / scale).round().clamp(0, 15)
-    return scale, zero
+        return scale, (-lo / scale).round().clamp(0, 15)
+    if rule == "amax":
+        scale = (w.abs().amax(-1) * clip / (mid - 1)).clamp_min(1e-8)
+    elif rule == "mse":
+        if bits != 4 or not (isinstance(clip, float) and clip == 1.0):
+            raise ValueError("the mse scale search is for INT4 without a clipping ratio")
+        scale = _mse_scale(w, mid)
+    else:
+        raise ValueError(f"unknown INT4 scale rule '{rule}' (amax or mse)")
+    return scale, torch.full_like(scale, mid)
 
 
-def int4_codes(w: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    """Codes 0..15 of w [..., g] given per-group scale/zero [...] (round half to even, like torch)."""
-    return ((w.float() / scale[..., None]).round() + zero[..., None]).clamp(0, 15)
+_MSE_STEPS = tuple(-t / 10 for t in range(65, 87))          # t = -6.5 .. -8.6
 
 
-def int4_pack_codes(codes: Tensor) -> Tensor:
-    """codes [N, K] (0..15) -> uint8 [N, K/2], low nibble = even k."""
+def _floor_scale(s: Tensor) -> Tensor:
+    """|s| >= 1e-8, keeping the sign (an all-zero group gets 1e-8)."""
+    return torch.where(s.abs() < 1e-8, torch.full_like(s, 1e-8), s)
+
+
+def _mse_scale(w: Tensor, mid: float) -> Tensor:
+    extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    best_s = _floor_scale(extreme / -mid)
+    best_e = ((w - _signed_codes(w, best_s, mid) * best_s[..., None]) ** 2).sum(-1)
+    for t in _MSE_STEPS:
+        q = _signed_codes(w, _floor_scale(extreme / t), mid)
+        qq = (q * q).sum(-1)
+        s = _floor_scale(torch.where(qq > 0, (w * q).sum(-1) / qq.clamp_min(1e-30), best_s))
+        e = ((w - _signed_codes(w, s, mid) * s[..., None]) ** 2).sum(-1)
+        better = e < best_e
+        best_e, best_s = torch.where(better, e, best_e), torch.where(better, s, best_s)
+    return best_s
+
+
+def _signed_codes(w: Tensor, s: Tensor, mid: float) -> Tensor:
+    return (w / s[..., None]).round().clamp(-mid, mid - 1)
+
+
+def int4_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int = 4) -> Tensor:
+    """Codes 0..2^bits-1 of w [..., g] given per-group scale/zero [...] (round half to even, like torch)."""
+    return ((w.float() / scale[..., None]).round() + zero[..., None]).clamp(0, (1 << bits) - 1)
+
+
+def int4_pack_codes(codes: Tensor, bits: int = 4) -> Tensor:
+    """codes [N, K] (0..15) -> uint8 [N, K/2], low nibble = even k (8-bit codes: uint8 [N, K] as they are)."""
     q = codes.to(torch.uint8)
+    if bits == 8:
+        return q.contiguous()
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
@@ -242,8 +296,8 @@ _RTN_CHUNK_BYTES = 64 << 20     # fp32 rows per RTN chunk: a 248K-row tied head 
 
 
 def int4_quantize(weight: Tensor, group_size: int = 128, symmetric: bool = True,
-                  clip: Tensor | float = 1.0) -> Int4Weight:
-    """Round-to-nearest group-wise INT4 (RTN). weight [N, K] with K % group_size == 0."""
+                  clip: Tensor | float = 1.0, rule: str = "amax", bits: int = 4) -> Int4Weight:
+    """Round-to-nearest group-wise INT4 (RTN; 8-bit with bits=8). weight [N, K], K % group_size == 0."""
     n, k = weight.shape
     if k % group_size or group_size % 2:
         raise ValueError(f"INT4 group {group_size} does not divide K={k} (or is odd)")
@@ -251,21 +305,21 @@ def int4_quantize(weight: Tensor, group_size: int = 128, symmetric: bool = True,
     packed, scales, zeros = [], [], []
     for start in range(0, n, rows):          # rows are independent: chunks bound the fp32 temporaries
         wg = weight[start:start + rows].float().view(-1, k // group_size, group_size)
-        scale, zero = int4_group_params(wg, symmetric, clip)
-        packed.append(int4_pack_codes(int4_codes(wg, scale, zero).view(-1, k)))
+        scale, zero = int4_group_params(wg, symmetric, clip, rule, bits)
+        packed.append(int4_pack_codes(int4_codes(wg, scale, zero, bits).view(-1, k), bits))
         scales.append(scale)
         zeros.append(None if symmetric else zero.to(torch.uint8))
     return Int4Weight(torch.cat(packed), torch.cat(scales).contiguous(),
-                      None if symmetric else torch.cat(zeros).contiguous(), group_size)
+                      None if symmetric else torch.cat(zeros).contiguous(), group_size, bits=bits)
 
 
 def int4_dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor | None = None, group_size: int = 128,
-                    g_idx: Tensor | None = None) -> Tensor:
+                    g_idx: Tensor | None = None, bits: int = 4) -> Tensor:
     """The reference twin of the INT4 GEMM: W = (code - zero[g]) * scale[g] in fp32, [N, K]."""
-    codes = int4_unpack_codes(qweight).float()
+    codes = (int4_unpack_codes(qweight) if bits == 4 else qweight).float()
     k = codes.shape[1]
     index = (torch.arange(k, device=qweight.device) // group_size) if g_idx is None else g_idx.long()
-    z = zeros.float()[:, index] if zeros is not None else 8.0
+    z = zeros.float()[:, index] if zeros is not None else float(1 << (bits - 1))
     return (codes - z) * scales.float()[:, index]
 
 

@@ -115,7 +115,7 @@ def quantize_units(out: dict[str, QuantizedWeight], params: dict[str, Tensor], t
             raise QwenError(f"{d.canonical}: no calibration activations for a static FP8 scale "
                             f"(use moe_calibration='all')")
         unit_recipe = recipe if d.group_size is None else dataclasses.replace(recipe, group_size=d.group_size)
-        out[d.canonical] = algorithms.quantize_weight(weight, unit_recipe, rows, amax)
+        out[d.canonical] = algorithms.quantize_weight(weight, unit_recipe, rows, amax, recipe.unit_bits(d.canonical))
         if progress is not None:
             progress(i + 1, len(todo), d.canonical)
     return fallback

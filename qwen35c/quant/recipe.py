@@ -29,6 +29,10 @@ class Recipe:
     activations: Literal["dynamic", "static", "none", "int8"] = "dynamic"
     group_size: int = 128                                 # INT4 group along K
     symmetric: bool = True                                # INT4 zero point 8 (True) or per-group codes
+    # symmetric INT4 scales: amax / 7 ("amax") or the signed least-squares scale searched per group
+    # ("mse", formats.int4_group_params: the code range's -8 used, as llama.cpp's Q4_0 does)
+    scales: Literal["amax", "mse"] = "amax"
+    head_bits: int = 4                                    # the LM head's codes: INT4 or 8-bit (symmetric, amax/127)
     act_order: bool = False                               # GPTQ: columns by decreasing Hessian diagonal
     static_groups: bool = True                            # GPTQ act-order: groups fixed in original order (no g_idx)
     damp: float = 0.01                                    # GPTQ: damp * mean(diag H) added to the diagonal
@@ -80,6 +84,14 @@ class Recipe:
                             "needs symmetric INT4 without AWQ's pre-scale or act-order's g_idx")
         if self.expert_groups not in ("fixed", "fit"):
             raise QwenError(f"expert-groups must be fixed or fit, not '{self.expert_groups}'")
+        if self.scales not in ("amax", "mse"):
+            raise QwenError(f"int4 scales must be amax or mse, not '{self.scales}'")
+        if self.scales == "mse" and not (self.is_int4 and self.symmetric and self.algorithm != "awq"):
+            raise QwenError("scales=mse is the symmetric INT4 scale search (AWQ searches its own clipping)")
+        if self.head_bits not in (4, 8):
+            raise QwenError(f"head-bits must be 4 or 8, not {self.head_bits}")
+        if self.head_bits == 8 and not (self.is_int4 and self.symmetric and not (self.act_order and not self.static_groups)):
+            raise QwenError("head-bits=8 is a symmetric INT4 recipe's option (without act-order's g_idx)")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise QwenError(f"group size {self.group_size}: must be a power of two >= 16 (MatMulNBits)")
 
@@ -95,6 +107,10 @@ class Recipe:
                 return None
             g //= 2
         return None
+
+    def unit_bits(self, name: str) -> int:
+        """Code width of quantized unit `name` (canonical): 8 for the LM head with head_bits=8, else 4."""
+        return self.head_bits if self.is_int4 and name == "lm_head.weight" else 4
 
     def int8_activations(self, name: str) -> bool:
         """Does the GEMM of quantized linear `name` (canonical) round its input to int8?"""
@@ -129,6 +145,7 @@ class Recipe:
         if self.is_fp8:
             return self.scheme + ("" if self.activations == "dynamic" else f"-{self.activations}")
         return (f"int4-{self.algorithm}-g{self.group_size}{'' if self.symmetric else '-asym'}"
+                f"{'-mse' if self.scales == 'mse' else ''}{'-h8' if self.head_bits == 8 else ''}"
                 f"{'-a8' if self.activations == 'int8' else ''}")
 
     def to_dict(self) -> dict:

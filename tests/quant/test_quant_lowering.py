@@ -138,11 +138,12 @@ class _MiniEmitter:
 
 @pytest.mark.parametrize("scheme,options", [("fp8-block128", {}), ("fp8-channel", {}), ("fp8-tensor", {}),
                                             ("int4-rtn", {}), ("int4-rtn", {"symmetric": False}),
+                                            ("int4-rtn", {"scales": "mse"}), ("int4-gptq", {"scales": "mse"}),
                                             ("int4-awq", {}), ("int4-gptq", {"act_order": True, "static_groups": False})])
 def test_onnx_lowering_matches_emulation(scheme, options):
     g = _graph()
-    PassManager(f"quantize{{scheme={scheme}{' symmetric=false' if options.get('symmetric') is False else ''}"
-                f"{' act-order=true static-groups=false' if options.get('act_order') else ''} include=*.self_attn.*}}").run(g)
+    spelled = " ".join(f"{k.replace('_', '-')}={str(v).lower()}" for k, v in options.items())
+    PassManager(f"quantize{{scheme={scheme} {spelled} include=*.self_attn.*}}").run(g)
     recipe = parse_scheme(scheme, include=("*.self_attn.*",), **options)
     base = _weights()
     rows = torch.randn(128, 256) * torch.linspace(0.2, 4, 256)
@@ -204,6 +205,54 @@ def test_int4_int8_activations_lowering_matches_emulation(group_size):
     assert torch.allclose(interp, gemm_input(x, q) @ q.dequantize().t(), rtol=1e-5, atol=1e-6)
 
 
+def test_eight_bit_shared_head_lowers_to_what_the_interpreter_computes():
+    """head-bits=8 with tied-embedding=shared: the tied head is one 8-bit table [V, H] u8 read by
+    MatMulNBits (bits 8, int8 activations) and by the lookup's GatherBlockQuantized (bits 8); ONNX
+    Runtime computes what the interpreter (the dequantize twins) computes."""
+    import dataclasses
+
+    from qwen35c.backends.onnx.quant import lower_quantized_embedding
+    from qwen35c.quant.formats import gemm_input
+
+    g = Graph()
+    ids = g.add_input("ids", TensorType("i64", ("B",)))
+    table = g.add_node("weight", [], [TensorType("f32", (512, 256))], {"name": "model.embed_tokens.weight"}).output
+    h = g.add_node("embedding", [table, ids], [TensorType("f32", ("B", 256))], {}).output
+    h = g.add_node("mul", [h, h], [TensorType("f32", ("B", 256))], {}).output     # a nonlinearity between
+    g.add_output(g.add_node("linear", [h, table], [TensorType("f32", ("B", 512))], {}).output)
+    spec = "scheme=int4-rtn group-size=64 activations=int8 include=lm_head.weight tied-embedding=shared head-bits=8"
+    PassManager(f"quantize{{{spec}}}").run(g)
+    head = next(n for n in g.nodes if n.op == "quantized_linear")
+    lookup = next(n for n in g.nodes if n.op == "quantized_embedding")
+    assert head.attrs["bits"] == lookup.attrs["bits"] == 8 and head.inputs[1].type.shape == (512, 256)
+    assert g.metadata["quantization"]["label"] == "int4-rtn-g64-h8-a8"
+    assert g.metadata["quantization"]["embedding"] == "shared with lm_head.weight (8-bit codes)"
+    weights = torch.randn(512, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    recipe = parse_scheme("int4-rtn", group_size=64, activations="int8", include=("lm_head.weight",),
+                          tied_embedding="shared", head_bits=8)
+    source = quantized_weight_source({"model.embed_tokens.weight": weights, "lm_head.weight": weights}.__getitem__,
+                                     recipe)
+    emitter = _MiniEmitter({v.producer.attrs["name"]: source(v.producer.attrs["name"]) for v in head.inputs[1:]})
+    (rows,) = lower_quantized_embedding(emitter, lookup)
+    squared = emitter.node("Mul", [rows, rows])[0]
+    (out,) = lower_quantized_linear(emitter, head, squared)
+    assert [n.op_type for n in emitter.nodes].count("MatMulNBits") == 1
+    assert len([i for i in emitter.inits if i.data_type == TensorProto.UINT8]) == 1       # one table for both
+    model = helper.make_model(
+        helper.make_graph(emitter.nodes, "q", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B"])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], emitter.inits),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    token_ids = torch.tensor([0, 5, 511, 5])
+    got = torch.from_numpy(session.run(None, {"ids": token_ids.numpy()})[0])
+    want = list(run(g, {"ids": token_ids}, source).values())[0]
+    q = quantize_weight(weights, recipe, bits=8)
+    x = q.dequantize()[token_ids] ** 2
+    assert torch.allclose(want, gemm_input(x, dataclasses.replace(q, act_int8=True)) @ q.dequantize().t(),
+                          rtol=1e-5, atol=1e-6)
+    assert float((got - want).abs().max()) / float(want.abs().max()) < 5e-5
+
+
 def test_int4_int8_activations_recipe_rules():
     from qwen35c.errors import QwenError
 
@@ -211,7 +260,11 @@ def test_int4_int8_activations_recipe_rules():
     assert parse_scheme("int4-gptq", activations="int8").label == "int4-gptq-g128-a8"
     for bad in ({"scheme": "int4-awq", "activations": "int8"}, {"scheme": "fp8-block128", "activations": "int8"},
                 {"scheme": "int4-gptq", "activations": "int8", "act_order": True, "static_groups": False},
-                {"scheme": "int4-rtn", "activations": "static"}):
+                {"scheme": "int4-rtn", "activations": "static"},
+                {"scheme": "int4-rtn", "head_bits": 6}, {"scheme": "int4-rtn", "head_bits": 8, "symmetric": False},
+                {"scheme": "fp8-block128", "head_bits": 8}, {"scheme": "int4-awq", "scales": "mse"},
+                {"scheme": "int4-rtn", "scales": "mse", "symmetric": False}, {"scheme": "int4-rtn", "scales": "max"},
+                {"scheme": "int4-gptq", "head_bits": 8, "act_order": True, "static_groups": False}):
         with pytest.raises(QwenError):
             parse_scheme(bad.pop("scheme"), **bad)
 

@@ -7,7 +7,9 @@ The node is a `quantized_linear` from the `quantize` pass (qwen35c/passes/quanti
   INT4  -> [Mul(x, pre_scale)] -> com.microsoft MatMulNBits(accuracy_level 0, or 4 for activations=int8,x, B [N, K/bs, bs/2] u8, scales [N, K/bs],
            zero_points u8 [N, ceil(K/bs/2)] (asymmetric only; absent = 8), g_idx (act-order only)).
            The internal qweight [N, K/2] is exactly B's bytes (low nibble = even k).
-  INT4 embedding (a tied head's codes, tied-embedding=shared) -> GatherBlockQuantized over the head's B.
+  8-bit (the LM head with head-bits=8) -> the same MatMulNBits with bits=8: B [N, K/bs, bs] u8, zero point 128.
+  INT4 embedding (a tied head's codes, tied-embedding=shared) -> GatherBlockQuantized over the head's B
+           (bits 4 or 8, as the head's).
   INT4 routed experts (quantized_moe) -> router MatMul + com.microsoft QMoE (expert_weight_bits 4,
            block_size = group, swiglu with swiglu_fusion 1, normalize_routing_weights = norm_topk_prob): ORT
            takes the router logits and does softmax, top-k and the renormalisation itself, dequantizes each
@@ -65,7 +67,7 @@ def lower_quantized_linear(emitter, node, x: str | None = None) -> list[str]:
 
 def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
     a = node.attrs
-    n, k, bs = a["out_features"], a["in_features"], a["group_size"]
+    n, k, bs, bits = a["out_features"], a["in_features"], a["group_size"], a.get("bits", 4)
     inputs = list(node.inputs[1:])
     qweight_value, scales_value = inputs.pop(0), inputs.pop(0)
     qweight = _static(emitter, qweight_value) if a["has_g_idx"] else None
@@ -85,7 +87,7 @@ def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
         g_idx = None
     act_dtype = node.inputs[0].dtype
     if perm is None:
-        b = _int4_table(emitter, node.inputs[1], n, k, bs, qweight)   # shared with a tied embedding's lookup
+        b = _int4_table(emitter, node.inputs[1], n, k, bs, qweight, bits)   # shared with a tied embedding's lookup
     else:
         b = _add(emitter, qweight.view(n, k // bs, bs // 2), hint + "_B", "u8")
     s = emitter.reusable(_weight_key(scales_value, f"scales-{act_dtype}"), hint + "_scales",
@@ -104,18 +106,18 @@ def _lower_int4(emitter, node, x: str, hint: str) -> list[str]:
     # accuracy_level 4: MLAS quantizes x to int8 per token per `bs` block (amax/127, round half even) and
     # runs an int8 GEMM; the emulation rounds identically (formats.int4_fake_quant_activations). 0 = fp32.
     level = 4 if a.get("activations") == "int8" else 0
-    return emitter.node("MatMulNBits", names, hint=hint, domain="com.microsoft", K=k, N=n, bits=4, block_size=bs,
+    return emitter.node("MatMulNBits", names, hint=hint, domain="com.microsoft", K=k, N=n, bits=bits, block_size=bs,
                         accuracy_level=level)
 
 
-def _int4_table(emitter, value, n: int, k: int, bs: int, qweight: torch.Tensor | None = None) -> str:
-    """The MatMulNBits B initializer [N, K/bs, bs/2] u8 of a packed INT4 weight value, made once: a
-    tied head and its shared embedding (GatherBlockQuantized) read the same bytes."""
+def _int4_table(emitter, value, n: int, k: int, bs: int, qweight: torch.Tensor | None = None, bits: int = 4) -> str:
+    """The MatMulNBits B initializer [N, K/bs, bs*bits/8] u8 of a packed INT4 (8-bit) weight value, made
+    once: a tied head and its shared embedding (GatherBlockQuantized) read the same bytes."""
     tables = emitter.__dict__.setdefault("int4_tables", {})      # per emitter, i.e. per graph
     if id(value) not in tables:
         def make():
             codes = _static(emitter, value) if qweight is None else qweight
-            return codes.view(n, k // bs, bs // 2), "u8"
+            return codes.view(n, k // bs, bs * bits // 8), "u8"
 
         key = _weight_key(value, "int4-B") if qweight is None else None   # given codes are not the weight's
         tables[id(value)] = emitter.reusable(key, value.name + "_B", make)
@@ -124,16 +126,16 @@ def _int4_table(emitter, value, n: int, k: int, bs: int, qweight: torch.Tensor |
 
 def lower_quantized_embedding(emitter, node) -> list[str]:
     """quantized_embedding(ids, qweight, scales) -> com.microsoft GatherBlockQuantized over the same B
-    initializer as the tied head's MatMulNBits (data [V, H/bs, bs/2] u8, 4 bits, zero point 8; scales
+    initializer as the tied head's MatMulNBits (data [V, H/bs, bs*bits/8] u8, zero point 8 / 128; scales
     [V, H/bs, 1] in the activation dtype; quantize_axis 2), reshaped to [..., H]."""
     a = node.attrs
-    n, k, bs = a["out_features"], a["in_features"], a["group_size"]
+    n, k, bs, bits = a["out_features"], a["in_features"], a["group_size"], a.get("bits", 4)
     ids, qweight, scales = node.inputs
-    table = _int4_table(emitter, qweight, n, k, bs)
+    table = _int4_table(emitter, qweight, n, k, bs, bits=bits)
     s = _add(emitter, _static(emitter, scales).to(node.outputs[0].type.torch_dtype).reshape(n, k // bs, 1),
              node.outputs[0].name + "_scales", node.outputs[0].dtype)
     rows = emitter.node("GatherBlockQuantized", [table, emitter.name(ids), s], domain="com.microsoft",
-                        gather_axis=0, quantize_axis=2, block_size=bs, bits=4)[0]    # [..., H/bs, bs]
+                        gather_axis=0, quantize_axis=2, block_size=bs, bits=bits)[0]    # [..., H/bs, bs]
     shape = emitter.i64([0] * len(ids.type.shape) + [k])
     return emitter.node("Reshape", [rows, shape], hint=node.outputs[0].name)
 

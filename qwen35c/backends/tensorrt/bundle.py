@@ -173,11 +173,11 @@ class TensorRTEmitter(OnnxEmitter):
             x = self._logit_rows(node.inputs[0])
         if a["format"] == "fp8" and a.get("granularity") == "block" and a.get("activations") == "dynamic":
             self.names[id(node.outputs[0])] = self._fp8_linear(node, x)
-        elif a["format"] == "int4" and a.get("activations", "none") in ("none", None):
+        elif a["format"] == "int4" and a.get("activations", "none") in ("none", None) and a.get("bits", 4) == 4:
             self.names[id(node.outputs[0])] = self._int4_linear(node, x)
         else:
             raise EmitError(f"%{node.outputs[0].name}: the TensorRT bundle lowers INT4 weight-only linears "
-                            f"(W4A16) and FP8 block-128 with dynamic activations, not {a['format']} "
+                            f"(W4A16) and FP8 block-128 with dynamic activations, not {a['format']}{' with 8-bit codes' if a.get('bits', 4) == 8 else ''} "
                             f"{a.get('granularity', '')} with {a.get('activations')} activations")
 
     def _int4_linear(self, node, x: str) -> str:

@@ -316,6 +316,8 @@ class _Lowering:
     def _int4(self, phase, q, weight, part, rows, x, y, m, n, k, layer, x_stride, y_stride):
         if q.get("has_g_idx") or q.get("has_pre_scale"):
             raise QwenError(f"triton backend: INT4 linear {weight}: act-order (g_idx) / pre-scale layouts have no kernel")
+        if q.get("bits", 4) != 4:
+            raise QwenError(f"triton backend: linear {weight}: {q['bits']}-bit codes (head-bits) have no kernel")
         g = int(q["group_size"])
         if k % g:
             raise QwenError(f"triton backend: INT4 linear {weight}: in_features {k} not a multiple of group {g}")
