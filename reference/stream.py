@@ -15,8 +15,9 @@ each decode step is one pass.
 quantization-emulating reference replaces linears with their dequantized twins there);
 `head_hook(lm_head) -> module` sees the head before its weight is loaded (on the meta device):
 returned unchanged, the checkpoint's weight is loaded into it; another module replaces it, and
-nothing is loaded. `embed_hook(table) -> table` gives the lookup table (it is passed the fp32 table
-when a tied fp32 head holds it, else None: the lookups otherwise gather checkpoint rows). Sequential
+nothing is loaded. `embed_hook(table) -> table` gives the lookup table or a lookup (ids -> rows) (it
+is passed the fp32 table when a tied fp32 head holds it, else None: the lookups otherwise gather
+checkpoint rows). Sequential
 quantization drives `load_layer`, `step_info` and `embed` itself. Memory: one layer in `dtype` + activations + edges; see `layer_bytes`.
 """
 
@@ -171,6 +172,8 @@ class StreamedModel:
         """ids [B, T] -> [B, T, H]. Unless the edges hold the table, the rows are gathered from the
         mapped checkpoint and converted (exact: a gather commutes with an elementwise cast)."""
         table = self.edges()[0] if self._edges is not None or self.embed_hook is not None else None
+        if callable(table):                           # the embed hook's lookup
+            return table(ids)
         if table is not None:
             return F.embedding(ids, table)
         name, cfg = "model.embed_tokens.weight", self.config

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from qwen35c.graph.ir import Graph, TensorType
 from qwen35c.graph.ops import TypeRuleError, register_op
 from qwen35c.passes.manager import Pass, PassResult, register_pass
-from qwen35c.quant.formats import Fp8Weight, Int4Weight, gemm_input
+from qwen35c.quant.formats import Fp8Weight, Int4Weight, gemm_input, int4_rows
 from qwen35c.quant.policy import canonical_name, classify, plan
 from qwen35c.quant.recipe import Recipe, parse_scheme
 
@@ -78,9 +78,8 @@ def _infer_embedding(types, attrs):
 
 def _impl_embedding(inputs, attrs, bindings):
     ids, qweight, scales = inputs
-    rows = Int4Weight(qweight[ids.reshape(-1)], scales[ids.reshape(-1)].float(), None, attrs["group_size"],
-                      bits=attrs.get("bits", 4))
-    return [rows.dequantize().to(TensorType(attrs["dtype"], ()).torch_dtype).reshape(*ids.shape, -1)]
+    table = Int4Weight(qweight, scales.float(), None, attrs["group_size"], bits=attrs.get("bits", 4))
+    return [int4_rows(table, ids).to(TensorType(attrs["dtype"], ()).torch_dtype)]
 
 
 register_op("quantized_embedding", _infer_embedding, _impl_embedding, 3,

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qwen35c.quant.formats import int4_rows
 from qwen35c.quant.model import (SHARED_EMBEDDING, EmulatedLinear, QuantizedModel, emulate_layer, emulated_weights,
                                  restrict)
 from qwen35c.quant.policy import canonical_name, plan_model
@@ -111,8 +112,9 @@ class Prepared:
             emulated_head.append(linear if q is None else EmulatedLinear(q, None, torch.float32))
             return emulated_head[0]
 
-        def embedding(table: torch.Tensor) -> torch.Tensor:
-            return emulated_head[0].dequantized()   # the head's dequantized codes: one table, as the artifact
+        def embedding(table: torch.Tensor):
+            # the head's codes, one table as in the artifact: rows dequantized as they are looked up
+            return lambda ids: int4_rows(weights["lm_head.weight"], ids)
 
         # tied-embedding=shared: the lookup reads the head's codes; else rows of the checkpoint's table
         shared = SHARED_EMBEDDING in weights and self.record.get("embedding", "").startswith("shared")

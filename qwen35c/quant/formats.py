@@ -43,7 +43,7 @@ __all__ = [
     "FP8_MAX", "FP8_BLOCK", "SCALE_FLOOR", "Fp8Weight", "Int4Weight", "QuantizedWeight",
     "fp8_quantize", "fp8_dequantize", "fp8_fake_quant_activations", "fp8_quantize_activations",
     "int4_quantize", "int4_group_params", "int4_codes", "int4_pack_codes", "int4_unpack_codes",
-    "int4_dequantize", "fake_quant_activations", "int4_fake_quant_activations", "gemm_input", "row_slice",
+    "int4_dequantize", "int4_rows", "fake_quant_activations", "int4_fake_quant_activations", "gemm_input", "row_slice",
     "last_bit_noise",
 ]
 
@@ -222,9 +222,10 @@ def int4_group_params(w: Tensor, symmetric: bool, clip: Tensor | float = 1.0, ru
     2^(bits-1) (m = 2^(bits-1) - 1: 7 or 127):
       rule "amax": s = amax / m (codes -m..m; INT4's code 0 unused);
       rule "mse":  the signed scale minimising sum (w - s q)^2 over candidates s = w_x / t, w_x the
-                   group's value of largest magnitude, t in -8.6 .. -6.5 (step 0.1; INT4 only), each
+                   group's value of largest magnitude, t in -8.6 .. -6.6 (step 0.2; INT4 only), each
                    refitted by least squares on its codes (s = <w, q> / <q, q>); t = -8 maps w_x to
-                   the code range's extra level -8 (Q4_0's scale), so "mse" is never worse than it.
+                   the code range's extra level -8 (Q4_0's scale) and t = -7 is amax / 7 up to the
+                   sign, so "mse" is never worse than either.
     Asymmetric (INT4): s = (max-min)/15, z = round(-min/s) (the range always includes 0).
     `clip` shrinks the range (AWQ's clipping search, amax rule); it broadcasts against w[..., 0]."""
     w = w.float()
@@ -247,7 +248,8 @@ def int4_group_params(w: Tensor, symmetric: bool, clip: Tensor | float = 1.0, ru
     return scale, torch.full_like(scale, mid)
 
 
-_MSE_STEPS = tuple(-t / 10 for t in range(65, 87))          # t = -6.5 .. -8.6
+_MSE_STEPS = tuple(-t / 10 for t in range(66, 87, 2))     # t = -6.6, -6.8, ..., -8.6 (-7 and -8 among them)
+_MSE_BLOCK = 1 << 18                                          # groups' elements per step: small temporaries
 
 
 def _floor_scale(s: Tensor) -> Tensor:
@@ -256,21 +258,27 @@ def _floor_scale(s: Tensor) -> Tensor:
 
 
 def _mse_scale(w: Tensor, mid: float) -> Tensor:
-    extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1)
-    best_s = _floor_scale(extreme / -mid)
-    best_e = ((w - _signed_codes(w, best_s, mid) * best_s[..., None]) ** 2).sum(-1)
-    for t in _MSE_STEPS:
-        q = _signed_codes(w, _floor_scale(extreme / t), mid)
-        qq = (q * q).sum(-1)
-        s = _floor_scale(torch.where(qq > 0, (w * q).sum(-1) / qq.clamp_min(1e-30), best_s))
-        e = ((w - _signed_codes(w, s, mid) * s[..., None]) ** 2).sum(-1)
-        better = e < best_e
-        best_e, best_s = torch.where(better, e, best_e), torch.where(better, s, best_s)
-    return best_s
-
-
-def _signed_codes(w: Tensor, s: Tensor, mid: float) -> Tensor:
-    return (w / s[..., None]).round().clamp(-mid, mid - 1)
+    """Per group of w [..., g]: each candidate's codes q = round(w / (w_x / t)) refitted to the
+    least-squares scale <w, q> / <q, q>, whose residual is |w|^2 - <w, q>^2 / <q, q>; the scale of the
+    smallest residual wins (rounding at it afterwards can only lower the error further)."""
+    g = w.shape[-1]
+    flat = w.reshape(-1, g)
+    out = torch.empty(flat.shape[0])
+    rows = max(1, _MSE_BLOCK // g)
+    for r in range(0, flat.shape[0], rows):
+        x = flat[r:r + rows]
+        extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        norm = (x * x).sum(-1)
+        best_s, best_e = _floor_scale(extreme / -mid), torch.full_like(norm, float("inf"))
+        for t in _MSE_STEPS:
+            q = (x / _floor_scale(extreme / t)[:, None]).round_().clamp_(-mid, mid - 1)
+            wq, qq = (x * q).sum(-1), (q * q).sum(-1)
+            err = torch.where(qq > 0, norm - wq * wq / qq.clamp_min(1e-30), norm)
+            better = err < best_e
+            best_e = torch.where(better, err, best_e)
+            best_s = torch.where(better & (qq > 0), wq / qq.clamp_min(1e-30), best_s)
+        out[r:r + rows] = _floor_scale(best_s)
+    return out.view(w.shape[:-1])
 
 
 def int4_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int = 4) -> Tensor:
@@ -321,6 +329,14 @@ def int4_dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor | None = None
     index = (torch.arange(k, device=qweight.device) // group_size) if g_idx is None else g_idx.long()
     z = zeros.float()[:, index] if zeros is not None else float(1 << (bits - 1))
     return (codes - z) * scales.float()[:, index]
+
+
+def int4_rows(weight: Int4Weight, ids: Tensor) -> Tensor:
+    """Rows `ids` (any shape) of a symmetric group-wise matrix, dequantized: [*ids.shape, K] fp32 (an
+    embedding lookup in a shared head table, without dequantizing the table)."""
+    flat = ids.reshape(-1)
+    rows = Int4Weight(weight.qweight[flat], weight.scales[flat], None, weight.group_size, bits=weight.bits)
+    return rows.dequantize().view(*ids.shape, -1)
 
 
 def int4_fake_quant_activations(x: Tensor, group_size: int) -> Tensor:

@@ -45,15 +45,15 @@ def test_cpu_int4_manifest_records_the_recipe(int4_artifacts):
 
     assert DEFAULT_INT4_ALGORITHM == "gptq"
     assert TARGETS["a100-int4"].quantize == "scheme=int4-gptq group-size=128"
-    assert TARGETS["cpu-int4"].quantize.startswith("scheme=int4-gptq group-size=128 scales=mse head-bits=8 "
-                                                   "tied-embedding=shared activations=int8 expert-groups=fit "
+    assert TARGETS["cpu-int4"].quantize.startswith("scheme=int4-gptq group-size=128 act-order=true scales=mse "
+                                                   "head-bits=8 tied-embedding=shared activations=int8 expert-groups=fit "
                                                    "fp32-activations=*.mlp.experts.* strict-globs=false "
                                                    "include=")
     assert TARGETS["cpu-int4"].pipeline == "onnx-cpu"
     assert q["recipe"]["scheme"] == "int4" and q["recipe"]["algorithm"] == "gptq" and q["recipe"]["group_size"] == 128
     assert q["recipe"]["activations"] == "int8" and q["recipe"]["fp32_activations"] == ["*.mlp.experts.*"]
     assert q["recipe"]["scales"] == "mse" and q["recipe"]["head_bits"] == 8
-    assert q["label"] == "int4-gptq-g128-mse-h8-a8" and q["precision"] == "int4" and not q["recipe"]["act_order"]
+    assert q["label"] == "int4-gptq-g128-mse-h8-a8" and q["precision"] == "int4" and q["recipe"]["act_order"]
     assert "quantize{scheme=int4-gptq group-size=128" in manifest["pipeline"]
     assert manifest["pipeline"].index("quantize{") < manifest["pipeline"].index("fuse-projections")
     assert q["calibration"]["tokens"] == 8192 and "seed 0" in q["calibration"]["source"]   # no tokenizer.json
