@@ -68,7 +68,7 @@ def _skeleton(config):
 
 
 def _weight_bytes(config, precision: str) -> tuple[int, int]:
-    """(artifact weight bytes, bytes of the tied fp32 head copy) for a precision: fp32 | int4."""
+    """(artifact weight bytes, bytes of the tied head's second copy) for a precision: fp32 | int4."""
     from qwen35c.quant.policy import plan_model
 
     model = _skeleton(config)
@@ -92,8 +92,14 @@ def _weight_bytes(config, precision: str) -> tuple[int, int]:
         if name.startswith("mtp.") or (quantized and name == "model.embed_tokens.weight"):
             continue    # an INT4 artifact's lookup table is mapped and only its gathered rows are read
         total += packed(name, p.numel()) if name in quantized else 4 * p.numel()
-    # a tied fp32 head: ORT prepacks its own copy of the table for the head's GEMM
-    tied = 4 * config.vocab_size * config.hidden_size if config.tie_word_embeddings and "lm_head.weight" not in quantized else 0
+    # a tied fp32 head: ORT prepacks its own copy of the table for the head's GEMM; a shared quantized
+    # table (tied-embedding=shared): its codes stay mapped whole next to MatMulNBits' prepacked copy
+    table = config.vocab_size * config.hidden_size
+    tied = 0
+    if config.tie_word_embeddings and "lm_head.weight" not in quantized:
+        tied = 4 * table
+    elif config.tie_word_embeddings and recipe.tied_embedding == "shared":
+        tied = table * recipe.unit_bits("lm_head.weight") // 8 + 4 * table // recipe.group_size
     return total, tied
 
 

@@ -139,6 +139,10 @@ def test_build_estimate_does_not_grow_with_the_layer_count():
     assert build_peak(long, "int4", check=False).total == build_peak(short, "int4", check=False).total
     fp32, int4 = artifact_peak(preset_config("0.8b"), "fp32"), artifact_peak(preset_config("0.8b"), "int4")
     assert int4.parts["weights"] < fp32.parts["weights"] and fp32.parts["prepacked"] > 0   # tied head copy
+    # cpu-int4's tied head is one 8-bit table the lookup shares: counted prepacked (x1.3) and mapped
+    cfg = preset_config("0.8b")
+    table = cfg.vocab_size * cfg.hidden_size * (1 + 4 / 128)
+    assert int4.parts["prepacked"] == int(table) and int4.parts["weights"] > 1.3 * table
 
 
 def test_inspect_reports_both_estimates(checkpoint_factory):

@@ -148,7 +148,7 @@ class QuantizeOptions:
     strict_globs: bool = field(default=True, metadata={"help": "a glob matching no tensor is an error (false: "
                                                               "a target's globs, which a cut model may not all match)"})
     tied_embedding: Literal["kept", "shared"] = field(default="kept", metadata={
-        "help": "a tied INT4 LM head: the embedding keeps its table (kept) or gathers the head's codes (shared)"})
+        "help": "a tied quantized LM head: the embedding keeps its table (kept) or gathers the head's codes (shared)"})
     expert_groups: Literal["fixed", "fit"] = field(default="fixed", metadata={
         "help": "INT4 experts whose dims the group does not divide: kept (fixed) or a smaller group per layer (fit)"})
 

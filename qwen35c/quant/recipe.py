@@ -45,8 +45,8 @@ class Recipe:
     strict_globs: bool = True                             # a glob that matches no tensor is an error (a typo);
                                                           # False for a target's globs (a cut model may lack some)
     moe_calibration: Literal["all", "routed"] = "all"     # route every calibration token to every expert
-    # a tied, quantized INT4 LM head: the embedding lookup keeps the full-precision table ("kept") or
-    # reads the head's codes ("shared": one INT4 table for both, ORT GatherBlockQuantized + MatMulNBits)
+    # a tied, quantized LM head: the embedding lookup keeps the full-precision table ("kept") or reads
+    # the head's codes ("shared": one INT4 / 8-bit table for both, ORT GatherBlockQuantized + MatMulNBits)
     tied_embedding: Literal["kept", "shared"] = "kept"
     # INT4 routed experts whose hidden / moe_intermediate are not multiples of group_size: kept high
     # precision ("fixed") or quantized with the largest power-of-two group >= 16 dividing both ("fit";

@@ -91,3 +91,18 @@ def test_the_noise_floor_tells_a_lowering_bug_from_last_bit_noise(fp8_reference)
         got = compare(_with_activation_quantizer(fp8_reference, quantizer), fp8_reference, **PROMPT_SETS["full"])
         ok, failures = gate(got["total"], "quantized-activations", None, floor)
         assert not ok and failures[0].startswith("mean KL"), (name, got["total"])
+
+
+def test_a_routed_expert_models_floor_is_the_worst_of_three_recordings():
+    """MoE floors are heavy-tailed (a last-bit flip that changes a token's experts jumps its logits):
+    the floor is the worst of three noisy recordings there, one for a dense model; the worst is the
+    recording with the largest KL, with the lowest top-1 of all of them."""
+    from qwen35c.models import bundled
+    from qwen35c.verify import _worst, floor_seeds
+    from reference.config import load_config
+
+    assert floor_seeds(load_config(bundled("qwen35-tiny-moe"))) == 3
+    assert floor_seeds(load_config(bundled("qwen35-tiny"))) == 1
+    floors = [{"kl_mean": 1e-4, "top1": 0.99, "max_abs": 0.3}, {"kl_mean": 4e-4, "top1": 0.995, "max_abs": 1.6},
+              {"kl_mean": 2e-4, "top1": 0.98, "max_abs": 0.5}]
+    assert _worst(floors) == {"kl_mean": 4e-4, "top1": 0.98, "max_abs": 1.6, "recordings": 3}
