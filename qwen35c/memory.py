@@ -207,11 +207,25 @@ def current_rss() -> int:
 
 def verify_peak(config, precision: str = "fp32", quantized: bool = False) -> Estimate:
     """Peak RSS of `qwen35c verify` on an ONNX CPU artifact: the largest of its phases, which run one
-    after the other (the artifact on the full prompt set; the parity check's streamed reference; for
-    a quantized artifact the quantization-loss pass, whose full-precision reference holds its fp32
-    [V, H] head and two windows' logits)."""
-    phases = {"artifact": artifact_peak(config, precision).total,
-              "reference": check_reference_peak(config, precision)}
+    after the other (the artifact on the full prompt set; the parity check's streamed reference; the
+    MTP head's check, the artifact joined with its head; for a quantized artifact the
+    quantization-loss pass, whose full-precision reference holds its fp32 [V, H] head and two
+    windows' logits)."""
+    artifact = artifact_peak(config, precision)
+    phases = {"artifact": artifact.total, "reference": check_reference_peak(config, precision)}
+    if config.mtp_num_hidden_layers:
+        # the mtp check runs the model joined with its head (`backends.onnx.fuse`) next to the streamed
+        # reference's MTP: the head's fp32 layer twice, the head's LM head prepacking its own copy of
+        # the table, and the reference's side (its emulated head's codes touched whole). Calibrated on
+        # the 0.8b preset's artifacts, `/usr/bin/time -v qwen35c verify ART` (--skip quantization for
+        # cpu-int4: random checkpoint): cpu-int4 (8-bit shared head) 3,018,400 KB against 3.13 GiB
+        # estimated; cpu 8,290,132 KB, which one more fp32 table does not cover: two are counted
+        # (8.15 GiB; the phase was not estimated at all before, 4.7 GiB in all)
+        mtp = 4 * sum(p.numel() for n, p in _skeleton(config).named_parameters() if n.startswith("mtp."))
+        table = artifact.parts["prepacked"] or 4 * config.vocab_size * config.hidden_size
+        packed = int(INT4_PACKED * table) + table if precision == "int4" else 2 * table
+        phases["mtp"] = (artifact.total + 2 * mtp + packed
+                         + check_reference_peak(config, precision) - PROCESS_BASE)
     if quantized:
         phases["quantization_loss"] = check_reference_peak(config, "fp32") + 2 * LOSS_WINDOW_LOGITS
     return Estimate(max(phases.values()), phases)

@@ -782,6 +782,8 @@ def verify_artifact(directory: str | Path, reference: str | Path | None = None, 
     if manifest["engine"]["status"] == "not built":     # a stage-1 TensorRT bundle: the check above is its CPU check
         checks.append({"name": "engine", "status": "skipped",
                        "detail": f"not built, so not verified: {manifest['engine'].get('detail', '')}"})
+    if prepared is not None:
+        prepared.release()      # the references have run: their packed pages (an 8-bit head's) go
     if "speculative" in skip:
         checks.append({"name": "speculative", "status": "skipped", "detail": "--skip speculative"})
     elif speculative:
