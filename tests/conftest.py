@@ -18,9 +18,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # itself (`qwen35c.backends.triton.mode.ensure`) before tracing; a test process imports torch.export
 # (and with it Triton) earlier, so it is set here, once, for every test module.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# why: pytest-xdist runs one worker per core (pyproject's addopts); each worker's torch and ONNX
+# Runtime (QWEN35C_THREADS, inherited by the CLI subprocesses) get their share of the cores, or
+# the workers' spinning thread pools take turns on the same cores.
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ.setdefault("QWEN35C_THREADS", str(_THREADS))
+torch.set_num_threads(_THREADS)
 
 from reference.checkpoint import make_random_checkpoint  # noqa: E402
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (the heaviest tests hold ~3 GiB each)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

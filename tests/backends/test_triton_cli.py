@@ -26,10 +26,10 @@ def _cli(*args, code: int = 0):
     return result
 
 
-def _build_and_verify(model, target: str, out: Path, quantized: bool) -> dict:
-    _cli("build", "--model", model, "--target", target, "-o", out)
+def _build_and_verify(model, target: str, out: Path, quantized: bool, check: bool = True) -> dict:
+    _cli("build", "--model", model, "--target", target, "-o", out, *([] if check else ["--no-check"]))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["backend"]["name"] == "triton" and manifest["parity"]["passed"]
+    assert manifest["backend"]["name"] == "triton" and (manifest["parity"]["passed"] if check else manifest["parity"]["status"] == "not run")
     skip = ["--skip", "quantization"] if quantized else []
     report = json.loads(_cli("verify", out, "--prompts", "short", "--json", *skip).stdout)
     assert report["status"] == "pass" and report["mode"] == "triton-interpreter, fp32 activations"
@@ -103,6 +103,7 @@ def test_plan_of_an_onnx_artifact_says_there_is_none(checkpoint_factory, tmp_pat
 def test_the_other_gpu_targets(checkpoint_factory, tmp_path, target, preset):
     """Bounded for CI: with the three cases above every GPU target is built and verified once, and
     every tiny preset with each weight format (the full target x preset grid and the bundled models
-    were run by hand; see the README)."""
+    were run by hand; see the README). The build skips its own parity check, which is verify's
+    (the cases above run both)."""
     _build_and_verify(_checkpoint(checkpoint_factory, target, preset), target, tmp_path / "art",
-                      TARGETS[target].quantize is not None)
+                      TARGETS[target].quantize is not None, check=False)

@@ -44,7 +44,7 @@ import triton
 
 from qwen35c.errors import QwenError
 
-PLAN_FORMAT = "qwen35c-triton-plan/1"
+PLAN_FORMAT = "qwen35c-triton-plan/2"   # 2: fp8_act_quant takes M and ROWS tokens a program
 
 # The pipeline triton targets use; `{quantize}` is "" or "quantize{...},".
 # quantize runs after the match passes: match-swiglu recognises SiLU(linear) * linear, not quantized_linear.
@@ -147,7 +147,8 @@ class Plan:
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
         if data.get("format") != PLAN_FORMAT:
-            raise QwenError(f"plan format {data.get('format')!r} is not {PLAN_FORMAT!r}")
+            raise QwenError(f"plan format {data.get('format')!r} is not {PLAN_FORMAT!r} (built by another qwen35c: "
+                            f"rebuild the artifact)")
 
         def step(s):
             return Launch(**s["launch"]) if "launch" in s else HostOp(**s["host"])
@@ -365,10 +366,11 @@ def _act_quant(self, x: str, k: int, m: str, layer, x_stride=None, names=("fp8_x
     kb = triton.cdiv(k, 128)
     xq = self.buf(names[0], m, k, "xq")
     xs = self.buf(names[1], m, kb, "f32")
-    quant = Launch("fp8_act_quant", "fp8_act_quant_kernel", [m, f"cdiv({k}, 128)"],
-                   [["x_ptr", x], ["q_ptr", "buf:" + xq], ["s_ptr", "buf:" + xs], ["K", f"int:{k}"],
+    from qwen35c.backends.triton.gemm.fp8 import ACT_QUANT_ROWS as rows
+    quant = Launch("fp8_act_quant", "fp8_act_quant_kernel", [f"cdiv({m}, {rows})", f"cdiv({k}, 128)"],
+                   [["x_ptr", x], ["q_ptr", "buf:" + xq], ["s_ptr", "buf:" + xs], ["M", f"int:{m}"], ["K", f"int:{k}"],
                     ["stride_xm", f"int:{x_stride or k}"], ["stride_qm", f"int:{k}"], ["stride_sm", f"int:{kb}"]],
-                   {"GROUP": 128, "EMULATE_E4M3": "$EMULATE_E4M3"}, 1, 1, layer=layer)
+                   {"GROUP": 128, "ROWS": rows, "EMULATE_E4M3": "$EMULATE_E4M3"}, 8, 1, layer=layer)
     return quant, xq, xs
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 from qwen35c.backends.triton.aot import KernelSpec, ModelShapes, make_spec
 from qwen35c.backends.triton.gemm.dense import gemm_config, gemm_kernel, linear
 from qwen35c.backends.triton.gemm.fp8 import (
-    fp8_act_quant_kernel, fp8_block_gemm_kernel, fp8_dynamic_expert_gemv_kernel, fp8_dynamic_gemm_kernel, fp8_block_linear, fp8_gemm_config, fp8_linear,
+    ACT_QUANT_ROWS, fp8_act_quant_kernel, fp8_block_gemm_kernel, fp8_dynamic_expert_gemv_kernel, fp8_dynamic_gemm_kernel, fp8_block_linear, fp8_gemm_config, fp8_linear,
     fp8_quantize_activations,
 )
 from qwen35c.backends.triton.gemm.int4 import int4_gemm_config, int4_gemm_kernel, int4_linear
@@ -81,7 +81,8 @@ def aot_specs(shapes: ModelShapes) -> list[KernelSpec]:
                             "y_ptr": "*bf16", "N": "i32", "K": "i32"},
                            {"BLOCK_N": 64, "EMULATE_E4M3": False}, min_sm=89, aligned=("K",)))
     specs.append(make_spec(f"fp8_act_quant[{shapes.name}]", fp8_act_quant_kernel,
-                           {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
+                           {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32",
                             "stride_xm": "i32", "stride_qm": "i32", "stride_sm": "i32"},
-                           {"GROUP": 128, "EMULATE_E4M3": False}, num_warps=1, num_stages=1, min_sm=89))
+                           {"GROUP": 128, "ROWS": ACT_QUANT_ROWS, "EMULATE_E4M3": False}, num_warps=8, num_stages=1,
+                           min_sm=89))
     return specs
