@@ -142,7 +142,9 @@ GATES = {
     # propagate, so max |Δlogit| is not near-fp32 by construction. The gate is these limits or,
     # where the model itself is noisier, relative to its noise floor (`qwen35c.verify.noise_floor`:
     # the emulation against itself with ±1 ulp at every quantizer input, on the same prompts):
-    # KL <= max(kl_mean, floor_kl_factor x floor KL), top-1 >= min(top1, floor top-1 - floor_top1_margin).
+    # KL <= max(kl_mean, floor_kl_factor x floor KL), top-1 >= min(top1, floor top-1 - the margin), the
+    # margin floor_top1_margin or, where wider, 3 standard deviations of two top-1 rates on the floor's
+    # positions (`verify._top1_noise`: flat-logit models part by points between equally noisy runs).
     # Measured on the bundled qwen35-tiny, FP8 block-128, the full prompt set (575 positions): the
     # floor is KL 2.8-3.2e-4 / top-1 0.981-0.983 (3 seeds); lowering bugs move KL 4-7x the floor
     # (per-token scales 2.1e-3, no activation rounding 1.3e-3, 64-wide groups 2.1e-3) but top-1 only

@@ -129,8 +129,18 @@ def limits_of(precision: str, floor: dict | None = None) -> dict:
         if floor is None:
             raise ValueError("the quantized-activations gate needs the reference's noise floor")
         limits["kl_mean"] = max(limits["kl_mean"], limits.pop("floor_kl_factor") * floor["kl_mean"])
-        limits["top1"] = min(limits["top1"], floor["top1"] - limits.pop("floor_top1_margin"))
+        limits["top1"] = min(limits["top1"], floor["top1"] - max(limits.pop("floor_top1_margin"), _top1_noise(floor)))
     return limits
+
+
+def _top1_noise(floor: dict) -> float:
+    """Three standard deviations of the difference between two top-1 agreement rates on the floor's
+    positions, both at the floor's rate (binomial). Where logits are nearly flat (random weights),
+    two equally noisy runs part by points: the 0.8b preset's cpu-int4 build, floor top-1 0.866 on
+    575 positions, failed with 0.828 (1.8 standard deviations; its KL passed). KL tells a lowering
+    bug from the noise (qwen35c.targets.GATES); top-1 is only held to what its sample size can say."""
+    p, n = floor["top1"], floor.get("positions", 0)
+    return 3.0 * math.sqrt(2.0 * p * (1.0 - p) / n) if n else 0.0
 
 
 def gate(metrics: dict, precision: str, greedy_match: float | None, floor: dict | None = None) -> tuple[bool, list[str]]:

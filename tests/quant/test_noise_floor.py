@@ -52,6 +52,19 @@ def test_the_gate_widens_to_the_floor_and_never_narrows():
     assert not ok and "mean KL" in failures[0] and "noise floor" in failures[-1]
 
 
+def test_the_top1_margin_is_what_the_floors_sample_size_can_tell():
+    """Three standard deviations of two binomial rates on the floor's positions, never below 0.02:
+    a flat-logit model (the 0.8b preset, random weights) on the full set, and a sharp one."""
+    flat = limits_of("quantized-activations", {"kl_mean": 8.7e-4, "top1": 0.866, "positions": 575})
+    assert flat["top1"] == pytest.approx(0.866 - 3 * (2 * 0.866 * 0.134 / 575) ** 0.5) and 0.80 < flat["top1"] < 0.81
+    assert gate({"kl_mean": 1e-3, "top1": 0.828, "max_abs": 1.0}, "quantized-activations", None,
+                {"kl_mean": 8.7e-4, "top1": 0.866, "positions": 575})[0]     # the build that failed
+    assert gate({"kl_mean": 1e-3, "top1": 0.79, "max_abs": 1.0}, "quantized-activations", None,
+                {"kl_mean": 8.7e-4, "top1": 0.866, "positions": 575})[0] is False
+    sharp = limits_of("quantized-activations", {"kl_mean": 1e-4, "top1": 0.97, "positions": 100000})
+    assert sharp["top1"] == pytest.approx(0.95)                                # the 0.02 floor
+
+
 @pytest.fixture(scope="module")
 def fp8_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8") / "art"
