@@ -224,8 +224,7 @@ def verify_peak(config, precision: str = "fp32", quantized: bool = False) -> Est
         mtp = 4 * sum(p.numel() for n, p in _skeleton(config).named_parameters() if n.startswith("mtp."))
         table = artifact.parts["prepacked"] or 4 * config.vocab_size * config.hidden_size
         packed = int(INT4_PACKED * table) + table if precision == "int4" else 2 * table
-        phases["mtp"] = (artifact.total + 2 * mtp + packed
-                         + check_reference_peak(config, precision) - PROCESS_BASE)
+        phases["mtp"] = artifact.total + 2 * mtp + packed + phases["reference"] - PROCESS_BASE
     if quantized:
         phases["quantization_loss"] = check_reference_peak(config, "fp32") + 2 * LOSS_WINDOW_LOGITS
     return Estimate(max(phases.values()), phases)

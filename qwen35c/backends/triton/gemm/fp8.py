@@ -35,7 +35,7 @@ def round_to_e4m3(x):
 @triton.jit
 def fp8_act_quant_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
-    GROUP: tl.constexpr, ROWS: tl.constexpr = 1, EMULATE_E4M3: tl.constexpr = False,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, EMULATE_E4M3: tl.constexpr = False,
 ):
     """One program per (ROWS tokens, 128-group): s = max(amax, 1e-10)/448 per token, q = clamp(x/s,
     +-448) as E4M3. ROWS tokens a program keep a program's work above a warp's on the GPU and cut the
