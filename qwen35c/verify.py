@@ -641,7 +641,7 @@ def _parted(prompts, plain, got: list[list[int]], tie: float) -> tuple[int, int]
         j = next((j for j, (x, y) in enumerate(zip(x_row, y_row)) if x != y), None)
         if j is None:
             continue
-        logits = plain.logits[b][len(prompts[b]) - 1 + j].double()
+        logits = plain.logits[b][len(prompts[b]) - 1 + j].astype(np.float64)
         if float(logits.max() - logits[x_row[j]]) <= tie:
             ties += 1
         else:

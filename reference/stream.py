@@ -23,7 +23,6 @@ quantization drives `load_layer`, `step_info` and `embed` itself. Memory: one la
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,10 @@ from torch import Tensor, nn
 from reference.checkpoint import Checkpoint, WeightLoader, quantization_method, reconcile_config
 from reference.config import load_config
 from reference.errors import CheckpointError
+from reference.heap import freed_blocks_unmapped, return_freed_memory
 from reference.model import Cache, DecoderLayer, RMSNorm, RotaryEmbedding, StepInfo, new_cache
 
-__all__ = ["StreamedModel", "Batch", "layer_bytes", "return_freed_memory"]
+__all__ = ["StreamedModel", "Batch", "freed_blocks_unmapped", "layer_bytes", "return_freed_memory"]
 
 LayerHook = Callable[[int, nn.Module], nn.Module]
 
@@ -234,48 +234,3 @@ def layer_bytes(config, dtype: torch.dtype = torch.float32) -> list[int]:
             layer = DecoderLayer(config, index)
         sizes.append(sum(p.numel() for p in layer.parameters()) * dtype.itemsize)
     return sizes
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's freed pages back to the OS (glibc `malloc_trim`): a dropped layer's buffers
-    would otherwise stay in the process's RSS as fragmented free heap. A no-op elsewhere."""
-    if _libc():
-        _LIBC.malloc_trim(0)
-
-
-@contextlib.contextmanager
-def freed_blocks_unmapped():
-    """While inside, glibc serves every allocation of 128 KiB or more from its own mapping, unmapped
-    as soon as it is freed (`mallopt(M_MMAP_THRESHOLD)`). By default a freed mapped block raises
-    glibc's threshold to its size, so a later run's intermediates of up to that size come from the
-    heap and stay there, free but resident: ONNX Runtime without its arena (a lean session) held
-    about twice its working set that way (0.8b cpu-int4, the check's full prompt set: a run's peak
-    over the loaded session 711 -> 541 MiB, the runs 7-20% slower). On leaving, the threshold is
-    32 MiB, where glibc's own dynamic one ends up (setting it turns the dynamic one off for good;
-    torch code runs as fast as with the default, unlike at 128 KiB). A no-op elsewhere."""
-    if _libc():
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 << 10)
-    try:
-        yield
-    finally:
-        if _LIBC:
-            _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        except (OSError, AttributeError):
-            _LIBC = False
-    return _LIBC
-
-
-_LIBC = None
-_M_MMAP_THRESHOLD = -3

@@ -241,3 +241,36 @@ def test_lean_sessions_hand_freed_blocks_back_at_once():
 
     assert retained("default") >= 64 << 20, "glibc returned the freed blocks by itself: the test shows nothing"
     assert retained("unmap") <= 8 << 20
+
+
+def _mapped_rss(path: Path) -> list[tuple[str, int]]:
+    """(permissions, resident kB) of each of this process's mappings of `path`."""
+    out, current = [], None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            current = head[1] if len(head) == 6 and head[5] == str(path) else None
+        elif current is not None and line.startswith("Rss:"):
+            out.append((current, int(line.split()[1])))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc only")
+def test_dropping_mapped_pages_spares_written_ones(tmp_path):
+    """drop_mapped_pages empties a read-only mapping's resident pages (which read back the same) and
+    leaves a private mapping with a written page alone (dropping it would lose the write)."""
+    import numpy as np
+
+    from reference.heap import drop_mapped_pages
+
+    file = (tmp_path / "weights.bin").resolve()
+    data = np.arange(1 << 20, dtype=np.int32)          # 4 MiB
+    data.tofile(file)
+    shared = np.memmap(file, dtype=np.int32, mode="r")
+    private = np.memmap(file, dtype=np.int32, mode="c")
+    assert int(shared.sum()) == int(private.sum()) == int(data.sum())    # every page resident
+    private[5] = -1                                                      # one private copy
+    assert dict(_mapped_rss(file))["r--s"] >= 4000
+    assert drop_mapped_pages([file]) == data.nbytes                      # the shared mapping only
+    assert dict(_mapped_rss(file))["r--s"] == 0
+    assert np.array_equal(shared, data) and private[5] == -1 and private[6] == 6

@@ -98,3 +98,75 @@ def test_bad_options_exit_2(checkpoint_factory):
         result = runner.invoke(main, ["run", path, *args])
         assert result.exit_code == 2, (args, result.output)
         assert "Traceback" not in result.output
+
+
+def _nucleus_twin(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The nucleus by a full sort of the row (the naive twin of generation._nucleus)."""
+    order = np.argsort(-probs, kind="stable")
+    ranked = probs[order]
+    out = np.zeros_like(probs)
+    kept = order[np.cumsum(ranked) - ranked < top_p]
+    out[kept] = probs[kept]
+    return out
+
+
+def test_sampling_probs_nucleus_equals_a_full_sort():
+    """The nucleus found among the 1024 likeliest tokens equals the full sort's, on peaked rows (the
+    shortcut), flat rows over a 5000-token vocabulary (the nucleus needs more than 1024 tokens: the
+    fallback), a vocabulary under 1024, and top_p near 1."""
+    from qwen35c.runtime.generation import sampling_probs
+
+    rng = np.random.default_rng(0)
+    for vocab, scale in ((5000, 8.0), (5000, 0.05), (300, 3.0)):
+        logits = (rng.standard_normal((4, vocab)) * scale).astype(np.float32)
+        for top_p in (0.5, 0.9, 0.999):
+            got = sampling_probs(logits, 0.8, top_p)
+            full = sampling_probs(logits, 0.8, 1.0)
+            want = np.stack([_nucleus_twin(row, top_p) for row in full])
+            assert np.array_equal(got, want), (vocab, scale, top_p)
+            assert (np.count_nonzero(got, -1) >= 1).all()
+
+
+def test_sample_draws_the_distribution_and_never_a_zero():
+    """Inverse-CDF sampling: 40000 draws of a 6-token distribution with two zeros (one first, where
+    a draw of exactly 0 would land) match it within 4 standard deviations; zeros are never drawn."""
+    from qwen35c.runtime.generation import sample
+
+    probs = np.array([0.0, 0.1, 0.0, 0.2, 0.3, 0.4]) * 3.0      # unnormalised, as sampling_probs gives
+    draws = sample(np.broadcast_to(probs, (40000, 6)), np.random.default_rng(1))
+    counts = np.bincount(draws, minlength=6)
+    p = probs / probs.sum()
+    assert counts[0] == counts[2] == 0
+    assert (np.abs(counts - 40000 * p) <= 4 * np.sqrt(40000 * p * (1 - p)) + 1e-9).all(), counts
+
+
+def test_generating_from_an_onnx_artifact_imports_no_torch(tmp_path):
+    """`qwen35c run` on an onnx artifact (greedy, sampled, speculative with the MTP head) with torch
+    made unimportable: the runtime is numpy and ONNX Runtime only (~200 MB less resident)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from qwen35c.build import build_artifact
+    from qwen35c.models import bundled
+
+    art = tmp_path / "art"
+    build_artifact(bundled("qwen35-tiny"), "cpu", art, check=False)
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch is not for the onnx runtime")
+
+        sys.meta_path.insert(0, NoTorch())
+        from qwen35c.cli import main
+        main(sys.argv[1:])
+    """)
+    for extra in ([], ["--temperature", "0.8", "--top-p", "0.9", "--speculative", "2"],
+                  ["--speculative", "2", "--drafter", "mtp"]):
+        run = subprocess.run([sys.executable, "-c", script, "run", str(art), "--prompt", "def f(x):",
+                              "--max-new-tokens", "6", "--json", *extra], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert len(json.loads(run.stdout)["generated_ids"]) == 6

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:   # annotations only: loading an onnx artifact imports neither torch nor the IR
+    import torch
 
-from qwen35c.graph.ir import Graph
-from qwen35c.runtime.session import Session
+    from qwen35c.graph.ir import Graph
+    from qwen35c.runtime.session import Session
 
 
 @dataclass

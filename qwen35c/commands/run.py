@@ -94,7 +94,7 @@ def command(model, prompt, prompt_ids, max_new_tokens, dtype, temperature, top_p
         from qwen35c.artifact import atomic_file
 
         with atomic_file(save_logits, "--save-logits") as f:
-            np.save(f, result.logits[0].numpy().astype(np.float32))
+            np.save(f, result.logits[0].astype(np.float32))
     text = tokenizer.decode(generated) if tokenizer is not None else None
     timings = {"prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
                "prefill_tokens_per_second": result.prefill_tokens_per_second,

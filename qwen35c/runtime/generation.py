@@ -1,11 +1,13 @@
-"""What `Session.generate` returns, and how it picks tokens (shared with speculative decoding)."""
+"""What `Session.generate` returns, and how it picks tokens (shared with speculative decoding).
+
+numpy only, like the ONNX session: running an onnx artifact never imports torch (the import alone
+is ~200 MB of a runtime process's resident set)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -17,7 +19,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
-    logits: list[torch.Tensor] = field(default_factory=list)  # per row: [prompt + generated, V] fp32
+    logits: list[np.ndarray] = field(default_factory=list)  # per row: [prompt + generated, V] fp32
     decode_tokens: int | None = None   # tokens the decode steps produced (speculative: not steps x rows)
     drafted: int = 0                   # speculative: draft tokens proposed, and how many were accepted
     accepted: int = 0
@@ -37,30 +39,60 @@ class GenerationResult:
         return self.accepted / self.drafted if self.drafted else float("nan")
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dimension, by numpy: torch's argmax over a [T > 1, V] tensor runs on its
-    intra-op threads, whose spin-wait after it took the two cores from the ONNX Runtime step that
-    followed (0.8b preset, a 2-token speculative step: 38-41 ms between judged steps against 29-34
-    ms back to back; 31 ms with torch on one thread: /tmp/mtp/ab08.py, throwaway)."""
-    return torch.from_numpy(np.asarray(logits.detach().float().numpy().argmax(-1)))
+def as_array(logits) -> np.ndarray:
+    """fp32 numpy logits from any session: a numpy array, or a torch tensor of any float dtype on
+    any device (the reference's and the triton backend's)."""
+    if isinstance(logits, np.ndarray):
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+    return logits.detach().float().cpu().numpy()
 
 
-def choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+def greedy(logits) -> np.ndarray:
+    """argmax over the last dimension (the first of equal maxima)."""
+    return as_array(logits).argmax(-1)
+
+
+def choose(logits, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
+    """One token per row of logits [..., V]: greedy at temperature 0, else a draw from `sampling_probs`."""
     if temperature <= 0:
         return greedy(logits)
-    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).view(-1)
+    return sample(sampling_probs(logits, temperature, top_p), rng)
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The distribution `generate` samples from: softmax(logits / T), cut to the nucleus top_p
-    (unnormalised: torch.multinomial normalises)."""
-    probs = torch.softmax(logits / temperature, dim=-1)
+def sampling_probs(logits, temperature: float, top_p: float) -> np.ndarray:
+    """The distribution `generate` samples from, float64: softmax(logits / T), cut to the nucleus
+    top_p (the most likely tokens whose mass before them is < top_p; unnormalised after the cut)."""
+    z = as_array(logits).astype(np.float64) / temperature
+    probs = np.exp(z - z.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = np.stack([_nucleus(row, top_p) for row in probs.reshape(-1, probs.shape[-1])]).reshape(probs.shape)
     return probs
 
 
-__all__ = ["GenerationResult", "choose", "greedy", "sampling_probs"]
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """`probs` [V] outside its nucleus zeroed. The nucleus lies within the most likely k tokens
+    whenever they hold top_p of the mass, so only those are sorted (O(V) for argpartition, not a
+    sort of a 248K vocabulary every step); else the whole row is."""
+    k = min(1024, probs.size)
+    top = np.argpartition(probs, probs.size - k)[probs.size - k:] if k < probs.size else np.arange(probs.size)
+    if probs[top].sum() < top_p:
+        top = np.arange(probs.size)
+    order = top[np.argsort(-probs[top], kind="stable")]
+    ranked = probs[order]
+    keep = order[np.cumsum(ranked) - ranked < top_p]     # always keeps the most likely token
+    out = np.zeros_like(probs)
+    out[keep] = probs[keep]
+    return out
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One index per row of unnormalised probabilities [..., V], by inverse CDF: the first index
+    whose cumulative mass exceeds a uniform draw in [0, row mass), so a zero-probability index is
+    never drawn."""
+    cdf = np.cumsum(probs, -1)
+    u = rng.random(cdf.shape[:-1]) * cdf[..., -1]
+    return np.minimum((cdf <= u[..., None]).sum(-1), probs.shape[-1] - 1)
+
+
+__all__ = ["GenerationResult", "as_array", "choose", "greedy", "sample", "sampling_probs"]

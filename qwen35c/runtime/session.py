@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
+import numpy as np
 
 from qwen35c.errors import QwenError
-from qwen35c.runtime.generation import GenerationResult, choose
+from qwen35c.runtime.generation import GenerationResult, as_array, choose
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("float32", "bfloat16")
 
 
 def load_tokenizer(directory: Path):
@@ -28,7 +31,12 @@ def load_tokenizer(directory: Path):
 
 
 class Session:
-    """Backend-agnostic generation on top of `new_state`, `prefill` and `decode`."""
+    """Backend-agnostic generation on top of `new_state`, `prefill` and `decode`.
+
+    `prefill`, `decode` and `extend` take ids as numpy arrays or torch tensors and return torch
+    tensors; `generate` reads them through `prefill_array` / `decode_array` (fp32 numpy), which a
+    session whose backend computes in numpy gives directly (the onnx session, which so never
+    imports torch)."""
 
     config = None
     tokenizer = None
@@ -45,6 +53,14 @@ class Session:
     def decode(self, ids: torch.Tensor, state) -> torch.Tensor:
         """ids [B, 1] -> logits [B, 1, V]; advances `state` by one token per row."""
         raise NotImplementedError
+
+    def prefill_array(self, ids, state, lengths=None, last_only: bool = False) -> np.ndarray:
+        """`prefill` as fp32 numpy."""
+        return as_array(self.prefill(ids, state, lengths, last_only=last_only))
+
+    def decode_array(self, ids, state) -> np.ndarray:
+        """`decode` as fp32 numpy."""
+        return as_array(self.decode(ids, state))
 
     extends = False   # whether `extend` is available (speculative decoding)
 
@@ -84,22 +100,21 @@ class Session:
             return generate_speculative(self, prompts, max_new_tokens, speculative, drafter, temperature, top_p,
                                         seed, stop_ids, on_token)
         batch, lengths = len(prompts), [len(p) for p in prompts]
-        width = max(lengths)
-        ids = torch.zeros(batch, width, dtype=torch.long)
+        ids = np.zeros((batch, max(lengths)), np.int64)
         for b, prompt in enumerate(prompts):
-            ids[b, :len(prompt)] = torch.tensor(prompt)
-        state = self.new_state(batch, width + max_new_tokens + 1)
-        generator = torch.Generator().manual_seed(seed)
+            ids[b, :len(prompt)] = prompt
+        state = self.new_state(batch, ids.shape[1] + max_new_tokens + 1)
+        rng = np.random.default_rng(seed)
         start = time.perf_counter()
-        logits = self.prefill(ids, state, torch.tensor(lengths), last_only=not keep_logits).float()
+        logits = self.prefill_array(ids, state, np.asarray(lengths, np.int64), last_only=not keep_logits)
         prefill_seconds = time.perf_counter() - start
         kept = [[logits[b, :n]] for b, n in enumerate(lengths)] if keep_logits else []
-        last = torch.stack([logits[b, n - 1] for b, n in enumerate(lengths)]) if keep_logits else logits[:, 0]
+        last = np.stack([logits[b, n - 1] for b, n in enumerate(lengths)]) if keep_logits else logits[:, 0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         steps, decode_seconds = 0, 0.0
         for step in range(max_new_tokens):
-            chosen = choose(last, temperature, top_p, generator)
+            chosen = choose(last, temperature, top_p, rng)
             for b in range(batch):
                 if not done[b]:
                     tokens[b].append(int(chosen[b]))
@@ -110,7 +125,7 @@ class Session:
             if final and not keep_logits:
                 break
             start = time.perf_counter()
-            last = self.decode(chosen.view(batch, 1), state)[:, 0].float()
+            last = self.decode_array(chosen.reshape(batch, 1), state)[:, 0]
             decode_seconds += time.perf_counter() - start
             steps += 1
             for b in range(batch if keep_logits else 0):
@@ -119,7 +134,7 @@ class Session:
             if final:
                 break
         return GenerationResult(tokens, lengths, prefill_seconds, decode_seconds, steps,
-                                [torch.cat(rows) for rows in kept])
+                                [np.concatenate(rows) for rows in kept])
 
 
 class ReferenceSession(Session):
@@ -130,26 +145,35 @@ class ReferenceSession(Session):
 
     @classmethod
     def from_checkpoint(cls, path: Path, dtype: str = "float32") -> "ReferenceSession":
+        import torch
+
         from reference.checkpoint import load_model
 
         if dtype not in DTYPES:
             raise QwenError(f"unknown dtype '{dtype}', expected one of {', '.join(DTYPES)}")
-        return cls(load_model(path, DTYPES[dtype]), load_tokenizer(path), Path(path))
+        return cls(load_model(path, getattr(torch, dtype)), load_tokenizer(path), Path(path))
 
     def new_state(self, batch: int, max_len: int):
         return self.model.new_cache(batch, max_len)
 
-    @torch.no_grad()
     def prefill(self, ids, state, lengths=None, last_only=False):
-        return self.model(ids, state, lengths, last_only=last_only)
+        import torch
 
-    @torch.no_grad()
+        with torch.no_grad():
+            return self.model(torch.as_tensor(ids), state, None if lengths is None else torch.as_tensor(lengths),
+                              last_only=last_only)
+
     def decode(self, ids, state):
-        return self.model(ids, state)
+        import torch
 
-    @torch.no_grad()
+        with torch.no_grad():
+            return self.model(torch.as_tensor(ids), state)
+
     def logits(self, ids):
-        return self.model(ids)
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.as_tensor(ids))
 
     def logits_each(self, batches):
         if not hasattr(self.model, "forward_each"):     # a resident model: batch by batch

@@ -38,16 +38,15 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from qwen35c.errors import QwenError
-from qwen35c.runtime.generation import GenerationResult, choose, greedy, sampling_probs
+from qwen35c.runtime.generation import GenerationResult, as_array, choose, greedy, sample, sampling_probs
 
 
 @dataclass
 class Draft:
     tokens: list[int]
-    probs: torch.Tensor | None = None      # [len(tokens), V] the drafter's q, None for a point mass
+    probs: np.ndarray | None = None      # [len(tokens), V] the drafter's q, None for a point mass
 
 
 class PromptLookup:
@@ -79,14 +78,13 @@ class Replay:
 
     def __init__(self, prompts: list[list[int]], continuations: list[list[int]], err: float, vocab: int, seed: int = 0):
         self.prompts, self.continuations, self.err, self.vocab = prompts, continuations, err, vocab
-        self.gen = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
     def propose(self, contexts: list[list[int]], budgets: list[int]) -> list[Draft]:
         drafts = []
         for b, (context, k) in enumerate(zip(contexts, budgets)):
             done = len(context) - len(self.prompts[b])
-            drafts.append(Draft([int(torch.randint(0, self.vocab, (), generator=self.gen))
-                                 if float(torch.rand((), generator=self.gen)) < self.err else t
+            drafts.append(Draft([int(self.rng.integers(self.vocab)) if self.rng.random() < self.err else t
                                  for t in self.continuations[b][done:done + k]]))
         return drafts
 
@@ -116,12 +114,12 @@ class MtpDrafter:
         """A new generation, after the prefill: its state and outputs."""
         self.state = state
         self.next = extras["draft"][:, 0].tolist()
-        self.carry = [extras["mtp_hidden"][b, n - 1].numpy() for b, n in enumerate(lengths)]
+        self.carry = [extras["mtp_hidden"][b, n - 1] for b, n in enumerate(lengths)]
         self.at = [n - 1 for n in lengths]   # each row's position of the pair that drafted `next`
 
     def observe(self, b: int, extras: dict, i: int, position: int) -> None:
         """Row b's last accepted pair is the step's position i (`position` in the sequence)."""
-        self.next[b], self.carry[b], self.at[b] = int(extras["draft"][b, i]), extras["mtp_hidden"][b, i].numpy(), position
+        self.next[b], self.carry[b], self.at[b] = int(extras["draft"][b, i]), extras["mtp_hidden"][b, i], position
 
     def propose(self, contexts: list[list[int]], budgets: list[int]) -> list[Draft]:
         drafts = [[self.next[b]] if k > 0 else [] for b, k in enumerate(budgets)]
@@ -167,20 +165,21 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
         raise QwenError("an MTP drafter runs on its joined session: generate on drafter.session")
     batch, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths)
-    ids = torch.zeros(batch, width, dtype=torch.long)
+    ids = np.zeros((batch, width), np.int64)
     for b, prompt in enumerate(prompts):
-        ids[b, :len(prompt)] = torch.tensor(prompt)
+        ids[b, :len(prompt)] = prompt
     # a step reaches q_start + |pending| + |drafts| <= prompt + produced + K, and rows padded to the
     # longest row (at most 2K + 1 tokens) write their padding that far too
     capacity = width + max_new_tokens + 2 * k + 2
     state = session.new_state(batch, capacity)
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    last = session.prefill(ids, state, torch.tensor(lengths), last_only=True, **({"extras": True} if joined else {}))
+    last = session.prefill_array(ids, state, np.asarray(lengths, np.int64), last_only=True,
+                                 **({"extras": True} if joined else {}))
     if joined:
         last, extras = last
         drafter.start(state, extras, lengths)
-    last = last.float()[:, 0]
+    last = as_array(last)[:, 0]
     prefill_seconds = time.perf_counter() - start
     position = list(lengths)           # tokens each row's state holds
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -197,7 +196,7 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
                 done[b] = True
                 return
 
-    first = choose(last, temperature, top_p, generator)
+    first = choose(last, temperature, top_p, rng)
     pending = [[int(t)] for t in first]
     for b in range(batch):
         if not done[b]:
@@ -215,16 +214,16 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
         for b, row in enumerate(rows):
             step[b, :len(row)] = row
         commit = [0 if done[b] else len(pending[b]) for b in range(batch)]
-        logits = session.extend(step, state, [len(r) for r in rows], commit, **({"extras": True} if joined else {}))
+        logits = session.extend_array(step, state, [len(r) for r in rows], commit, **({"extras": True} if joined else {}))
         if joined:
             logits, extras = logits
-        logits = logits.float()
+        logits = as_array(logits)
         steps += 1
         for b in range(batch):
             if done[b]:
                 continue
             base, draft = len(pending[b]) - 1, drafts[b]
-            new = _judge(logits[b, base:base + len(draft.tokens) + 1], draft, temperature, top_p, generator)
+            new = _judge(logits[b, base:base + len(draft.tokens) + 1], draft, temperature, top_p, rng)
             drafted += len(draft.tokens)
             accepted += len(new) - 1
             if joined:
@@ -238,7 +237,7 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
                             drafted, accepted)
 
 
-def _judge(logits: torch.Tensor, draft: Draft, temperature: float, top_p: float, generator) -> list[int]:
+def _judge(logits: np.ndarray, draft: Draft, temperature: float, top_p: float, rng: np.random.Generator) -> list[int]:
     """The accepted drafts and the model's own next token, from the logits after the last pending
     token and after each draft ([len(draft) + 1, V])."""
     if temperature <= 0:
@@ -253,20 +252,20 @@ def _judge(logits: torch.Tensor, draft: Draft, temperature: float, top_p: float,
     for i, d in enumerate(draft.tokens):
         p = sampling_probs(logits[i], temperature, top_p)
         p = p / p.sum()
-        q = None if draft.probs is None else draft.probs[i].float()
+        q = None if draft.probs is None else np.asarray(draft.probs[i], dtype=np.float64)
         ratio = p[d] if q is None else p[d] / q[d]
-        if float(torch.rand((), generator=generator)) < float(ratio):
+        if rng.random() < ratio:
             new.append(d)
             continue
-        residual = p.clone()
+        residual = p.copy()
         if q is None:
             residual[d] = 0
         else:
-            residual = (p - q).clamp(min=0)
-        if float(residual.sum()) <= 0:     # only when p == q, where every draft is accepted anyway
+            residual = np.clip(p - q, 0, None)
+        if residual.sum() <= 0:     # only when p == q, where every draft is accepted anyway
             residual = p
-        return new + [int(torch.multinomial(residual, 1, generator=generator))]
-    return new + [int(choose(logits[len(draft.tokens)][None], temperature, top_p, generator)[0])]
+        return new + [int(sample(residual, rng))]
+    return new + [int(choose(logits[len(draft.tokens)][None], temperature, top_p, rng)[0])]
 
 
 __all__ = ["Draft", "MtpDrafter", "PromptLookup", "Replay", "generate_speculative"]

@@ -12,6 +12,10 @@ the four small inputs and the logits, the one fresh tensor ([B, P, V]) per step.
 
 Threads, spin-waiting and the prefill chunk come from `qwen35c.settings` (QWEN35C_THREADS,
 QWEN35C_ORT_SPIN, QWEN35C_PREFILL_CHUNK) unless the caller passes them.
+
+Everything here is numpy: `prefill_array`, `decode_array` and `extend_array` are the steps, and
+`prefill`, `decode` and `extend` wrap their results as torch tensors (importing torch then), so
+generating from an artifact never imports torch.
 """
 
 from __future__ import annotations
@@ -20,13 +24,12 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from qwen35c.artifact import artifact_file
 from qwen35c.errors import QwenError
 from qwen35c.runtime.session import Session, load_tokenizer
 from qwen35c.settings import settings
-from reference.stream import freed_blocks_unmapped
+from reference.heap import drop_mapped_pages, freed_blocks_unmapped
 
 _NP = {"f32": np.float32, "f16": np.float16, "i64": np.int64}
 
@@ -206,6 +209,9 @@ class OnnxSession(Session):
             self.ort = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own exception types
             raise QwenError(f"{model}: onnxruntime cannot load the model ({str(err).splitlines()[0][:300]})") from None
+        # prepacking read every mapped initializer; those still mapped (read by a node that does not
+        # prepack) need only the pages their nodes touch from now on (reference/heap.py)
+        drop_mapped_pages([self.directory / name for name in manifest["files"]])
         self.vocab = self.config.vocab_size
         self.gqa = "com.microsoft::GroupQueryAttention" in backend.get("ops", {})
         self.extends = any(i.name == "commit" for i in self.ort.get_overridable_initializers())
@@ -267,11 +273,23 @@ class OnnxSession(Session):
         state.q_start = state.q_start + (lengths if commit is None else commit).astype(np.int64)
         return result
 
-    def _returned(self, out: dict[str, np.ndarray], extras: bool):
-        logits = torch.from_numpy(out.pop("logits"))
-        return (logits, {name: torch.from_numpy(a) for name, a in out.items()}) if extras else logits
+    @staticmethod
+    def _returned(out: dict[str, np.ndarray], extras: bool):
+        logits = out.pop("logits")
+        return (logits, out) if extras else logits
 
     def prefill(self, ids, state, lengths=None, last_only=False, extras=False):
+        """`prefill_array` as torch tensors."""
+        return _as_torch(self.prefill_array(ids, state, lengths, last_only, extras))
+
+    def decode(self, ids, state):
+        return _as_torch(self.decode_array(ids, state))
+
+    def extend(self, ids, state, lengths, commit, extras=False):
+        """`extend_array` as torch tensors."""
+        return _as_torch(self.extend_array(ids, state, lengths, commit, extras))
+
+    def prefill_array(self, ids, state, lengths=None, last_only=False, extras=False):
         """Prompts longer than `settings().prefill_chunk` (default 256) tokens run as consecutive chunks
         (the graph continues from q_start), which bounds the activations ORT holds at once, and so the
         arena it keeps for the session's life, at no cost in speed (0.8b cpu-int4, 4096-token prompt,
@@ -280,10 +298,9 @@ class OnnxSession(Session):
         `extras=True` returns (logits, {name: the graph's other outputs}): "hidden" [B, T, H] on an
         artifact with an MTP head; the joined graph (`drafting()`) adds "mtp_hidden" [B, T, H] and
         "draft" [B, P]."""
-        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+        ids = _int64(ids)
         batch, length = ids.shape
-        lengths = np.full(batch, length, np.int64) if lengths is None else \
-            np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths, dtype=np.int64)
+        lengths = np.full(batch, length, np.int64) if lengths is None else _int64(lengths)
         if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > length).any():
             raise QwenError(f"lengths {lengths.tolist()} must give each of the {batch} rows 0..{length} tokens")
         chunk = settings().prefill_chunk
@@ -336,8 +353,8 @@ class OnnxSession(Session):
             if n:
                 one = np.ascontiguousarray(ids[b:b + 1, :n])
                 if commit is None:   # a prompt
-                    logits, out = self.prefill(one, row, None, last_only, extras=True)
-                    out = {"logits": logits.numpy(), **{k: v.numpy() for k, v in out.items()}}
+                    logits, out = self.prefill_array(one, row, None, last_only, extras=True)
+                    out = {"logits": logits, **out}
                 else:
                     out = self._run(one, row, lengths[b:b + 1], np.arange(n, dtype=np.int64)[None], commit[b:b + 1],
                                     following=None if following is None else following[b:b + 1, :n])
@@ -351,16 +368,16 @@ class OnnxSession(Session):
         state.q_start = state.q_start + (lengths if commit is None else commit)
         return merged
 
-    def extend(self, ids, state, lengths, commit, extras=False):
+    def extend_array(self, ids, state, lengths, commit, extras=False):
         """ids [B, T] (right-padded to `lengths`) -> logits [B, T, V] of every step, keeping only the
         first commit[b] tokens of each row in the state (the rest, a speculative step's drafts, are
         computed and forgotten: the next step starts at q_start + commit). `extras=True`: as prefill."""
         if not self.extends:
             raise QwenError(f"{self.directory}: this artifact's graph has no commit input (built before "
                             f"speculative decoding, or with unfused GDN layers); rebuild it")
-        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
+        ids = np.ascontiguousarray(_int64(ids))
         batch, length = ids.shape
-        lengths, commit = np.asarray(lengths, np.int64), np.asarray(commit, np.int64)
+        lengths, commit = _int64(lengths), _int64(commit)
         if (commit < 0).any() or (commit > lengths).any() or (lengths > length).any():
             raise QwenError(f"commit {commit.tolist()} must lie within lengths {lengths.tolist()} <= {length}")
         following = _following(ids, lengths, commit - 1) if self.joined else None
@@ -414,15 +431,31 @@ class OnnxSession(Session):
                 logits[b], states[b, :n] = out["logits"][0, 0], out["mtp_hidden"][0]
         return logits, states
 
-    def decode(self, ids, state):
-        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+    def decode_array(self, ids, state):
+        ids = _int64(ids)
         batch = ids.shape[0]
-        return torch.from_numpy(self._run(ids.reshape(batch, 1), state, np.ones(batch, np.int64),
-                                          np.zeros((batch, 1), np.int64),
-                                          following=np.full((batch, 1), -1) if self.joined else None)["logits"])
+        return self._run(ids.reshape(batch, 1), state, np.ones(batch, np.int64), np.zeros((batch, 1), np.int64),
+                         following=np.full((batch, 1), -1) if self.joined else None)["logits"]
 
     def logits(self, ids):
         return self.prefill(ids, self.new_state(ids.shape[0], ids.shape[1]))
+
+
+def _int64(x) -> np.ndarray:
+    """ids, lengths or commit counts as int64 numpy, from numpy, lists or torch tensors."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.int64)
+
+
+def _as_torch(out):
+    """A step's numpy result (logits, or (logits, extras)) as torch tensors over the same memory."""
+    import torch
+
+    if isinstance(out, tuple):
+        logits, extras = out
+        return torch.from_numpy(logits), {name: torch.from_numpy(a) for name, a in extras.items()}
+    return torch.from_numpy(out)
 
 
 __all__ = ["OnnxSession", "OnnxState"]
