@@ -102,7 +102,7 @@ def test_bad_options_exit_2(checkpoint_factory):
 
 def _nucleus_twin(probs: np.ndarray, top_p: float) -> np.ndarray:
     """The nucleus by a full sort of the row (the naive twin of generation._nucleus)."""
-    order = np.argsort(-probs, kind="stable")
+    order = np.argsort(-probs)
     ranked = probs[order]
     out = np.zeros_like(probs)
     kept = order[np.cumsum(ranked) - ranked < top_p]
@@ -111,13 +111,13 @@ def _nucleus_twin(probs: np.ndarray, top_p: float) -> np.ndarray:
 
 
 def test_sampling_probs_nucleus_equals_a_full_sort():
-    """The nucleus found among the 1024 likeliest tokens equals the full sort's, on peaked rows (the
-    shortcut), flat rows over a 5000-token vocabulary (the nucleus needs more than 1024 tokens: the
-    fallback), a vocabulary under 1024, and top_p near 1."""
+    """The nucleus found among the 1024 (16384) likeliest tokens equals the full sort's: peaked rows
+    (the first shortcut), rows of 20000 tokens whose nucleus needs more than 1024 (the second) or
+    more than 16384 (the whole row), a vocabulary under 1024, and top_p near 1."""
     from qwen35c.runtime.generation import sampling_probs
 
     rng = np.random.default_rng(0)
-    for vocab, scale in ((5000, 8.0), (5000, 0.05), (300, 3.0)):
+    for vocab, scale in ((20000, 8.0), (20000, 1.0), (20000, 0.05), (300, 3.0)):
         logits = (rng.standard_normal((4, vocab)) * scale).astype(np.float32)
         for top_p in (0.5, 0.9, 0.999):
             got = sampling_probs(logits, 0.8, top_p)

@@ -71,14 +71,18 @@ def sampling_probs(logits, temperature: float, top_p: float) -> np.ndarray:
 
 
 def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """`probs` [V] outside its nucleus zeroed. The nucleus lies within the most likely k tokens
-    whenever they hold top_p of the mass, so only those are sorted (O(V) for argpartition, not a
-    sort of a 248K vocabulary every step); else the whole row is."""
-    k = min(1024, probs.size)
-    top = np.argpartition(probs, probs.size - k)[probs.size - k:] if k < probs.size else np.arange(probs.size)
-    if probs[top].sum() < top_p:
-        top = np.arange(probs.size)
-    order = top[np.argsort(-probs[top], kind="stable")]
+    """`probs` [V] outside its nucleus zeroed. The nucleus lies within the k likeliest tokens
+    whenever they hold top_p of the mass, so only those are sorted, k = 1024 or 16384 (an O(V)
+    argpartition each), before sorting the whole row: a 248K vocabulary's sort is ~20 ms, more
+    than the 0.8b's decode step takes to run."""
+    top = np.arange(probs.size)
+    for k in (1024, 16384):
+        if k < probs.size:
+            head = np.argpartition(probs, probs.size - k)[probs.size - k:]
+            if probs[head].sum() >= top_p:
+                top = head
+                break
+    order = top[np.argsort(-probs[top])]
     ranked = probs[order]
     keep = order[np.cumsum(ranked) - ranked < top_p]     # always keeps the most likely token
     out = np.zeros_like(probs)
