@@ -66,23 +66,26 @@ def _rss_mib() -> float:
 
 
 def _worker_ours(args):
+    """The artifact as `qwen35c run` runs it: numpy and ONNX Runtime, no torch in the process."""
     import numpy as np
-    import torch
 
     from qwen35c.runtime import load
 
     session = load(args.model, threads=args.threads)
+    # --baseline sources from before the numpy runtime have only the torch-returning steps
+    prefill_step = getattr(session, "prefill_array", session.prefill)
+    decode_step = getattr(session, "decode_array", session.decode)
 
     def run(context, new, vocab=session.config.vocab_size):
-        ids = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, (1, context)))
+        ids = np.random.default_rng(0).integers(0, vocab, (1, context))
         state = session.new_state(1, context + new + 8)
         t = time.perf_counter()
-        logits = session.prefill(ids, state, last_only=True)
+        logits = prefill_step(ids, state, last_only=True)
         prefill = time.perf_counter() - t
-        token = logits[:, -1].argmax(-1).view(1, 1)
+        token = np.asarray(logits[:, -1]).argmax(-1).reshape(1, 1)
         t = time.perf_counter()
         for _ in range(new):
-            token = session.decode(token, state)[:, -1].argmax(-1).view(1, 1)
+            token = np.asarray(decode_step(token, state)[:, -1]).argmax(-1).reshape(1, 1)
         return prefill, time.perf_counter() - t
     return run
 
