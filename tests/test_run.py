@@ -142,7 +142,7 @@ def test_sample_draws_the_distribution_and_never_a_zero():
 
 def test_generating_from_an_onnx_artifact_imports_no_torch(tmp_path):
     """`qwen35c run` on an onnx artifact (greedy, sampled, speculative with the MTP head) with torch
-    made unimportable: the runtime is numpy and ONNX Runtime only (~200 MB less resident)."""
+    made unimportable: the runtime is numpy and ONNX Runtime only (~220 MB less resident)."""
     import subprocess
     import sys
     import textwrap

@@ -1,7 +1,7 @@
 """What `Session.generate` returns, and how it picks tokens (shared with speculative decoding).
 
 numpy only, like the ONNX session: running an onnx artifact never imports torch (the import alone
-is ~200 MB of a runtime process's resident set)."""
+is ~220 MB of a runtime process's resident set)."""
 
 from __future__ import annotations
 
