@@ -5,8 +5,9 @@
     QWEN35C_ORT_SPIN       0 turns off spin-waiting in ORT's intra-op pool (better on an
                            oversubscribed machine, slower on an idle one); 1 forces it on; unset:
                            ORT's default.
-    QWEN35C_PREFILL_CHUNK  longest prompt piece one ONNX prefill step takes (default 256 tokens;
-                           longer prompts run as consecutive chunks, bounding activation memory).
+    QWEN35C_PREFILL_CHUNK  longest prompt piece one ONNX prefill step takes (default: the
+                           artifact's, 128 tokens with quantized linears, 256 in fp32; longer
+                           prompts run as consecutive chunks, bounding activation memory).
     QWEN35C_DRAFT_VOCAB    the MTP head drafts among the first N token ids only (default 0: the
                            whole vocabulary): its LM head then reads N/V of its bytes, and a token
                            past N is never drafted (backends/onnx/fuse.py).
@@ -59,5 +60,5 @@ def settings() -> Settings:
     """The settings as the environment has them now (read at each call, so tests can set them)."""
     return Settings(threads=_int("QWEN35C_THREADS", 0, 0, MAX_THREADS),
                     ort_spin=_switch("QWEN35C_ORT_SPIN"),
-                    prefill_chunk=_int("QWEN35C_PREFILL_CHUNK", 256, 1),
+                    prefill_chunk=_int("QWEN35C_PREFILL_CHUNK", 0, 1),      # 0: the artifact's own
                     draft_vocab=_int("QWEN35C_DRAFT_VOCAB", 0, 0))

@@ -208,3 +208,28 @@ def test_tied_embedding_shared_one_int4_table(checkpoint_factory, tmp_path):
     assert not any(list(i.dims) == [vocab, hidden] for i in model.graph.initializer)        # no full table
     report = _verify(out, "--skip", "quantization")
     assert _checks(report)["parity"] == "pass" and report["parity"]["total"]["max_abs"] <= 1e-4
+
+
+def test_quantized_artifacts_prefill_in_chunks_of_128(int4_artifacts, checkpoint_factory, tmp_path, monkeypatch):
+    """An artifact with quantized linears takes prompts 128 tokens a step (int8-activation GEMMs run as
+    fast at 128 and its arena holds half the intermediates), an fp32 one 256 (it re-reads its weights a
+    chunk); QWEN35C_PREFILL_CHUNK overrides both. A 300-token prompt in 128-token chunks gives the
+    logits of the same prompt in one step."""
+    import torch
+
+    from qwen35c.runtime import load
+
+    int4 = load(int4_artifacts[0])
+    fp32_dir = tmp_path / "fp32"
+    build_artifact(checkpoint_factory("tiny"), "cpu", fp32_dir, check=False)
+    assert int4.prefill_chunk == 128 and load(fp32_dir).prefill_chunk == 256
+    ids = torch.randint(0, int4.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
+    calls = []
+    run = int4._run
+    int4._run = lambda ids, *a, **k: calls.append(ids.shape[1]) or run(ids, *a, **k)
+    chunked = int4.prefill(ids, int4.new_state(1, 300), last_only=True)
+    assert calls == [128, 128, 44]
+    monkeypatch.setenv("QWEN35C_PREFILL_CHUNK", "300")
+    whole = int4.prefill(ids, int4.new_state(1, 300), last_only=True)
+    assert calls[3:] == [300]
+    assert (chunked - whole).abs().max() <= 1e-3     # int8 activations: the same codes, fp32 sums in another order

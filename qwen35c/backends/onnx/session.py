@@ -134,6 +134,8 @@ class OnnxState:
 class OnnxSession(Session):
     """`load(artifact)` for artifacts built by the onnx backend."""
 
+    prefill_chunk = 256    # tokens a prefill step takes at most, unless QWEN35C_PREFILL_CHUNK says
+
     def __init__(self, directory: Path, manifest: dict, threads: int | None = None, arena: bool = True,
                  graph: str | None = None, custom_ops: str | None = None, rewrite=None):
         """`arena=False` turns off ORT's CPU memory arena (which keeps its largest working set, grown
@@ -214,6 +216,8 @@ class OnnxSession(Session):
         drop_mapped_pages([self.directory / name for name in manifest["files"]])
         self.vocab = self.config.vocab_size
         self.gqa = "com.microsoft::GroupQueryAttention" in backend.get("ops", {})
+        if "com.microsoft::MatMulNBits" in manifest["backend"].get("ops", {}):
+            self.prefill_chunk = 128   # see prefill_array
         self.extends = any(i.name == "commit" for i in self.ort.get_overridable_initializers())
         self.extra_outputs = [o.name for o in self.ort.get_outputs()   # hidden, mtp_hidden, draft
                               if o.name != "logits" and not o.name.endswith(".out")]
@@ -290,11 +294,15 @@ class OnnxSession(Session):
         return _as_torch(self.extend_array(ids, state, lengths, commit, extras))
 
     def prefill_array(self, ids, state, lengths=None, last_only=False, extras=False):
-        """Prompts longer than `settings().prefill_chunk` (default 256) tokens run as consecutive chunks
-        (the graph continues from q_start), which bounds the activations ORT holds at once, and so the
-        arena it keeps for the session's life, at no cost in speed (0.8b cpu-int4, 4096-token prompt,
-        2 threads: chunks of 1024 -> 256 took peak RSS 2644 -> 1371 MiB at 220 -> 230 tok/s). A row whose
-        prompt ended in an earlier chunk gets length 0 in the later ones: its state is left as it is.
+        """Prompts longer than `prefill_chunk` tokens (QWEN35C_PREFILL_CHUNK, else 128 for an artifact
+        with quantized linears and 256 in fp32) run as consecutive chunks (the graph continues from
+        q_start), which bounds the activations ORT holds at once, and so the arena it keeps for the
+        session's life. 0.8b cpu-int4, 4096-token prompt, 2 threads: chunks of 1024 -> 256 took peak
+        RSS 2644 -> 1371 MiB at 220 -> 230 tok/s; 256 -> 128 1432 -> 1215 MiB, prefill 218-224 ->
+        227-237 tok/s (at 512 tokens 1207 -> 994 MiB, 213-240 -> 239-263 tok/s). The fp32 `cpu`
+        artifact re-reads 3 GB of weights a chunk: 128 cost it 3-7% of its prefill, so it keeps 256.
+        A row whose prompt ended in an earlier chunk gets length 0 in the later ones: its state is
+        left as it is.
         `extras=True` returns (logits, {name: the graph's other outputs}): "hidden" [B, T, H] on an
         artifact with an MTP head; the joined graph (`drafting()`) adds "mtp_hidden" [B, T, H] and
         "draft" [B, P]."""
@@ -303,7 +311,7 @@ class OnnxSession(Session):
         lengths = np.full(batch, length, np.int64) if lengths is None else _int64(lengths)
         if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > length).any():
             raise QwenError(f"lengths {lengths.tolist()} must give each of the {batch} rows 0..{length} tokens")
-        chunk = settings().prefill_chunk
+        chunk = settings().prefill_chunk or self.prefill_chunk
         following = _following(ids, lengths, lengths - 1) if self.joined else None
         if self.gqa and batch > 1 and length > 1 and (length > chunk or state.q_start.any()):
             out = self._rows(ids, state, lengths, last_only=last_only)
