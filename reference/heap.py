@@ -45,11 +45,11 @@ def drop_mapped_pages(files: list[Path]) -> int:
     original, every page stays resident beside the packed copy (cpu-int4's shared 8-bit table:
     the LM head's MatMulNBits packs it, the embedding's GatherBlockQuantized reads a row a token)."""
     wanted = {str(Path(f).resolve()) for f in files}
+    if not wanted or not _libc():
+        return 0
     try:
         text = Path("/proc/self/smaps").read_text()
     except OSError:
-        return 0
-    if not _libc() or not wanted:
         return 0
     dropped, mapping = 0, None
     for line in text.splitlines():

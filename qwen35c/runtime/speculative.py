@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen35c.errors import QwenError
-from qwen35c.runtime.generation import GenerationResult, as_array, choose, greedy, sample, sampling_probs
+from qwen35c.runtime.generation import GenerationResult, choose, greedy, sample, sampling_probs
 
 
 @dataclass
@@ -179,7 +179,7 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
     if joined:
         last, extras = last
         drafter.start(state, extras, lengths)
-    last = as_array(last)[:, 0]
+    last = last[:, 0]
     prefill_seconds = time.perf_counter() - start
     position = list(lengths)           # tokens each row's state holds
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -217,7 +217,6 @@ def generate_speculative(session, prompts: list[list[int]], max_new_tokens: int,
         logits = session.extend_array(step, state, [len(r) for r in rows], commit, **({"extras": True} if joined else {}))
         if joined:
             logits, extras = logits
-        logits = as_array(logits)
         steps += 1
         for b in range(batch):
             if done[b]:
