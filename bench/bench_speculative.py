@@ -1,7 +1,7 @@
 """Speculative decoding on onnx artifacts (not a test): what a verify step costs, and what it buys.
 
     python bench/bench_speculative.py ART [ART ...] [--threads 2] [--context 512] [--new 128]
-        [--k 1,2,3] [--drafters mtp,lookup] [--repeats 3] [--alpha 0.9] [--json OUT]
+        [--prompts 4] [--k 1,2,3] [--drafters mtp,lookup] [--repeats 3] [--alpha 0.9] [--json OUT]
 
 QWEN35C_DRAFT_VOCAB=N in the environment gives the joined head a draft vocabulary (README).
 
@@ -11,12 +11,16 @@ For each artifact, in one process, measurements interleaved across repeats (medi
               for an artifact with an MTP head, the same steps of the model joined with its head
               (each step also drafts the next token: c_mtp(T)), and one draft step of the head run
               alone (ratio d: chained drafts 2..K).
-  generation  NEW greedy tokens after a CONTEXT-token prompt, plain and with `speculative=K` for
-              each drafter (`mtp`: the artifact's MTP head; `lookup`: prompt lookup): decode tok/s
-              (drafting included), drafts accepted / proposed, tokens per weight pass (= per
-              step), the ratio to plain, and whether the tokens equal plain decoding's.
-              The prompt is held-out text through the artifact's tokenizer when it has one (a
-              trained model, real acceptance), else random ids (random weights: acceptance ~0).
+  generation  NEW greedy tokens after each of PROMPTS CONTEXT-token prompts, plain and with
+              `speculative=K` for each drafter (`mtp`: the artifact's MTP head; `lookup`: prompt
+              lookup): decode tok/s over the prompts (drafting included), drafts accepted /
+              proposed, tokens per weight pass (= per step), the ratio to plain, and whether the
+              tokens equal plain decoding's. A round runs plain and every configuration in turn;
+              the ratio is the median over rounds of each round's ratio to that round's plain
+              run, so a machine that drifts between rounds moves both sides of a ratio alike.
+              The prompts are windows spread over the held-out text through the artifact's
+              tokenizer when it has one (a trained model, real acceptance), else random ids
+              (random weights: acceptance ~0).
   projection  for a per-draft acceptance ALPHA (independent drafts), a step with K drafts yields
               E[m] = (1 - ALPHA^(K+1)) / (1 - ALPHA) tokens and feeds T = E[m] + K tokens (the last
               step's E[m] tokens come back as pending): speedup = E[m] / c(T), c interpolated from
@@ -76,14 +80,23 @@ def draft_cost(head, context: int, repeats: int, rng) -> float:
     return statistics.median(times)
 
 
-def prompt_ids(session, context: int, rng) -> tuple[list[int], str]:
+def prompt_ids(session, context: int, rng, count: int = 1) -> tuple[list[list[int]], str]:
+    """`count` prompts of `context` tokens: windows spread evenly over the held-out text where the
+    artifact has a tokenizer and the text is long enough, else random ids."""
     from qwen35c.verify import heldout_ids
 
     if session.tokenizer is not None:
-        found = heldout_ids(session.tokenizer, max_tokens=context)
-        if found is not None and len(found[0]) >= min(context, 64):
-            return found[0][:context], found[1]
-    return rng.integers(0, session.config.vocab_size, context).tolist(), "random ids"
+        found = heldout_ids(session.tokenizer, max_tokens=1 << 30)
+        if found is not None and len(found[0]) >= count * context:
+            ids, stride = found[0], len(found[0]) // count
+            return ([ids[i * stride:i * stride + context] for i in range(count)],
+                    f"{count} windows of {context} tokens spread over the held-out stdlib files")
+    return [rng.integers(0, session.config.vocab_size, context).tolist() for _ in range(count)], "random ids"
+
+
+def decode_rate(results) -> float:
+    """Decode tok/s over a round's generations (one per prompt)."""
+    return sum(r.decode_tokens_per_second * r.decode_seconds for r in results) / sum(r.decode_seconds for r in results)
 
 
 def projection(costs: dict[int, float], k: int, alpha: float, plain: float, drafter: str, draft: float = 0.0) -> dict:
@@ -112,26 +125,30 @@ def bench(path: str, args) -> dict:
     draft = draft_cost(head, args.context, args.repeats, rng) if head is not None else 0.0
     factories = {"mtp": lambda: "mtp", "lookup": PromptLookup}
     drafters = [d for d in args.drafters.split(",") if d != "mtp" or head is not None]
-    prompt, source = prompt_ids(session, args.context, rng)
+    prompts, source = prompt_ids(session, args.context, rng, args.prompts)
     runs: dict[tuple, list] = {(None, 0): [], **{(d, k): [] for d in drafters for k in ks}}
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):   # a round: every configuration over every prompt
         for d, k in runs:
-            runs[d, k].append(session.generate([prompt], args.new, speculative=k,
-                                               drafter=factories[d]() if d else None))
-    plain = runs[None, 0][0].tokens
+            runs[d, k].append([session.generate([p], args.new, speculative=k, drafter=factories[d]() if d else None)
+                               for p in prompts])
+    plain = [r.tokens for r in runs[None, 0][0]]
     out = {"artifact": path, "mode": session.mode, "context": args.context, "new": args.new, "prompt": source,
            "threads": args.threads, "step_ms": {t: 1e3 * c for t, c in costs.items()},
            "step_ratio": {t: c / costs[1] for t, c in costs.items()},
            "mtp_step_ms": {t: 1e3 * c for t, c in measured["mtp"].items()} if head is not None else None,
            "mtp_draft_ms": 1e3 * draft if head is not None else None, "generation": [], "projection": []}
-    base = statistics.median(r.decode_tokens_per_second for r in runs[None, 0])
-    for (d, k), results in runs.items():
-        r = results[0]
-        rate = statistics.median(x.decode_tokens_per_second for x in results)
+    base = [decode_rate(results) for results in runs[None, 0]]
+    for (d, k), rounds in runs.items():
+        first = rounds[0]    # greedy: every round drafts and accepts the same
+        steps = sum(r.decode_steps for r in first)
+        rates = [decode_rate(results) for results in rounds]
         out["generation"].append({
-            "drafter": d, "k": k, "decode_tokens_per_second": rate, "ratio": rate / base, "steps": r.decode_steps,
-            "tokens_per_pass": (r.decode_tokens / r.decode_steps) if k and r.decode_steps else 1.0,
-            "drafted": r.drafted, "accepted": r.accepted, "equal_to_plain": all(x.tokens == plain for x in results)})
+            "drafter": d, "k": k, "decode_tokens_per_second": statistics.median(rates),
+            "ratio": statistics.median(rate / b for rate, b in zip(rates, base)),
+            "ratios": [rate / b for rate, b in zip(rates, base)], "steps": steps,
+            "tokens_per_pass": sum(r.decode_tokens for r in first) / steps if k and steps else 1.0,
+            "drafted": sum(r.drafted for r in first), "accepted": sum(r.accepted for r in first),
+            "equal_to_plain": all([r.tokens for r in results] == plain for results in rounds)})
     out["projection"] = [projection(costs, k, args.alpha, costs[1], "lookup") for k in ks]
     if head is not None:
         out["projection"] += [projection(measured["mtp"], k, args.alpha, costs[1], "mtp", draft) for k in ks]
@@ -151,7 +168,8 @@ def show(result: dict) -> None:
     for g in result["generation"]:
         label = "plain" if not g["k"] else f"{g['drafter']} K={g['k']}"
         drafts = f", accepted {g['accepted']}/{g['drafted']}" if g["k"] else ""
-        print(f"  {label:12s} {g['decode_tokens_per_second']:8.1f} tok/s  x{g['ratio']:.2f}  "
+        spread = f" (rounds x{min(g['ratios']):.2f}-{max(g['ratios']):.2f})" if g["k"] else ""
+        print(f"  {label:12s} {g['decode_tokens_per_second']:8.1f} tok/s  x{g['ratio']:.2f}{spread}  "
               f"{g['tokens_per_pass']:.2f} tokens/pass{drafts}  tokens == plain: {g['equal_to_plain']}")
     for p in result["projection"]:
         print(f"  projected {p['drafter']} K={p['k']} at acceptance {p['alpha']}: {p['tokens_per_step']:.2f} tokens a step "
@@ -165,6 +183,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts a round generates from")
     ap.add_argument("--k", default="1,2,3")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.9)

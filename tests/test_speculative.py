@@ -255,7 +255,8 @@ def bundled_artifact(tmp_path_factory):
 
 def test_trained_mtp_head_drafts_what_the_model_says(bundled_artifact, tmp_path):
     """The bundled model's trained head (drafter "mtp"): greedy output unchanged, and most first
-    drafts accepted on code (held-out acceptance at training: 53.5%); an artifact built with
+    drafts accepted on code (held-out teacher-forced acceptance after distillation: 63.4%; these
+    prompts: 52/69 at K = 1); an artifact built with
     --no-mtp has no head, drafts by prompt lookup and refuses "mtp" by name."""
     from qwen35c.models import bundled
 
@@ -266,7 +267,7 @@ def test_trained_mtp_head_drafts_what_the_model_says(bundled_artifact, tmp_path)
     prompts = [session.tokenizer.encode(t).ids for t in texts]
     plain = session.generate(prompts, 32).tokens
     one = session.generate(prompts, 32, speculative=1, drafter="mtp")
-    assert one.tokens == plain and one.acceptance > 0.4, one.acceptance
+    assert one.tokens == plain and one.acceptance > 0.6, one.acceptance
     assert session.generate(prompts, 32, speculative=3, drafter="mtp").tokens == plain
     out = tmp_path / "no-mtp"
     build_artifact(bundled("qwen35-tiny"), "cpu", out, mtp=False, check=False)
