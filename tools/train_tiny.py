@@ -338,7 +338,8 @@ MTP_PHASE = dict(_COMMON, batch_size=8, steps=600, lr=2e-3, warmup=20, router_au
 # i+2 is the base's own next-token distribution at i+1 (soft cross-entropy), not the data's token.
 # Greedy speculative decoding accepts a draft when it equals the base's argmax, so this is the loss
 # acceptance follows: on the dense head, held-out first-draft acceptance 53.5% -> 59.0% after 150
-# steps and 63.3% after 600 (lr 5e-4, from the head above; a throwaway run before this phase).
+# steps and 63.3% after 600 (lr 5e-4, from the head above; a throwaway run before this phase; the
+# phase as shipped: 63.4% dense, 65.0% MoE).
 MTP_DISTILL_PHASE = dict(_COMMON, batch_size=8, steps=600, lr=5e-4, warmup=20, router_aux_loss_coef=0.01,
                          router_aux_loss="the MTP layer's own Switch loss", target="the base's softmax at i+1")
 
@@ -393,7 +394,7 @@ def train_mtp(variant: str, out_dir: Path, steps: int | None = None, threads: in
     before = base_digest(out_dir)
     if distill:
         if base.mtp is None:
-            raise SystemExit(f"{out_dir}: no MTP head to distil (train-mtp first)")
+            raise SystemExit(f"{out_dir}: no MTP head to distill (train-mtp first)")
         model, cfg = base, base.config
     else:
         cfg = dataclasses.replace(base.config, mtp_num_hidden_layers=1)
