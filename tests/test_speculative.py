@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,6 +281,30 @@ def test_trained_mtp_head_drafts_what_the_model_says(bundled_artifact, tmp_path)
     with pytest.raises(QwenError, match="unknown drafter"):
         bare.generate(prompts, 4, speculative=1, drafter="medusa")
 
+
+
+def test_speculative_bench_on_the_bundled_model(bundled_artifact, tmp_path):
+    """bench/bench_speculative.py end to end, small: several held-out prompts a round, per-round
+    ratios to the round's plain run, the trained head's drafts counted over every prompt, and
+    tokens equal to plain decoding's."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_speculative.py"
+    proc = subprocess.run([sys.executable, str(script), str(bundled_artifact), "--context", "64", "--new", "12",
+                           "--prompts", "3", "--k", "1", "--repeats", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())[0]
+    assert result["prompt"].startswith("3 windows of 64 tokens")
+    runs = {(g["drafter"], g["k"]): g for g in result["generation"]}
+    assert set(runs) == {(None, 0), ("mtp", 1), ("lookup", 1)}
+    for g in runs.values():
+        assert g["equal_to_plain"] and len(g["ratios"]) == 2 and min(g["ratios"]) <= g["ratio"] <= max(g["ratios"])
+    mtp = runs["mtp", 1]
+    assert 0 < mtp["accepted"] <= mtp["drafted"] <= 3 * 11 and 1 < mtp["tokens_per_pass"] <= 2
+    assert set(result["step_ratio"]) == {"1", "2", "3"} and result["step_ratio"]["1"] == 1.0
 
 def _chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
     """p-value of Pearson's chi-square goodness of fit (cells with expected < 5 pooled): the
