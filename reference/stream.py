@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from reference.checkpoint import Checkpoint, WeightLoader, quantization_method, reconcile_config
 from reference.config import load_config
 from reference.errors import CheckpointError
-from reference.heap import freed_blocks_unmapped, return_freed_memory
+from reference.heap import return_freed_memory
 from reference.model import Cache, DecoderLayer, RMSNorm, RotaryEmbedding, StepInfo, new_cache
 
-__all__ = ["StreamedModel", "Batch", "freed_blocks_unmapped", "layer_bytes", "return_freed_memory"]
+__all__ = ["StreamedModel", "Batch", "layer_bytes", "return_freed_memory"]
 
 LayerHook = Callable[[int, nn.Module], nn.Module]
 

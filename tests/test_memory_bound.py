@@ -210,7 +210,7 @@ import contextlib
 import sys
 from pathlib import Path
 import numpy as np
-from reference.stream import freed_blocks_unmapped
+from reference.heap import freed_blocks_unmapped
 
 def rss():
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
